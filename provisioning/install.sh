@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Install the Aziza appliance.
+#
+#   provisioning/install.sh            venv in ./.venv with the engine (torch + moshi); runs from the checkout
+#   provisioning/install.sh --dev      the same plus test and lint tools
+#   provisioning/install.sh --no-engine  skip torch/moshi (bridge + admin only; the echo engine still runs)
+#   provisioning/install.sh --system   Debian appliance install: user `aziza`, /opt/aziza venv, /etc/aziza,
+#                                      /var/lib/aziza, systemd units (see provisioning/system_install.sh)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEV=0 ENGINE=1 SYSTEM=0
+for arg in "$@"; do
+  case "$arg" in
+    --dev) DEV=1 ;;
+    --no-engine) ENGINE=0 ;;
+    --system) SYSTEM=1 ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    *) echo "install.sh: unknown option $arg" >&2; exit 2 ;;
+  esac
+done
+
+PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null; then
+  echo "install.sh: Python 3.11+ is required (set PYTHON=...)" >&2; exit 1
+fi
+
+VENV=${AZIZA_VENV:-.venv}
+[ "$SYSTEM" = 1 ] && VENV=/opt/aziza/venv
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
+
+extras=()
+[ "$ENGINE" = 1 ] && extras+=(engine)
+[ "$DEV" = 1 ] && extras+=(dev)
+spec="."
+if [ ${#extras[@]} -gt 0 ]; then spec=".[$(IFS=,; echo "${extras[*]}")]"; fi
+if [ "$SYSTEM" = 1 ]; then "${PIP[@]}" "$spec"; else "${PIP[@]}" -e "$spec"; fi
+
+if [ "$ENGINE" = 1 ]; then
+  # moshi 0.2.13 pins torch<2.10 and aiohttp<3.12; its code runs on torch 2.13 (measured), so it is
+  # installed without its pins and its real needs come from our `engine` extra.
+  "${PIP[@]}" --no-deps "moshi==0.2.13"
+fi
+
+if [ "$SYSTEM" = 1 ]; then
+  exec provisioning/system_install.sh
+fi
+echo "installed into $VENV"

@@ -142,7 +142,9 @@ class AudioFrame:
 
 ControlMessage = Open | Event | Pause | Resume | Close | Ready | Text | Error | Lag | Closed
 
-_CLIENT_TYPES: dict[str, type] = {"open": Open, "event": Event, "pause": Pause, "resume": Resume, "close": Close}
+_CLIENT_TYPES: dict[str, type] = {
+    "open": Open, "event": Event, "pause": Pause, "resume": Resume, "close": Close,
+}
 _ENGINE_TYPES: dict[str, type] = {"ready": Ready, "text": Text, "error": Error, "lag": Lag, "closed": Closed}
 
 
@@ -189,12 +191,12 @@ def _check_field_types(msg: Any) -> None:
 
 def decode_client_control(data: str | bytes) -> Open | Event | Pause | Resume | Close:
     """Decode a JSON message sent by a client; raises ProtocolError."""
-    return _decode(data, _CLIENT_TYPES)  # type: ignore[no-any-return]
+    return _decode(data, _CLIENT_TYPES)
 
 
 def decode_engine_control(data: str | bytes) -> Ready | Text | Error | Lag | Closed:
     """Decode a JSON message sent by the engine; raises ProtocolError."""
-    return _decode(data, _ENGINE_TYPES)  # type: ignore[no-any-return]
+    return _decode(data, _ENGINE_TYPES)
 
 
 def encode_audio(seq: int, pcm: np.ndarray) -> bytes:

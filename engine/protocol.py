@@ -222,7 +222,8 @@ def decode_audio(data: bytes) -> AudioFrame:
 
 
 def float_to_int16(x: np.ndarray) -> np.ndarray:
-    return np.clip(np.round(np.asarray(x, dtype=np.float32) * 32767.0), -32768, 32767).astype(np.int16)
+    # Scale by 32768 (the inverse of int16_to_float) so int16 -> float -> int16 round-trips bit-exactly.
+    return np.clip(np.round(np.asarray(x, dtype=np.float32) * 32768.0), -32768, 32767).astype(np.int16)
 
 
 def int16_to_float(x: np.ndarray) -> np.ndarray:

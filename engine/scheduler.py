@@ -1,0 +1,499 @@
+"""Slot table and frame scheduler of the engine.
+
+Two sans-IO cores (no asyncio, the caller passes ``now``), tested with a virtual clock:
+
+* :class:`SlotTable` — fixed slots allocated once; ``acquire()`` hands out ``(slot, generation)``; the
+  generation of a slot increments on every acquire so an output of a finished call is recognisable.
+* :class:`BatchPlanner` — per-slot bounded input queues and the batching rule: once the first ready frame
+  of a round is queued, wait up to ``window_s`` for the other active slots, then step the ready set (the
+  others are simply absent from the batch). A round starts as soon as every active slot is ready, so no
+  frame waits more than one window beyond its own arrival (plus a step already in flight).
+
+and a thin asyncio driver, :class:`FrameScheduler`, that runs the backend from ONE worker thread (a
+single-thread executor: prepare/start/step/end are serialised, never two at once) and hands outputs to each
+session's :class:`SessionSink`.
+
+Backend failure contract: a slot missing from ``step``'s result failed alone (its session is closed with
+``internal``); a BackendError with a ``slots`` list (rejected before any state changed) fails those slots
+and the rest of the batch is stepped again; any other exception from ``step`` fails every slot of that
+batch. The engine keeps running in every case.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from engine.backend import BackendError, BatchBackend, PersonaParams, StepOutput
+from engine.metrics import EngineMetrics
+from engine.protocol import FRAME_MS
+
+log = logging.getLogger(__name__)
+
+FRAME_S = FRAME_MS / 1000.0
+DEFAULT_MAX_QUEUE_FRAMES = 4  # 320 ms of input per session before the oldest is dropped
+
+
+class SlotsFull(Exception):
+    """Every slot is held: the open is refused and the table is unchanged."""
+
+
+@dataclass(frozen=True)
+class SlotLease:
+    slot: int
+    generation: int
+
+
+class SlotTable:
+    """Fixed slots, allocated once. Not thread-safe: used from the event loop only."""
+
+    def __init__(self, num_slots: int) -> None:
+        if num_slots < 1:
+            raise ValueError("num_slots must be >= 1")
+        self.total = num_slots
+        self._generation = [0] * num_slots
+        self._held = [False] * num_slots
+
+    def acquire(self) -> SlotLease:
+        for slot, held in enumerate(self._held):
+            if not held:
+                self._held[slot] = True
+                self._generation[slot] += 1
+                return SlotLease(slot, self._generation[slot])
+        raise SlotsFull(f"all {self.total} slots are busy")
+
+    def release(self, lease: SlotLease) -> bool:
+        """Free the slot if ``lease`` still holds it; False (and nothing changes) for a stale lease."""
+        if not self.holds(lease):
+            return False
+        self._held[lease.slot] = False
+        return True
+
+    def holds(self, lease: SlotLease) -> bool:
+        return self._held[lease.slot] and self._generation[lease.slot] == lease.generation
+
+    @property
+    def busy(self) -> int:
+        return sum(self._held)
+
+    @property
+    def free(self) -> int:
+        return self.total - self.busy
+
+
+@dataclass
+class _SlotState:
+    generation: int
+    queue: deque[tuple[float, np.ndarray]] = field(default_factory=deque)  # (arrival time, float32 pcm)
+    paused: bool = False
+    out_seq: int = 0
+    dropped: int = 0
+    lagging: bool = False
+    last_lag_report: float = -math.inf
+
+
+@dataclass(frozen=True)
+class PushResult:
+    dropped: int  # oldest frames dropped by this push (the session is behind)
+    lag_frames: int | None  # report ``lag{behind_frames}`` to the session now, or None
+
+
+@dataclass(frozen=True)
+class Batch:
+    frames: dict[int, np.ndarray]  # slot -> float32 frame: exactly the slots to step
+    generations: dict[int, int]
+    oldest_arrival: float
+    taken_at: float
+
+
+@dataclass(frozen=True)
+class Delivery:
+    slot: int
+    generation: int
+    seq: int  # output sequence number of that session
+    output: StepOutput
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    deliveries: list[Delivery]
+    failed: list[SlotLease]  # slots the backend returned nothing for: their sessions must be closed
+    stale: int  # outputs dropped because their slot has moved on to another call
+
+
+class BatchPlanner:
+    """Sans-IO batching core. Every method takes ``now`` (seconds, monotonic) where time matters."""
+
+    def __init__(
+        self,
+        num_slots: int,
+        window_s: float,
+        max_queue_frames: int = DEFAULT_MAX_QUEUE_FRAMES,
+        lag_report_interval_s: float = 1.0,
+    ) -> None:
+        if max_queue_frames < 1:
+            raise ValueError("max_queue_frames must be >= 1")
+        self.num_slots = num_slots
+        self.window_s = window_s
+        self.max_queue_frames = max_queue_frames
+        self.lag_report_interval_s = lag_report_interval_s
+        self._slots: dict[int, _SlotState] = {}
+
+    # -- sessions ----------------------------------------------------------------------------------------
+
+    def attach(self, lease: SlotLease) -> None:
+        self._slots[lease.slot] = _SlotState(generation=lease.generation)
+
+    def detach(self, lease: SlotLease) -> None:
+        state = self._slots.get(lease.slot)
+        if state is not None and state.generation == lease.generation:
+            del self._slots[lease.slot]
+
+    def _state(self, lease: SlotLease) -> _SlotState:
+        state = self._slots.get(lease.slot)
+        if state is None or state.generation != lease.generation:
+            raise KeyError(f"slot {lease.slot} generation {lease.generation} is not attached")
+        return state
+
+    def set_paused(self, lease: SlotLease, paused: bool) -> None:
+        """Hold: a paused slot is never stepped; what it had queued is discarded (stale once resumed)."""
+        state = self._state(lease)
+        state.paused = paused
+        state.queue.clear()
+        state.lagging = False
+
+    def push(self, lease: SlotLease, pcm: np.ndarray, now: float) -> PushResult:
+        """Queue one input frame. Frames pushed while paused are discarded (hold consumes nothing)."""
+        state = self._state(lease)
+        if state.paused:
+            return PushResult(dropped=0, lag_frames=None)
+        state.queue.append((now, pcm))
+        dropped = 0
+        while len(state.queue) > self.max_queue_frames:
+            state.queue.popleft()
+            dropped += 1
+        state.dropped += dropped
+        lag: int | None = None
+        if len(state.queue) >= self.max_queue_frames:
+            state.lagging = True
+            if now - state.last_lag_report >= self.lag_report_interval_s:
+                state.last_lag_report = now
+                lag = len(state.queue) - 1 + dropped
+        return PushResult(dropped=dropped, lag_frames=lag)
+
+    # -- scheduling --------------------------------------------------------------------------------------
+
+    def _ready(self) -> list[int]:
+        return [slot for slot, s in self._slots.items() if s.queue and not s.paused]
+
+    def next_step_at(self, now: float) -> float | None:
+        """When the next step should start: None when nothing is queued, ``now`` or earlier when due."""
+        ready = self._ready()
+        if not ready:
+            return None
+        oldest = min(self._slots[slot].queue[0][0] for slot in ready)
+        active = sum(1 for s in self._slots.values() if not s.paused)
+        if len(ready) == active:
+            return min(now, oldest)
+        return oldest + self.window_s
+
+    def take_batch(self, now: float) -> Batch | None:
+        """Pop one frame from every ready slot (the exec mask is the key set of ``frames``)."""
+        ready = self._ready()
+        if not ready:
+            return None
+        frames: dict[int, np.ndarray] = {}
+        generations: dict[int, int] = {}
+        oldest = math.inf
+        for slot in sorted(ready):
+            state = self._slots[slot]
+            arrival, pcm = state.queue.popleft()
+            oldest = min(oldest, arrival)
+            frames[slot] = pcm
+            generations[slot] = state.generation
+            if len(state.queue) <= 1:
+                state.lagging = False
+        return Batch(frames=frames, generations=generations, oldest_arrival=oldest, taken_at=now)
+
+    def complete(self, batch: Batch, outputs: dict[int, StepOutput]) -> BatchResult:
+        """Match a step's outputs to sessions; outputs for a slot now held by another call are discarded."""
+        deliveries: list[Delivery] = []
+        failed: list[SlotLease] = []
+        stale = 0
+        for slot, generation in batch.generations.items():
+            state = self._slots.get(slot)
+            if state is None or state.generation != generation:
+                stale += 1
+                continue
+            out = outputs.get(slot)
+            if out is None:
+                failed.append(SlotLease(slot, generation))
+                continue
+            deliveries.append(Delivery(slot, generation, state.out_seq, out))
+            state.out_seq += 1
+        return BatchResult(deliveries, failed, stale)
+
+    def fail_all(self, batch: Batch) -> list[SlotLease]:
+        """The step raised: every slot of the batch that still belongs to its call failed."""
+        return [
+            SlotLease(slot, gen) for slot, gen in batch.generations.items()
+            if (s := self._slots.get(slot)) is not None and s.generation == gen
+        ]
+
+    @property
+    def lagging(self) -> int:
+        return sum(1 for s in self._slots.values() if s.lagging)
+
+    def dropped(self, lease: SlotLease) -> int:
+        """Input frames this session has lost to the queue bound so far."""
+        return self._state(lease).dropped
+
+    def queued(self, lease: SlotLease) -> int:
+        return len(self._state(lease).queue)
+
+
+class SessionSink(Protocol):
+    """How the scheduler talks back to one session (called on the event loop, must not block)."""
+
+    def on_output(self, delivery: Delivery) -> None: ...
+
+    def on_failed(self, message: str) -> None: ...
+
+
+class OpenFailed(Exception):
+    """An open failed after a slot was acquired (the slot is released). ``code`` is a protocol error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _rejected_slots(exc: Exception, batch: Batch) -> set[int]:
+    """Slots a BackendError says it rejected *without changing state* (its ``slots`` attribute, as
+    engine.moshi's BadFrameError has); empty when the failure cannot be pinned on a strict subset."""
+    slots = getattr(exc, "slots", None)
+    if not isinstance(exc, BackendError) or not isinstance(slots, list | tuple | set):
+        return set()
+    bad = {s for s in slots if s in batch.frames}
+    return bad if bad and bad != set(batch.frames) and len(bad) == len(set(slots)) else set()
+
+
+class FrameScheduler:
+    """Runs the backend for all sessions: one driver task, one worker thread."""
+
+    def __init__(
+        self,
+        backend: BatchBackend,
+        *,
+        batch_window_s: float,
+        max_queue_frames: int = DEFAULT_MAX_QUEUE_FRAMES,
+        metrics: EngineMetrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.backend = backend
+        self.table = SlotTable(backend.num_slots)
+        self.planner = BatchPlanner(backend.num_slots, batch_window_s, max_queue_frames)
+        self.metrics = metrics or EngineMetrics(backend.num_slots)
+        self._clock = clock
+        self._sinks: dict[int, tuple[int, SessionSink]] = {}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aziza-backend")
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.ticks = 0
+        self.step_seconds_total = 0.0
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="aziza-engine-scheduler")
+
+    async def stop(self) -> None:
+        """Stop ticking, wait for a step in flight, close the backend and the worker thread."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        try:
+            await self._in_worker(self.backend.close)
+        except Exception:
+            log.exception("backend close failed")
+        self._executor.shutdown(wait=True)
+
+    async def _in_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # -- sessions ----------------------------------------------------------------------------------------
+
+    async def open_session(self, persona: PersonaParams, sink: SessionSink) -> SlotLease:
+        """Acquire a slot, prepare the persona and start the slot (worker thread). Raises SlotsFull (table
+        unchanged) or OpenFailed (slot released again)."""
+        lease = self.table.acquire()  # SlotsFull propagates before anything changed
+        self.metrics.slots_busy.set(self.table.busy)
+        try:
+            try:
+                await self._in_worker(self.backend.prepare_persona, persona)
+            except Exception as exc:
+                self.metrics.backend_failures.labels("prepare_persona").inc()
+                persona_problem = isinstance(exc, BackendError | LookupError | OSError)
+                code = "unknown_persona" if persona_problem else "internal"
+                raise OpenFailed(code, f"persona {persona.name!r} could not be prepared: {exc}") from exc
+            try:
+                await self._in_worker(self.backend.start_slot, lease.slot, persona)
+            except Exception as exc:
+                self.metrics.backend_failures.labels("start_slot").inc()
+                raise OpenFailed("internal", f"slot {lease.slot} failed to start: {exc}") from exc
+        except BaseException:
+            # Also on cancellation (client gone while preparing): the slot must come back.
+            self.table.release(lease)
+            self.metrics.slots_busy.set(self.table.busy)
+            raise
+        self.planner.attach(lease)
+        self._sinks[lease.slot] = (lease.generation, sink)
+        return lease
+
+    async def close_session(self, lease: SlotLease) -> None:
+        """Free the slot. Idempotent; a step in flight for it is discarded by the generation check."""
+        if not self.table.holds(lease):
+            return
+        self.planner.detach(lease)
+        self._sinks.pop(lease.slot, None)
+        self.table.release(lease)
+        self.metrics.slots_busy.set(self.table.busy)
+        self.metrics.lagging_sessions.set(self.planner.lagging)
+        try:
+            await asyncio.shield(self._in_worker(self.backend.end_slot, lease.slot))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.metrics.backend_failures.labels("end_slot").inc()
+            log.exception("end_slot(%d) failed", lease.slot)
+
+    def push(self, lease: SlotLease, pcm: np.ndarray) -> PushResult:
+        result = self.planner.push(lease, pcm, self._clock())
+        self.metrics.frames_in.inc()
+        if result.dropped:
+            self.metrics.input_dropped.inc(result.dropped)
+        if result.lag_frames is not None:
+            self.metrics.lag_reports.inc()
+        self.metrics.lagging_sessions.set(self.planner.lagging)
+        self._wake.set()
+        return result
+
+    def set_paused(self, lease: SlotLease, paused: bool) -> None:
+        self.planner.set_paused(lease, paused)
+        self._wake.set()  # a paused slot no longer holds back a round
+
+    async def send_event(self, lease: SlotLease, name: str, value: str) -> bool:
+        """Forward an event (e.g. dtmf) to the backend if it takes events; False when it does not."""
+        on_event = getattr(self.backend, "on_event", None)
+        if on_event is None:
+            return False
+        await self._in_worker(on_event, lease.slot, name, value)
+        return True
+
+    # -- the tick loop -----------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            now = self._clock()
+            due = self.planner.next_step_at(now)
+            if due is None:
+                await self._wake.wait()
+                continue
+            if due > now:
+                try:
+                    async with asyncio.timeout(due - now):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+                continue
+            batch = self.planner.take_batch(now)
+            if batch is not None:
+                try:
+                    await self._step(batch)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # the loop must outlive any bug in one tick
+                    log.exception("scheduler tick failed")
+
+    async def _step(self, batch: Batch) -> None:
+        self.metrics.batch_wait_seconds.observe(max(0.0, batch.taken_at - batch.oldest_arrival))
+        self.metrics.batch_size.observe(len(batch.frames))
+        started = self._clock()
+        try:
+            outputs = await self._in_worker(self.backend.step, batch.frames)
+        except Exception as exc:
+            self.metrics.backend_failures.labels("step").inc()
+            bad = _rejected_slots(exc, batch)
+            if not bad:
+                log.exception("backend step failed for slots %s", sorted(batch.frames))
+                for lease in self.planner.fail_all(batch):
+                    self._fail(lease, f"backend step failed: {exc}")
+                return
+            # The backend refused some slots' frames before touching any state: fail only those and
+            # step the rest (once).
+            log.warning("backend rejected slots %s: %s", sorted(bad), exc)
+            for slot in bad:
+                self._fail(SlotLease(slot, batch.generations[slot]), f"backend rejected the frame: {exc}")
+            batch = Batch({s: f for s, f in batch.frames.items() if s not in bad},
+                          {s: g for s, g in batch.generations.items() if s not in bad},
+                          batch.oldest_arrival, batch.taken_at)
+            await self._step(batch)
+            return
+        elapsed = self._clock() - started
+        self.ticks += 1
+        self.step_seconds_total += elapsed
+        self.metrics.ticks.inc()
+        self.metrics.step_seconds.observe(elapsed)
+        if elapsed > FRAME_S:
+            self.metrics.step_overruns.inc()
+            log.warning("backend step took %.1f ms for %d slots (> %d ms)", elapsed * 1e3, len(batch.frames),
+                        FRAME_MS)
+        if not isinstance(outputs, dict):
+            for lease in self.planner.fail_all(batch):
+                self._fail(lease, f"backend step returned {type(outputs).__name__}, not a dict")
+            return
+        result = self.planner.complete(batch, outputs)
+        self.metrics.lagging_sessions.set(self.planner.lagging)
+        if result.stale:
+            self.metrics.stale_outputs.inc(result.stale)
+        for lease in result.failed:
+            self._fail(lease, f"backend returned no output for slot {lease.slot}")
+        for delivery in result.deliveries:
+            entry = self._sinks.get(delivery.slot)
+            if entry is None or entry[0] != delivery.generation:
+                self.metrics.stale_outputs.inc()
+                continue
+            self.metrics.frames_out.inc()
+            entry[1].on_output(delivery)
+
+    def _fail(self, lease: SlotLease, message: str) -> None:
+        entry = self._sinks.get(lease.slot)
+        self.planner.detach(lease)  # no more steps for it; the session's own close frees the slot
+        if entry is not None and entry[0] == lease.generation:
+            entry[1].on_failed(message)
+
+    # -- introspection -----------------------------------------------------------------------------------
+
+    @property
+    def busy(self) -> int:
+        return self.table.busy
+
+    @property
+    def lagging(self) -> int:
+        return self.planner.lagging

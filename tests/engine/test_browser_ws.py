@@ -1,0 +1,264 @@
+"""Browser WebSocket relay end to end: browser (aiohttp client) -> bridge route -> real engine server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pytest
+from aiohttp import web
+
+from bridge.browser_ws import PcmFramer, browser_routes
+from bridge.config import BridgeSettings, EngineSettings, Settings
+from engine.backend import PersonaParams, StepOutput
+from engine.echo import EchoBackend
+from engine.protocol import FRAME_SAMPLES
+from engine.server import run_engine
+
+
+@asynccontextmanager
+async def bridge_http(engine_url: str, resolver: Callable[[str], Any] | None = None) -> AsyncIterator[str]:
+    app = web.Application()
+    app.add_routes(browser_routes(Settings(bridge=BridgeSettings(engine_url=engine_url)), resolver))
+    runner = web.AppRunner(app, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        await runner.cleanup()
+
+
+@asynccontextmanager
+async def stack(
+    backend: EchoBackend | None = None, resolver: Callable[[str], Any] | None = None, slots: int = 2
+) -> AsyncIterator[tuple[str, str]]:
+    async with run_engine(EngineSettings(port=0, num_slots=slots), backend=backend) as engine_url, \
+            bridge_http(engine_url, resolver) as base:
+        yield engine_url, base
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+async def engine_busy(http: aiohttp.ClientSession, engine_url: str) -> int:
+    base = engine_url.replace("ws://", "http://").removesuffix("/session")
+    async with http.get(base + "/health") as r:
+        busy: int = (await r.json())["slots"]["busy"]
+        return busy
+
+
+async def until_busy(http: aiohttp.ClientSession, engine_url: str, n: int) -> None:
+    for _ in range(500):  # polls the engine's /health (another server's state): up to 5 s
+        if await engine_busy(http, engine_url) == n:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"engine never reached {n} busy slots")
+
+
+async def recv_json(ws: aiohttp.ClientWebSocketResponse) -> dict[str, Any]:
+    msg = await ws.receive(timeout=5)
+    assert msg.type == aiohttp.WSMsgType.TEXT, msg
+    data: dict[str, Any] = json.loads(msg.data)
+    return data
+
+
+async def talk(http: aiohttp.ClientSession, base: str, persona: str = "default") -> tuple[
+        aiohttp.ClientWebSocketResponse, dict[str, Any]]:
+    ws = await http.ws_connect(base.replace("http://", "ws://") + f"/ws/talk?persona={persona}")
+    return ws, await recv_json(ws)
+
+
+async def expect_close(ws: aiohttp.ClientWebSocketResponse) -> None:
+    assert (await ws.receive(timeout=5)).type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+
+
+# -- framer (sans-IO) ----------------------------------------------------------------------------------------
+
+
+def test_framer_reassembles_any_chunking() -> None:
+    audio = np.random.default_rng(0).integers(-32768, 32768, 3 * FRAME_SAMPLES + 100).astype(np.int16)
+    raw = audio.astype("<i2").tobytes()
+    framer, frames, pos = PcmFramer(), [], 0
+    for size in (2, 998, 4000, 6, 3840, 1234 * 2):
+        frames += framer.feed(raw[pos:pos + size])
+        pos += size
+    frames += framer.feed(raw[pos:])
+    assert len(frames) == 3
+    np.testing.assert_array_equal(np.concatenate(frames), audio[: 3 * FRAME_SAMPLES])
+
+
+def test_framer_rejects_odd_bytes_and_bad_rates() -> None:
+    framer = PcmFramer()
+    with pytest.raises(ValueError):
+        framer.feed(b"\x00\x01\x02")
+    assert framer.feed(b"\x00\x00") == []  # nothing lost or shifted by the rejected chunk
+    for rate in (0, 1000, 500_000):
+        with pytest.raises(ValueError):
+            framer.set_rate(rate)
+
+
+def test_framer_resamples_48k_to_24k() -> None:
+    framer = PcmFramer(48_000)
+    t = np.arange(48_000) / 48_000
+    tone = (8000 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
+    frames = framer.feed(tone.tobytes())
+    assert 11 <= len(frames) <= 12.5  # ~1 s of 24 kHz audio, less the resampler's delay
+    spectrum = np.abs(np.fft.rfft(np.concatenate(frames[2:10]).astype(np.float64)))
+    peak_hz = np.argmax(spectrum) * 24_000 / (8 * FRAME_SAMPLES)
+    assert abs(peak_hz - 440) < 5
+
+
+# -- end to end ----------------------------------------------------------------------------------------------
+
+
+async def test_browser_audio_round_trips_through_the_engine(http: aiohttp.ClientSession) -> None:
+    async with stack() as (engine_url, base):
+        ws, ready = await talk(http, base)
+        assert ready["type"] == "ready" and ready["sample_rate"] == 24000
+        audio = np.random.default_rng(1).integers(-32768, 32768, 3 * FRAME_SAMPLES).astype(np.int16)
+        raw = audio.tobytes()
+        for start in range(0, len(raw), 1000):  # chunks that do not line up with frames
+            await ws.send_bytes(raw[start:start + 1000])
+        got = []
+        for _ in range(3):
+            msg = await ws.receive(timeout=5)
+            assert msg.type == aiohttp.WSMsgType.BINARY and len(msg.data) == 2 * FRAME_SAMPLES
+            got.append(np.frombuffer(msg.data, "<i2"))
+        np.testing.assert_array_equal(np.concatenate(got), audio)
+        assert await engine_busy(http, engine_url) == 1
+        await ws.close()
+        await until_busy(http, engine_url, 0)  # browser gone -> engine session closed
+
+
+class TalkerBackend(EchoBackend):
+    def step(self, frames: dict[int, np.ndarray]) -> dict[int, StepOutput]:
+        return {s: StepOutput(o.pcm, "salom") for s, o in super().step(frames).items()}
+
+
+async def test_text_and_persona_reach_the_browser(http: aiohttp.ClientSession) -> None:
+    seen: list[str] = []
+
+    async def resolver(name: str) -> PersonaParams:
+        seen.append(name)
+        return PersonaParams(name=name, language="uz")
+
+    async with stack(TalkerBackend(1), resolver) as (_, base):
+        ws, ready = await talk(http, base, "uz-bank")
+        assert ready["persona"] == "uz-bank" and seen == ["uz-bank"]
+        await ws.send_bytes(bytes(2 * FRAME_SAMPLES))
+        assert (await ws.receive(timeout=5)).type == aiohttp.WSMsgType.BINARY
+        assert await recv_json(ws) == {"type": "text", "seq": 0, "text": "salom"}
+        await ws.close()
+
+
+async def test_garbage_from_the_browser_is_reported_and_the_talk_goes_on(http: aiohttp.ClientSession) -> None:
+    async with stack() as (_, base):
+        ws, _ = await talk(http, base)
+        cases: list[tuple[str | bytes, str]] = [
+            ("{nope", "bad_message"), ('{"type":"dance"}', "bad_message"),
+            ('{"type":"hello","sample_rate":3}', "bad_message"),
+            ('{"type":"hello","sample_rate":"fast"}', "bad_message"), (b"\x01\x02\x03", "bad_frame"),
+        ]
+        for garbage, code in cases:
+            if isinstance(garbage, bytes):
+                await ws.send_bytes(garbage)
+            else:
+                await ws.send_str(garbage)
+            err = await recv_json(ws)
+            assert err["type"] == "error" and err["code"] == code, (garbage, err)
+        frame = np.arange(FRAME_SAMPLES, dtype=np.int16)
+        await ws.send_bytes(frame.tobytes())
+        msg = await ws.receive(timeout=5)
+        np.testing.assert_array_equal(np.frombuffer(msg.data, "<i2"), frame)
+        await ws.close()
+
+
+async def test_hello_with_another_rate_is_resampled(http: aiohttp.ClientSession) -> None:
+    async with stack() as (_, base):
+        ws, _ = await talk(http, base)
+        await ws.send_str(json.dumps({"type": "hello", "sample_rate": 48000}))
+        await ws.send_bytes(np.zeros(48_000 // 2, np.int16).tobytes())  # 0.5 s at 48 kHz
+        frames = 0
+        while frames < 3:  # 0.5 s at 24 kHz is 6.25 frames; a burst this size may also report lag
+            msg = await ws.receive(timeout=5)
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                assert json.loads(msg.data)["type"] == "lag"
+                continue
+            assert msg.type == aiohttp.WSMsgType.BINARY and len(msg.data) == 2 * FRAME_SAMPLES
+            frames += 1
+        await ws.close()
+
+
+async def test_huge_message_is_refused_and_the_engine_session_freed(http: aiohttp.ClientSession) -> None:
+    async with stack() as (engine_url, base):
+        ws, _ = await talk(http, base)
+        await ws.send_bytes(bytes((1 << 20) + 2))
+        msgs = []
+        async with asyncio.timeout(5):
+            while True:
+                msg = await ws.receive()
+                msgs.append(msg)
+                if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+                    break
+        texts = [json.loads(m.data) for m in msgs if m.type == aiohttp.WSMsgType.TEXT]
+        assert any(t.get("code") == "too_big" for t in texts) or ws.close_code == 1009
+        await until_busy(http, engine_url, 0)
+
+
+async def test_full_engine_is_reported_to_the_browser(http: aiohttp.ClientSession) -> None:
+    async with stack(slots=1) as (_, base):
+        first, _ = await talk(http, base)
+        second, err = await talk(http, base)
+        assert err["type"] == "error" and err["code"] == "full"
+        await expect_close(second)
+        await first.close()
+
+
+async def test_unknown_persona_is_refused(http: aiohttp.ClientSession) -> None:
+    def resolver(name: str) -> PersonaParams:  # a sync resolver (runs in a thread)
+        raise LookupError(f"no persona {name}")
+
+    async with stack(resolver=resolver) as (engine_url, base):
+        ws, err = await talk(http, base, "ghost")
+        assert err["type"] == "error" and err["code"] == "unknown_persona"
+        await expect_close(ws)
+        assert await engine_busy(http, engine_url) == 0
+
+
+async def test_engine_down_is_reported(http: aiohttp.ClientSession) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    async with bridge_http(f"ws://127.0.0.1:{dead_port}/session") as base:
+        ws, err = await talk(http, base)
+        assert err["type"] == "error" and err["code"] == "engine_unavailable"
+        await expect_close(ws)
+
+
+async def test_engine_ending_the_session_reaches_the_browser(http: aiohttp.ClientSession) -> None:
+    async with run_engine(EngineSettings(port=0, idle_timeout_s=0.3)) as engine_url, \
+            bridge_http(engine_url) as base:
+        ws, _ = await talk(http, base)
+        err = await recv_json(ws)
+        assert err["code"] == "idle_timeout"
+        assert await recv_json(ws) == {"type": "closed", "reason": "idle_timeout"}
+        await expect_close(ws)
+
+
+async def test_static_page_is_served(http: aiohttp.ClientSession) -> None:
+    async with stack() as (_, base), http.get(base + "/talk") as r:
+        assert r.status == 200
+        body = await r.text()
+    assert "getUserMedia" in body and "/ws/talk" in body

@@ -1,0 +1,417 @@
+"""Slot table and batch planner driven by a virtual clock with the real EchoBackend; then the asyncio
+driver (one worker thread) with real threads and the real echo."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from engine.backend import BackendError, PersonaParams, StepOutput
+from engine.echo import EchoBackend
+from engine.protocol import FRAME_SAMPLES
+from engine.scheduler import (
+    BatchPlanner,
+    Delivery,
+    FrameScheduler,
+    OpenFailed,
+    SlotLease,
+    SlotsFull,
+    SlotTable,
+)
+
+WINDOW = 0.020
+
+
+def frame(value: float) -> np.ndarray:
+    return np.full(FRAME_SAMPLES, value, dtype=np.float32)
+
+
+def planner_with(n_slots: int, **kw: object) -> tuple[SlotTable, BatchPlanner, list[SlotLease]]:
+    table = SlotTable(n_slots)
+    planner = BatchPlanner(n_slots, WINDOW, **kw)  # type: ignore[arg-type]
+    leases = [table.acquire() for _ in range(n_slots)]
+    for lease in leases:
+        planner.attach(lease)
+    return table, planner, leases
+
+
+# -- slot table --------------------------------------------------------------------------------------------
+
+
+def test_full_house_leaves_the_table_untouched() -> None:
+    table = SlotTable(2)
+    a, b = table.acquire(), table.acquire()
+    with pytest.raises(SlotsFull):
+        table.acquire()
+    assert table.busy == 2 and table.holds(a) and table.holds(b)
+
+
+def test_generation_increments_on_every_acquire_of_a_slot() -> None:
+    table = SlotTable(1)
+    first = table.acquire()
+    assert table.release(first)
+    second = table.acquire()
+    assert second.slot == first.slot and second.generation == first.generation + 1
+    assert not table.release(first)  # a stale lease cannot free the new call's slot
+    assert table.holds(second)
+
+
+# -- batching window ---------------------------------------------------------------------------------------
+
+
+def test_nothing_queued_means_no_step() -> None:
+    _, planner, _ = planner_with(2)
+    assert planner.next_step_at(0.0) is None
+    assert planner.take_batch(0.0) is None
+
+
+def test_first_ready_frame_opens_a_window() -> None:
+    _, planner, (a, _b) = planner_with(2)
+    planner.push(a, frame(0.1), now=1.000)
+    assert planner.next_step_at(1.001) == pytest.approx(1.000 + WINDOW)
+
+
+def test_round_starts_at_once_when_every_active_slot_is_ready() -> None:
+    _, planner, (a, b) = planner_with(2)
+    planner.push(a, frame(0.1), now=1.000)
+    planner.push(b, frame(0.2), now=1.005)
+    due = planner.next_step_at(1.005)
+    assert due is not None and due <= 1.005
+
+
+def test_exec_mask_only_ready_slots_are_stepped() -> None:
+    _, planner, (a, b, c) = planner_with(3)
+    backend = EchoBackend(3)
+    planner.push(a, frame(0.1), now=0.0)
+    planner.push(c, frame(0.3), now=0.01)
+    batch = planner.take_batch(now=WINDOW)
+    assert batch is not None and set(batch.frames) == {a.slot, c.slot}  # b is masked out, not fed silence
+    result = planner.complete(batch, backend.step(batch.frames))
+    assert backend.steps_per_slot == [1, 0, 1]
+    assert {d.slot for d in result.deliveries} == {a.slot, c.slot}
+    assert not result.failed and result.stale == 0
+    assert b.slot not in batch.frames
+
+
+def test_window_bounds_the_wait_of_the_first_frame() -> None:
+    """Simulate 50 ticks where one slot's frames arrive 15 ms after the other's: nobody waits > window."""
+    _, planner, (a, b) = planner_with(2)
+    worst = 0.0
+    for tick in range(50):
+        t0 = tick * 0.080
+        planner.push(a, frame(0.1), now=t0)
+        due = planner.next_step_at(t0)
+        assert due is not None
+        arrival_b = t0 + 0.015
+        if arrival_b <= due:
+            planner.push(b, frame(0.2), now=arrival_b)
+            due = planner.next_step_at(arrival_b)
+            assert due is not None
+        batch = planner.take_batch(max(due, t0))
+        assert batch is not None
+        worst = max(worst, batch.taken_at - batch.oldest_arrival)
+        assert set(batch.frames) == {a.slot, b.slot}  # 15 ms < 20 ms window: always batched together
+    assert worst <= WINDOW + 1e-9
+
+
+def test_late_slot_is_left_for_the_next_round() -> None:
+    _, planner, (a, b) = planner_with(2)
+    planner.push(a, frame(0.1), now=0.0)
+    due = planner.next_step_at(0.0)
+    assert due == pytest.approx(WINDOW)
+    batch = planner.take_batch(WINDOW)  # b's frame never came within the window
+    assert batch is not None and set(batch.frames) == {a.slot}
+    planner.push(b, frame(0.2), now=0.030)
+    assert planner.next_step_at(0.030) == pytest.approx(0.030 + WINDOW)
+
+
+def test_paused_slot_is_not_stepped_and_does_not_hold_the_round() -> None:
+    _, planner, (a, b) = planner_with(2)
+    planner.set_paused(b, True)
+    planner.push(b, frame(0.2), now=0.0)  # discarded: hold consumes nothing
+    planner.push(a, frame(0.1), now=0.0)
+    due = planner.next_step_at(0.0)
+    assert due is not None and due <= 0.0  # every *active* slot is ready
+    batch = planner.take_batch(0.0)
+    assert batch is not None and set(batch.frames) == {a.slot}
+    planner.set_paused(b, False)
+    assert planner.take_batch(0.1) is None
+
+
+# -- generations ---------------------------------------------------------------------------------------------
+
+
+def test_late_output_of_call_a_never_reaches_call_b() -> None:
+    table, planner, (a,) = planner_with(1)
+    backend = EchoBackend(1)
+    planner.push(a, frame(0.1), now=0.0)
+    batch = planner.take_batch(0.0)
+    assert batch is not None
+    outputs = backend.step(batch.frames)  # the step is "in flight" while call A hangs up...
+    planner.detach(a)
+    table.release(a)
+    b = table.acquire()  # ...and call B takes the same slot
+    planner.attach(b)
+    assert b.slot == a.slot and b.generation != a.generation
+    result = planner.complete(batch, outputs)
+    assert result.deliveries == [] and result.stale == 1
+    planner.push(b, frame(0.5), now=0.1)
+    batch_b = planner.take_batch(0.1)
+    assert batch_b is not None
+    result_b = planner.complete(batch_b, backend.step(batch_b.frames))
+    assert [(d.generation, d.seq) for d in result_b.deliveries] == [(b.generation, 0)]
+
+
+def test_missing_output_fails_only_that_slot() -> None:
+    _, planner, (a, b) = planner_with(2)
+    planner.push(a, frame(0.1), now=0.0)
+    planner.push(b, frame(0.2), now=0.0)
+    batch = planner.take_batch(0.0)
+    assert batch is not None
+    result = planner.complete(batch, {a.slot: StepOutput(frame(0.1))})
+    assert result.failed == [b]
+    assert [d.slot for d in result.deliveries] == [a.slot]
+
+
+# -- lag -----------------------------------------------------------------------------------------------------
+
+
+def test_falling_behind_is_reported_and_oldest_input_dropped() -> None:
+    _, planner, (a,) = planner_with(1, max_queue_frames=4, lag_report_interval_s=1.0)
+    results = [planner.push(a, frame(i / 10), now=i * 0.08) for i in range(6)]  # never stepped
+    assert [r.dropped for r in results] == [0, 0, 0, 0, 1, 1]
+    assert results[3].lag_frames == 3  # the queue hit its bound: report once...
+    assert results[4].lag_frames is None  # ...rate-limited, but the drops are counted
+    assert planner.queued(a) == 4 and planner.lagging == 1
+    batch = planner.take_batch(1.0)
+    assert batch is not None
+    assert float(batch.frames[a.slot][0]) == pytest.approx(0.2)  # frames 0 and 1 were the ones dropped
+    for _ in range(3):
+        planner.take_batch(1.0)
+    assert planner.lagging == 0
+
+
+# -- asyncio driver ------------------------------------------------------------------------------------------
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.outputs: list[Delivery] = []
+        self.failed: list[str] = []
+        self.got = asyncio.Event()
+
+    def on_output(self, delivery: Delivery) -> None:
+        self.outputs.append(delivery)
+        self.got.set()
+
+    def on_failed(self, message: str) -> None:
+        self.failed.append(message)
+        self.got.set()
+
+
+async def wait_for(cond: Callable[[], object]) -> None:
+    for _ in range(2500):  # up to 5 s: the worker thread runs the steps
+        if cond():
+            return
+        await asyncio.sleep(0.002)
+    raise AssertionError("condition never became true")
+
+
+async def test_driver_echoes_through_the_worker_thread() -> None:
+    sched = FrameScheduler(EchoBackend(2, delay_frames=1), batch_window_s=WINDOW)
+    await sched.start()
+    try:
+        sink = Sink()
+        lease = await sched.open_session(PersonaParams(), sink)
+        for i in range(3):
+            sched.push(lease, frame((i + 1) / 10))
+        await wait_for(lambda: len(sink.outputs) == 3)
+        assert [d.seq for d in sink.outputs] == [0, 1, 2]
+        assert float(sink.outputs[0].output.pcm[0]) == 0.0
+        assert float(sink.outputs[2].output.pcm[0]) == pytest.approx(0.2)
+        await sched.close_session(lease)
+        assert sched.busy == 0
+    finally:
+        await sched.stop()
+
+
+async def test_driver_full_house() -> None:
+    sched = FrameScheduler(EchoBackend(2), batch_window_s=WINDOW)
+    await sched.start()
+    try:
+        await sched.open_session(PersonaParams(), Sink())
+        await sched.open_session(PersonaParams(), Sink())
+        with pytest.raises(SlotsFull):
+            await sched.open_session(PersonaParams(), Sink())
+        assert sched.busy == 2
+    finally:
+        await sched.stop()
+
+
+class FlakyBackend(EchoBackend):
+    """Echo that fails to prepare persona "bad" and returns nothing for slots started with persona "boom"."""
+
+    def __init__(self, num_slots: int) -> None:
+        super().__init__(num_slots)
+        self.doomed: set[int] = set()
+
+    def prepare_persona(self, persona: PersonaParams) -> None:
+        if persona.name == "bad":
+            raise BackendError("no such voice prompt")
+
+    def start_slot(self, slot: int, persona: PersonaParams) -> None:
+        super().start_slot(slot, persona)
+        self.doomed.discard(slot)
+        if persona.name == "boom":
+            self.doomed.add(slot)
+
+    def step(self, frames: dict[int, np.ndarray]) -> dict[int, StepOutput]:
+        out = super().step(frames)
+        return {slot: o for slot, o in out.items() if slot not in self.doomed}
+
+
+async def test_driver_backend_failure_closes_only_that_session() -> None:
+    sched = FrameScheduler(FlakyBackend(3), batch_window_s=WINDOW)
+    await sched.start()
+    try:
+        with pytest.raises(OpenFailed) as exc:
+            await sched.open_session(PersonaParams(name="bad"), Sink())
+        assert exc.value.code == "unknown_persona" and sched.busy == 0  # slot given back
+        good, doomed = Sink(), Sink()
+        lg = await sched.open_session(PersonaParams(), good)
+        ld = await sched.open_session(PersonaParams(name="boom"), doomed)
+        sched.push(ld, frame(0.3))
+        sched.push(lg, frame(0.1))
+        await wait_for(lambda: doomed.failed and good.outputs)
+        sched.push(lg, frame(0.2))
+        await wait_for(lambda: len(good.outputs) == 2)
+        assert good.failed == [] and doomed.outputs == []
+        assert sched.metrics.backend_failures.labels("prepare_persona")._value.get() == 1
+    finally:
+        await sched.stop()
+
+
+class RaisingBackend(EchoBackend):
+    def step(self, frames: dict[int, np.ndarray]) -> dict[int, StepOutput]:
+        if any(float(pcm[0]) < 0 for pcm in frames.values()):
+            raise RuntimeError("kaboom")
+        return super().step(frames)
+
+
+async def test_driver_survives_a_raising_step() -> None:
+    sched = FrameScheduler(RaisingBackend(2), batch_window_s=0.0)
+    await sched.start()
+    try:
+        s1 = Sink()
+        l1 = await sched.open_session(PersonaParams(), s1)
+        sched.push(l1, frame(-0.5))
+        await wait_for(lambda: s1.failed)
+        await sched.close_session(l1)
+        s2 = Sink()
+        l2 = await sched.open_session(PersonaParams(), s2)
+        sched.push(l2, frame(0.5))
+        await wait_for(lambda: s2.outputs)  # the tick loop lives on
+        assert s2.outputs[0].generation == l2.generation
+    finally:
+        await sched.stop()
+
+
+async def test_bench_hook_runs_one_batched_step_per_round() -> None:
+    from engine.bench import bench_scheduler
+
+    stats = await bench_scheduler(EchoBackend(4), ticks=5, warmup=1)
+    assert stats.ticks == 5 and len(stats.round_ms) == 5 and (stats.round_ms >= stats.step_ms).all()
+
+
+class RejectingBackend(EchoBackend):
+    """Like engine.moshi's BadFrameError: rejects frames with a positive first sample, no state changed."""
+
+    def step(self, frames: dict[int, np.ndarray]) -> dict[int, StepOutput]:
+        bad = [slot for slot, pcm in frames.items() if float(pcm[0]) > 0.9]
+        if bad:
+            err = BackendError(f"bad frames for {bad}")
+            err.slots = bad  # type: ignore[attr-defined]
+            raise err
+        return super().step(frames)
+
+
+async def test_driver_rejected_slot_fails_alone_and_the_rest_are_stepped() -> None:
+    backend = RejectingBackend(3)
+    sched = FrameScheduler(backend, batch_window_s=0.5)  # wide window: both frames land in one batch
+    await sched.start()
+    try:
+        good, bad = Sink(), Sink()
+        lg = await sched.open_session(PersonaParams(), good)
+        lb = await sched.open_session(PersonaParams(), bad)
+        sched.push(lb, frame(0.95))
+        sched.push(lg, frame(0.1))
+        await wait_for(lambda: bad.failed and good.outputs)
+        assert bad.outputs == [] and good.failed == []
+        assert backend.steps_per_slot[lg.slot] == 1 and backend.steps_per_slot[lb.slot] == 0
+        assert sched.ticks == 1
+    finally:
+        await sched.stop()
+
+
+class ExclusiveBackend(EchoBackend):
+    """Fails loudly if any two backend calls ever overlap (they must share ONE worker thread)."""
+
+    def __init__(self, num_slots: int) -> None:
+        super().__init__(num_slots)
+        import threading
+
+        self._busy = threading.Lock()
+        self.threads: set[int] = set()
+        self.overlaps = 0
+
+    def _enter(self) -> None:
+        import threading
+        import time
+
+        if not self._busy.acquire(blocking=False):
+            self.overlaps += 1
+            return
+        self.threads.add(threading.get_ident())
+        time.sleep(0.001)  # widen the window in which an overlap would be caught
+        self._busy.release()
+
+    def start_slot(self, slot: int, persona: PersonaParams) -> None:
+        self._enter()
+        super().start_slot(slot, persona)
+
+    def step(self, frames: dict[int, np.ndarray]) -> dict[int, StepOutput]:
+        self._enter()
+        return super().step(frames)
+
+    def end_slot(self, slot: int) -> None:
+        self._enter()
+        super().end_slot(slot)
+
+
+async def test_backend_calls_never_overlap_and_stay_on_one_thread() -> None:
+    import threading
+
+    backend = ExclusiveBackend(6)
+    sched = FrameScheduler(backend, batch_window_s=0.002)
+    await sched.start()
+    try:
+        async def call(n_frames: int) -> int:
+            sink = Sink()
+            lease = await sched.open_session(PersonaParams(), sink)
+            dropped = 0
+            for _ in range(n_frames):
+                dropped += sched.push(lease, frame(0.1)).dropped
+                await asyncio.sleep(0.001)
+            await wait_for(lambda: len(sink.outputs) + dropped == n_frames)  # every frame accounted for
+            await sched.close_session(lease)
+            return len(sink.outputs)
+
+        results = await asyncio.gather(*(call(10 + 3 * i) for i in range(6)))
+        assert all(r > 0 for r in results)
+        assert backend.overlaps == 0
+        assert len(backend.threads) == 1 and threading.get_ident() not in backend.threads
+    finally:
+        await sched.stop()

@@ -1,0 +1,67 @@
+"""Outbound pacing on a virtual clock, and the bounded output queue."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from bridge.media.clock import VirtualClock
+from bridge.media.pacer import OutputQueue, Pacer
+
+
+def test_no_drift_over_10000_ticks_with_random_lateness() -> None:
+    clock = VirtualClock(1000.0)
+    pacer = Pacer(0.020, start=clock(), max_burst=3)
+    rng = random.Random(3)
+    sent = 0
+    bursts = []
+    for _ in range(10_000):
+        # The I/O loop sleeps until the deadline and wakes 0-15 ms late.
+        wake = pacer.next_deadline() + rng.uniform(0.0, 0.015)
+        clock.advance(max(0.0, wake - clock()))
+        n = pacer.on_tick(clock())
+        bursts.append(n)
+        sent += n
+        # The next deadline is exactly on the grid, whatever the lateness so far.
+        assert pacer.next_deadline() == pytest.approx(1000.0 + pacer.next_index * 0.020, abs=1e-9)
+    elapsed = clock() - 1000.0
+    assert sent == int(elapsed / 0.020 + 1e-9) + 1  # packet k is due at start + k*20ms, k = 0..
+    assert max(bursts) <= 3
+    assert pacer.stats.skipped == 0 and pacer.stats.packets == sent
+
+
+def test_early_wakeup_sends_nothing() -> None:
+    pacer = Pacer(0.020, start=0.0)
+    assert pacer.on_tick(0.0) == 1
+    assert pacer.on_tick(0.0199) == 0
+    assert pacer.on_tick(0.020) == 1
+    assert pacer.next_deadline() == pytest.approx(0.040)
+
+
+def test_stall_is_bounded_and_reanchored_on_the_grid() -> None:
+    pacer = Pacer(0.020, start=0.0, max_burst=3)
+    assert pacer.on_tick(0.0) == 1
+    assert pacer.on_tick(0.5037) == 3  # 25 slots overdue: only 3 sent, 22 skipped
+    assert pacer.stats.skipped == 22
+    assert pacer.next_deadline() == pytest.approx(0.52)  # still on the 20 ms grid
+    assert pacer.on_tick(0.52) == 1
+
+
+def test_pacer_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError):
+        Pacer(0.0, start=0.0)
+    with pytest.raises(ValueError):
+        Pacer(0.02, start=0.0, max_burst=0)
+
+
+def test_output_queue_silence_and_bound() -> None:
+    q = OutputQueue(max_packets=4)
+    assert q.pop() == b"\xff" * 160 and q.stats.silence == 1
+    for i in range(6):
+        q.push(bytes([i]) * 160)
+    assert q.depth == 4 and q.stats.dropped_oldest == 2
+    assert [q.pop()[0] for _ in range(5)] == [2, 3, 4, 5, 0xFF]
+    with pytest.raises(ValueError):
+        q.push(b"\x00" * 100)
+    assert q.stats.pushed == 6 and q.depth == 0

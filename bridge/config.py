@@ -82,6 +82,8 @@ class AriSettings(BaseModel):
     # How a call is refused when the house is full: busy -> SIP 486, congestion -> SIP 503.
     refuse_reason: Literal["busy", "congestion"] = "busy"
     moh_class: str = "default"
+    # Played to the caller before a DTMF hang-up ("#"), e.g. "sound:vm-goodbye"; None hangs up at once.
+    goodbye_sound: str | None = None
 
 
 class CapacitySettings(BaseModel):
@@ -90,6 +92,23 @@ class CapacitySettings(BaseModel):
     slots: int = Field(default=10, ge=1)
     lease_ttl_s: float = Field(default=15.0, gt=0)
     renew_every_s: float = Field(default=5.0, gt=0)
+
+
+class AsteriskSettings(BaseModel):
+    """What `aziza-admin provision asterisk` renders into the Asterisk configuration."""
+
+    # Where rendered files go by default (`--out` overrides).
+    config_dir: Path = Path("/etc/asterisk")
+    sip_bind_host: str = "0.0.0.0"
+    sip_port: int = Field(default=5060, ge=1, le=65535)
+    # Public address for SDP/Contact behind NAT (None: not behind NAT).
+    external_address: str | None = None
+    # SIP trunk peers (IP or host names) whose INVITEs reach the aziza-inbound context.
+    trunk_hosts: list[str] = []
+    codecs: list[str] = ["ulaw", "alaw", "g722"]
+    # Asterisk's own RTP ports; must not overlap the bridge's rtp_port_min..rtp_port_max.
+    rtp_port_min: int = Field(default=10000, ge=1024, le=65535)
+    rtp_port_max: int = Field(default=19999, ge=1024, le=65535)
 
 
 class Settings(BaseSettings):
@@ -110,6 +129,7 @@ class Settings(BaseSettings):
     bridge: BridgeSettings = BridgeSettings()
     ari: AriSettings = AriSettings()
     capacity: CapacitySettings = CapacitySettings()
+    asterisk: AsteriskSettings = AsteriskSettings()
 
     @classmethod
     def settings_customise_sources(

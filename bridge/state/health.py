@@ -1,0 +1,103 @@
+"""One health report for ``aziza-admin health`` and the bridge's ``/health``.
+
+Each check is bounded by a timeout and reports its own error, so a dead dependency makes the report say
+so instead of hanging or raising.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import psycopg
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from bridge.config import Settings
+from bridge.state import migrate
+from bridge.state.leases import CapacityLeases, CapacityUnavailable
+from bridge.state.records import CallRecorder
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+async def _check_database(settings: Settings, timeout_s: float) -> dict[str, Any]:
+    try:
+        async with asyncio.timeout(timeout_s):
+            conn = await psycopg.AsyncConnection.connect(
+                settings.database_url, connect_timeout=max(1, int(timeout_s)), autocommit=True
+            )
+            async with conn:
+                cur = await conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
+                row = await cur.fetchone()
+                versions: list[int] = []
+                if row and row[0]:
+                    cur = await conn.execute("SELECT version FROM schema_migrations ORDER BY version")
+                    versions = [r[0] for r in await cur.fetchall()]
+    except (psycopg.Error, OSError, TimeoutError) as exc:
+        return {"up": False, "error": _one_line(exc)}
+    known = [m.version for m in migrate.discover()]
+    pending = [v for v in known if v not in versions]
+    return {"up": True, "version": max(versions, default=0), "pending": pending, "ok": not pending}
+
+
+async def _check_redis(settings: Settings, timeout_s: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    client = aioredis.from_url(settings.redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    try:
+        async with asyncio.timeout(timeout_s):
+            await client.ping()
+            leases = CapacityLeases(
+                client, settings.redis_prefix, settings.capacity.slots, settings.capacity.lease_ttl_s
+            )
+            in_use = await leases.in_use()
+        return {"up": True}, {"slots": settings.capacity.slots, "in_use": in_use}
+    except (RedisError, CapacityUnavailable, OSError, TimeoutError) as exc:
+        return {"up": False, "error": _one_line(exc)}, {"slots": settings.capacity.slots, "in_use": None}
+    finally:
+        await client.aclose()
+
+
+async def _check_engine(settings: Settings, timeout_s: float) -> dict[str, Any]:
+    engine = settings.engine
+    if engine.unix_socket:
+        connector: aiohttp.BaseConnector = aiohttp.UnixConnector(path=engine.unix_socket)
+        url = "http://localhost/health"
+    else:
+        connector = aiohttp.TCPConnector()
+        url = f"http://{engine.host}:{engine.port}/health"
+    try:
+        async with (
+            aiohttp.ClientSession(
+                connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)
+            ) as session,
+            session.get(url) as resp,
+        ):
+            body: Any = await resp.json(content_type=None) if resp.status == 200 else None
+            return {"up": resp.status == 200, "url": url, "status": resp.status, "detail": body}
+    except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+        return {"up": False, "url": url, "error": _one_line(exc)}
+
+
+async def check_health(
+    settings: Settings, recorder: CallRecorder | None = None, timeout_s: float = 2.0
+) -> dict[str, Any]:
+    """``ok`` is true when the database (migrated), Redis and the engine all answer."""
+    database, (redis_report, capacity), engine = await asyncio.gather(
+        _check_database(settings, timeout_s),
+        _check_redis(settings, timeout_s),
+        _check_engine(settings, timeout_s),
+    )
+    report: dict[str, Any] = {
+        "database": database,
+        "redis": redis_report,
+        "capacity": capacity,
+        "engine": engine,
+    }
+    if recorder is not None:
+        report["records"] = recorder.status()
+    report["ok"] = bool(database.get("ok") and redis_report["up"] and engine["up"])
+    return report

@@ -1,0 +1,88 @@
+"""DID -> persona routing for the call controller, cached, and never failing a call over the database.
+
+Order of answers: a fresh cache entry; the database; when the database cannot answer, the last answer
+for that DID however old; else the built-in default persona. Unknown or disabled DIDs get the default
+persona (``source="default"``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import psycopg
+
+from bridge.state.db import StateDB
+from bridge.state.models import DEFAULT_DTMF_ACTIONS, Persona
+from engine.protocol import PersonaParams
+
+log = logging.getLogger(__name__)
+
+BUILTIN_PERSONA = PersonaParams()
+
+
+@dataclass(frozen=True)
+class Route:
+    did: str
+    persona: PersonaParams
+    transfer_target: str | None
+    # digit -> transfer | hangup | hold | engine; digits not here go to the engine as events.
+    dtmf_actions: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_DTMF_ACTIONS))
+    source: Literal["db", "cache", "default"] = "db"
+
+
+def persona_params(persona: Persona) -> PersonaParams:
+    return PersonaParams(
+        name=persona.name,
+        language=persona.language,
+        text_prompt=persona.text_prompt,
+        voice_prompt_path=persona.voice_prompt_path,
+        lora_path=persona.lora_adapter,
+    )
+
+
+class RouteResolver:
+    def __init__(
+        self, db: StateDB, cache_ttl_s: float = 60.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._db = db
+        self._ttl_s = cache_ttl_s
+        self._clock = clock
+        self._cache: dict[str, tuple[float, Route]] = {}
+
+    async def resolve(self, did: str) -> Route:
+        cached = self._cache.get(did)
+        if cached is not None and self._clock() - cached[0] < self._ttl_s:
+            return replace(cached[1], source="cache")
+        try:
+            route = await self._from_db(did)
+        except (psycopg.Error, OSError, TimeoutError) as exc:
+            log.warning("route lookup for %s: database unavailable (%s)", did, exc)
+            if cached is not None:
+                return replace(cached[1], source="cache")
+            return Route(did, BUILTIN_PERSONA, None, dict(DEFAULT_DTMF_ACTIONS), "default")
+        self._cache[did] = (self._clock(), route)
+        return route
+
+    def invalidate(self, did: str | None = None) -> None:
+        if did is None:
+            self._cache.clear()
+        else:
+            self._cache.pop(did, None)
+
+    async def _from_db(self, did: str) -> Route:
+        found = await self._db.did_route(did)
+        if found is not None and found.did.enabled:
+            return Route(
+                did,
+                persona_params(found.persona),
+                found.did.transfer_target,
+                dict(found.did.dtmf_actions),
+                "db",
+            )
+        default = await self._db.default_persona()
+        persona = persona_params(default) if default else BUILTIN_PERSONA
+        return Route(did, persona, None, dict(DEFAULT_DTMF_ACTIONS), "default")

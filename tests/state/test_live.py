@@ -1,0 +1,123 @@
+"""Live call hashes and the events channel, on the real Redis; `calls live` reads them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import redis.asyncio as aioredis
+from click.testing import CliRunner
+
+from admin_cli.main import cli
+from bridge.state.live import CallEvent, LiveCalls
+
+
+async def test_live_hash_list_and_expiry(redis_url: str, redis_prefix: str) -> None:
+    client = aioredis.from_url(redis_url)
+    try:
+        live = LiveCalls(client, redis_prefix, ttl_s=1)
+        await live.update("c1", {"did": "+15550001234", "state": "answered"})
+        await live.update("c2", {"did": "+15550001235", "state": "ringing"})
+        await live.update("c2", {"state": "answered"})
+        calls = {c["call_id"]: c for c in await live.list_live()}
+        assert calls["c2"] == {"call_id": "c2", "did": "+15550001235", "state": "answered"}
+        await live.remove("c1")
+        assert [c["call_id"] for c in await live.list_live()] == ["c2"]
+        await asyncio.sleep(1.2)  # not refreshed: gone after the TTL, as after a bridge crash
+        assert await live.list_live() == []
+        assert await client.exists(f"{redis_prefix}:call:c2") == 0
+    finally:
+        await client.aclose()
+
+
+async def test_events_reach_subscribers_and_garbage_is_skipped(redis_url: str, redis_prefix: str) -> None:
+    client = aioredis.from_url(redis_url)
+    try:
+        live = LiveCalls(client, redis_prefix)
+        received: list[CallEvent] = []
+
+        async def follow() -> None:
+            async for event in live.events():
+                received.append(event)
+                if event.kind == "end":
+                    return
+
+        follower = asyncio.create_task(follow())
+        async with asyncio.timeout(5):
+            # Redis tells how many subscribers got it: poll until the follower's subscription is live.
+            while await live.publish(CallEvent("warmup", "ping")) == 0:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+            await client.publish(live.channel, b"\xff not json")
+            await client.publish(live.channel, json.dumps({"kind": "no call id"}))
+            await live.publish(CallEvent("c1", "dtmf", {"digit": "5"}))
+            await live.publish(CallEvent("c1", "end", {"cause": "hangup"}))
+            await follower
+        assert [(e.call_id, e.kind, e.data) for e in received if e.call_id != "warmup"] == [
+            ("c1", "dtmf", {"digit": "5"}),
+            ("c1", "end", {"cause": "hangup"}),
+        ]
+    finally:
+        await client.aclose()
+
+
+async def test_calls_live_once(redis_url: str, redis_prefix: str, tmp_path: Path) -> None:
+    client = aioredis.from_url(redis_url)
+    try:
+        await LiveCalls(client, redis_prefix).update("c9", {"did": "+15550001234"})
+    finally:
+        await client.aclose()
+    env = {
+        "AZIZA_REDIS_URL": redis_url,
+        "AZIZA_REDIS_PREFIX": redis_prefix,
+        "AZIZA_CONFIG": str(tmp_path / "x"),
+    }
+    result = await asyncio.to_thread(CliRunner().invoke, cli, ["calls", "live", "--once", "--json"], env=env)
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout) == {"live": [{"call_id": "c9", "did": "+15550001234"}]}
+    env["AZIZA_REDIS_URL"] = "redis://127.0.0.1:1/0"
+    down = await asyncio.to_thread(CliRunner().invoke, cli, ["calls", "live", "--once"], env=env)
+    assert down.exit_code == 1 and down.stderr.startswith("Error: redis:")
+
+
+async def test_calls_live_follows_events_until_interrupted(
+    redis_url: str, redis_prefix: str, tmp_path: Path
+) -> None:
+    import os
+    import signal
+    import sys
+
+    env = {
+        **os.environ,
+        "AZIZA_REDIS_URL": redis_url,
+        "AZIZA_REDIS_PREFIX": redis_prefix,
+        "AZIZA_CONFIG": str(tmp_path / "absent.toml"),
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "admin_cli.main",
+        "calls",
+        "live",
+        "--json",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    client = aioredis.from_url(redis_url)
+    try:
+        assert proc.stdout is not None
+        assert json.loads(await asyncio.wait_for(proc.stdout.readline(), 30)) == {"live": []}
+        live = LiveCalls(client, redis_prefix)
+        async with asyncio.timeout(10):
+            while await live.publish(CallEvent("c1", "dtmf", {"digit": "0"})) == 0:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        event = json.loads(await asyncio.wait_for(proc.stdout.readline(), 10))
+        assert (event["call_id"], event["kind"], event["data"]) == ("c1", "dtmf", {"digit": "0"})
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await client.aclose()

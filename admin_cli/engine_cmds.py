@@ -1,0 +1,131 @@
+"""``aziza-admin model pull|list|verify`` and ``aziza-admin bench engine`` (torch imported lazily)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+
+def _models_dir() -> Path:
+    from bridge.config import get_settings
+
+    return get_settings().data_dir / "models"
+
+
+@click.group()
+def model() -> None:
+    """Engine weights: download, list, verify."""
+
+
+@model.command("pull")
+@click.argument("repo")
+@click.option("--revision", default=None, help="Branch, tag or commit (default: main).")
+@click.option("--dir", "target", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Download into this directory instead of the Hugging Face cache.")
+def pull(repo: str, revision: str | None, target: Path | None) -> None:
+    """Download REPO (e.g. kyutai/moshiko-pytorch-bf16) with a progress bar; honours HF_ENDPOINT/HF_TOKEN."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    from engine.moshi.loader import write_manifest
+
+    try:
+        path = Path(snapshot_download(repo, revision=revision, local_dir=target))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as exc:
+        raise click.ClickException(f"cannot download {repo}: {exc}") from None
+    if target is not None:
+        write_manifest(path)  # local dirs have no blob hashes: record what arrived
+    click.echo(f"{repo} -> {path}")
+
+
+def _installed() -> list[tuple[str, Path, int]]:
+    found: list[tuple[str, Path, int]] = []
+    base = _models_dir()
+    if base.is_dir():
+        for d in sorted(base.iterdir()):
+            weights = list(d.glob("*.safetensors"))
+            if d.is_dir() and weights:
+                found.append((d.name, d, sum(p.stat().st_size for p in d.iterdir() if p.is_file())))
+    try:
+        from huggingface_hub import scan_cache_dir
+        from huggingface_hub.errors import CacheNotFound
+
+        # HF_HUB_CACHE read now, not at huggingface_hub's import (tests and operators may set it late).
+        for repo in scan_cache_dir(os.environ.get("HF_HUB_CACHE") or None).repos:
+            if repo.repo_type == "model" and any(
+                    f.file_name.endswith(".safetensors") for rev in repo.revisions for f in rev.files):
+                found.append((repo.repo_id, repo.repo_path, repo.size_on_disk))
+    except CacheNotFound:
+        pass
+    return found
+
+
+@model.command("list")
+def list_models() -> None:
+    """Models under data_dir/models and in the Hugging Face cache."""
+    rows = _installed()
+    if not rows:
+        click.echo(f"no models (looked in {_models_dir()} and the Hugging Face cache)")
+        return
+    for name, path, size in rows:
+        click.echo(f"{name:<40} {size / 2**30:8.2f} GiB  {path}")
+
+
+@model.command("verify")
+@click.argument("model_ref")
+@click.option("--no-hash", is_flag=True, help="Skip sha256 checks (large checkpoints take a while).")
+def verify(model_ref: str, no_hash: bool) -> None:
+    """Check MODEL_REF (a directory or a cached repo id): every tensor present, right shapes, hashes."""
+    from engine.moshi.loader import ModelError, verify_model
+
+    try:
+        report = verify_model(model_ref, check_hashes=not no_hash)
+    except ModelError as exc:
+        raise click.ClickException(str(exc)) from None
+    for problem in report.problems:
+        click.echo(f"FAIL {problem}", err=True)
+    click.echo(f"{report.files.directory}: {report.tensors_checked} tensors, "
+               f"{report.parameter_bytes / 2**20:.1f} MiB of weights, {report.files_hashed} files hashed: "
+               f"{'OK' if report.ok else f'{len(report.problems)} problem(s)'}")
+    if not report.ok:
+        sys.exit(1)
+
+
+def _slot_list(_ctx: click.Context, _param: click.Parameter, value: str) -> list[int]:
+    try:
+        slots = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter("comma-separated integers, e.g. 1,4,16") from None
+    if not slots or min(slots) < 1:
+        raise click.BadParameter("slot counts must be >= 1")
+    return slots
+
+
+@click.command("engine")
+@click.option("--model", "model_ref", default="tiny", show_default=True,
+              help="'tiny' (random weights, written to a temp dir) or a weights directory.")
+@click.option("--slots", default="1,4,16", show_default=True, callback=_slot_list)
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp8"]), default="fp32", show_default=True)
+@click.option("--ticks", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True,
+              help="Untimed ticks first.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print {\"results\": [...]} instead of a table.")
+def bench_engine(model_ref: str, slots: list[int], dtype: str, ticks: int, warmup: int, device: str,
+                 as_json: bool) -> None:
+    """Per-tick p50/p99 by batch size, real-time factor, state memory per slot, batching efficiency."""
+    from engine.moshi.bench import format_table, run_bench
+    from engine.moshi.loader import ModelError
+
+    try:
+        results = run_bench(model_ref, slots, dtype, ticks, warmup=warmup, device=device)
+    except ModelError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps({"results": [r.as_dict() for r in results]}))
+    else:
+        click.echo(format_table(results))

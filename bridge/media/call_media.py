@@ -1,0 +1,598 @@
+"""The media of one call: one UDP socket between Asterisk's UnicastRTP channel and one engine session.
+
+    media = CallMedia(settings.bridge, engine, call_id)
+    host, port = await media.bind()        # externalMedia external_host
+    media.lock_remote(rtp_host, rtp_port)  # UNICASTRTP_LOCAL_ADDRESS / _PORT
+    reason = await media.run()             # until stop(), the engine ends, or no RTP for media_timeout_s
+
+``run()`` owns one TaskGroup of four tasks (input, engine, output, and control for hold messages) and never
+raises for anything a peer does:
+
+* **input** — datagrams are read in a reader callback (parse, source check, payload type check, jitter
+  buffer push; every drop counted by reason). The input task pops the jitter buffer once per 20 ms slot on a
+  grid anchored at the first packet's arrival: slot k is popped as soon as its packet is there (at most one
+  ptime ahead of the grid), or concealed at ``nominal + jitter_target_ms`` if it never comes. So on a clean
+  network a packet waits ~0 ms in the buffer, and a late one is waited for up to the target. Each slot is
+  decoded (or concealed), resampled to 24 kHz and cut into 80 ms frames that go to the engine at once.
+  Resampling is ``FirResampler`` (fixed 3 ms delay, regular output), not soxr's stream, which holds back
+  40–60 ms per direction and releases frames in bursts (see fir_resample.py).
+* **engine** — 24 kHz frames from the engine are resampled to 8 kHz, µ-law encoded and queued as 20 ms
+  payloads; text is kept for the transcript.
+* **output** — one µ-law RTP packet (PT 0) every 20 ms from the same socket (Asterisk's strictrtp), on a
+  grid ``start + k * 20 ms`` (``Pacer``) woken by a timerfd; silence when the queue is empty. The grid is
+  anchored ``OUTPUT_PHASE_S`` after the engine's first frame arrives, so later frames, which arrive at the
+  same phase every 80 ms, wait only that long. The phase then follows the engine without breaking the
+  cadence: when every frame of the last ``PHASE_WINDOW`` waited more than ``PHASE_EARLY_S`` for its tick,
+  the grid is *slewed* earlier by at most ``SLEW_STEP_S`` per packet (each interval stays within 20 ± 0.5 ms);
+  a frame that arrives after its tick (an underrun: silence went out in its place) has its first packet
+  dropped, so the frames after it are not pushed 20 ms late, and the grid is slewed later by the lateness.
+  As a last resort, ``TRIM_AFTER_FRAMES`` frames in a row finding audio still queued drop one packet.
+
+Latency (all in ``MediaStats``, milliseconds):
+
+* ``latency_in_ms`` — the jitter-buffer pop that completes an 80 ms frame → the frame handed to the engine
+  socket (decode, resampling, framing, send);
+* ``latency_out_ms`` — an engine frame received → its first 20 ms RTP packet leaves the socket (resampling,
+  encoding, the wait for the pacer's tick);
+* ``added_latency_ms`` — their sum for the same frame sequence number: what the bridge adds, excluding the
+  80 ms framing and the jitter-buffer wait, which is ``jitter_delay_ms`` (packet arrival → pop). The
+  resamplers' algorithmic delay (samples soxr holds back, not time spent) is ``resampler_delay_ms``.
+
+The engine session is the caller's: CallMedia uses it, the caller closes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import random
+import socket
+import time
+from collections import deque
+from collections.abc import Coroutine
+from typing import Any, Literal
+
+import numpy as np
+
+from bridge.config import BridgeSettings
+from bridge.engine_client import EngineError, EngineProtocolError, EngineSession
+from bridge.media.clock import Clock, monotonic
+from bridge.media.codecs import (
+    CodecError,
+    InboundCodec,
+    UnsupportedPayloadType,
+    codec_for_payload_type,
+    float32_to_pcm16,
+    ulaw_encode,
+)
+from bridge.media.fir_resample import FirResampler
+from bridge.media.framing import FrameAccumulator, PacketSplitter
+from bridge.media.jitter import JitterBuffer, Playout
+from bridge.media.metrics import MediaStats
+from bridge.media.pacer import OutputQueue, Pacer
+from bridge.media.precise_timer import PreciseTimer
+from bridge.media.rtp import MAX_DATAGRAM, PT_PCMA, PT_PCMU, PT_SLIN16, RtpParseError, RtpSender, parse_rtp
+from engine.protocol import SAMPLE_RATE, AudioFrame, Closed, Error, Lag, Text
+
+log = logging.getLogger(__name__)
+
+PTIME_S = 0.020
+OUT_SAMPLES = 160  # 20 ms of 8 kHz µ-law
+OUTPUT_PHASE_S = 0.002  # output grid anchor after the first engine frame: absorbs small arrival jitter
+TRIM_AFTER_FRAMES = 25  # 2 s of engine frames finding the output queue never empty → drop one packet
+PHASE_WINDOW = 12  # frames (~1 s) whose waits decide an early slew
+PHASE_EARLY_S = 0.006  # all of them waited longer than this for their tick: move the grid earlier
+SLEW_STEP_S = 0.0005  # most the grid moves per packet: the interval stays within 20 ± 0.5 ms
+OUTPUT_QUEUE_PACKETS = 16  # 320 ms: beyond that the engine ran ahead; oldest dropped
+STALL_SLOTS = 10  # input this many slots behind its grid (event-loop stall): re-anchor, don't conceal a burst
+_BIND_ATTEMPTS = 200
+_RECV_BATCH = 64
+
+InboundFormat = Literal["ulaw", "slin16"]
+
+
+def freeze_startup_heap() -> None:
+    """Call once the process has started up (imports, settings, pools): moves every object alive now out of
+    the garbage collector's reach (``gc.freeze``). Full collections otherwise walk the whole startup heap
+    (hundreds of thousands of objects: pydantic, aiohttp, numpy...) and stop the event loop for tens of ms,
+    which the far end hears as RTP pacing jitter. Measured with ``aziza-admin bench media --calls 50``."""
+    gc.collect()
+    gc.freeze()
+
+
+class MediaBindError(OSError):
+    """No free UDP port in the configured RTP range."""
+
+
+class CallMedia:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        settings: BridgeSettings,
+        engine: EngineSession,
+        call_id: str,
+        *,
+        inbound_format: InboundFormat = "ulaw",
+        clock: Clock = monotonic,
+        learn_remote: bool = False,
+        slin16_payload_type: int = PT_SLIN16,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.call_id = call_id
+        self.inbound_format = inbound_format
+        self._clock = clock
+        self.learn_remote = learn_remote
+        self._slin16_pt = slin16_payload_type
+        in_rate = 16000 if inbound_format == "slin16" else 8000
+        self._accepted_pts = frozenset(
+            {slin16_payload_type} if inbound_format == "slin16" else {PT_PCMU, PT_PCMA}
+        )
+        self.stats = MediaStats()
+        self.remote: tuple[str, int] | None = None
+        # inbound
+        self._jitter = JitterBuffer(in_rate, 20, settings.jitter_target_ms, settings.jitter_max_ms)
+        self._jitter_wait_s = settings.jitter_target_ms / 1000.0
+        self._codecs: dict[int, InboundCodec] = {}
+        self._last_codec: InboundCodec | None = None
+        self._resample_in = FirResampler(in_rate, SAMPLE_RATE)
+        self._frames_in = FrameAccumulator()
+        self._ssrc: int | None = None
+        self._last_rtp_at: float | None = None
+        self._in_anchor: float | None = None
+        self._in_slot = 0
+        self._in_latency_by_seq: dict[int, float] = {}
+        # outbound
+        self._resample_out = FirResampler(SAMPLE_RATE, 8000)
+        self._packets_out = PacketSplitter(OUT_SAMPLES)
+        self._queue = OutputQueue(OUTPUT_QUEUE_PACKETS)
+        self._sender = RtpSender(PT_PCMU)
+        self._pacer: Pacer | None = None
+        self._frame_marks: deque[tuple[int, int, float]] = deque()  # (queue index of 1st packet, seq, rx)
+        self._slack_frames = 0
+        self._next_engine_seq = 0
+        self._recent_waits: deque[float] = deque(maxlen=PHASE_WINDOW)  # s, engine frame → its first packet
+        self._slew_s = 0.0  # grid shift still to apply (negative: earlier)
+        self._underrun_at: float | None = None  # when silence went out while engine audio was flowing
+        self._last_engine_frame_at: float | None = None
+        # lifecycle
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._recv_buf = bytearray(MAX_DATAGRAM * 8)  # bigger than legal, so oversized ones are seen
+        self._input_timer: PreciseTimer | None = None
+        self._output_timer: PreciseTimer | None = None
+        self._ended = asyncio.Event()
+        self._finished = asyncio.Event()
+        self._running = False
+        self._held = False
+        self._held_since = 0.0
+        self._control: asyncio.Queue[Literal["pause", "resume"]] = asyncio.Queue()
+
+    # -- socket ------------------------------------------------------------------------------------------
+
+    async def bind(self) -> tuple[str, int]:
+        """Bind this call's UDP socket to a free even port of [rtp_port_min, rtp_port_max]."""
+        if self._sock is not None:
+            return self.local_address
+        lo, hi = self.settings.rtp_port_min, self.settings.rtp_port_max
+        if not 0 < lo <= hi <= 65535:
+            raise MediaBindError(f"bad RTP port range {lo}..{hi}")
+        even = list(range(lo + (lo % 2), hi + 1, 2)) or list(range(lo, hi + 1))
+        candidates = random.sample(even, min(len(even), _BIND_ATTEMPTS))
+        for port in candidates:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                sock.setblocking(False)
+                sock.bind((self.settings.rtp_bind_host, port))
+            except OSError:
+                sock.close()
+                continue
+            self._sock = sock
+            self._loop = asyncio.get_running_loop()
+            self._loop.add_reader(sock.fileno(), self._on_readable)
+            return self.local_address
+        raise MediaBindError(f"no free UDP port in {lo}..{hi} after {len(candidates)} tries")
+
+    @property
+    def local_address(self) -> tuple[str, int]:
+        if self._sock is None:
+            raise RuntimeError("CallMedia is not bound")
+        host, port = self._sock.getsockname()[:2]
+        return str(host), int(port)
+
+    def lock_remote(self, host: str, port: int) -> None:
+        """Accept RTP only from (host, port) and send there (Asterisk's UNICASTRTP_LOCAL_*)."""
+        self.remote = (socket.gethostbyname(host), int(port))
+
+    def _close_socket(self) -> None:
+        if self._sock is not None:
+            sock, self._sock = self._sock, None
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(sock.fileno())
+            sock.close()
+
+    # -- receive path (reader callback: sans-await) ------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        for _ in range(_RECV_BATCH):
+            try:
+                size, addr = sock.recvfrom_into(self._recv_buf)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. ICMP errors surfacing on the socket: count, keep the call
+                self.stats.count_drop(f"socket_error:{exc.errno}")
+                return
+            self._on_datagram(bytes(self._recv_buf[:size]), (str(addr[0]), int(addr[1])))
+
+    def _on_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
+        now = self._clock()
+        if self.remote is None:
+            if not self.learn_remote:
+                self.stats.count_drop("not_locked")
+                return
+            self.remote = addr
+        if addr != self.remote:
+            self.stats.count_drop("foreign_source")
+            return
+        try:
+            pkt = parse_rtp(data)
+        except RtpParseError as exc:
+            self.stats.count_drop(exc.reason)
+            return
+        if pkt.payload_type not in self._accepted_pts:
+            self.stats.count_drop("payload_type")
+            return
+        if self._held:
+            self.stats.count_drop("held")
+            return
+        if self._ssrc is not None and pkt.ssrc != self._ssrc:
+            self.stats.ssrc_changes += 1  # the jitter buffer resets itself on it
+            self._in_anchor = None  # new stream, new timing: re-anchor on this packet
+        self._ssrc = pkt.ssrc
+        self.stats.rtp_in += 1
+        self._last_rtp_at = now
+        if self._in_anchor is None:
+            self._in_anchor = now
+            self._in_slot = 0
+        self._jitter.push(pkt, now)
+        if self._input_timer is not None:
+            self._input_timer.wake()
+
+    # -- public control ----------------------------------------------------------------------------------
+
+    def pause(self) -> None:
+        """Hold: no frames to the engine, no RTP out, the engine told to pause."""
+        if self._held:
+            return
+        self._held = True
+        self._held_since = self._clock()
+        self.stats.holds += 1
+        self._pacer = None
+        self._queue.clear()
+        self._frame_marks.clear()
+        self._control.put_nowait("pause")
+
+    def resume(self) -> None:
+        if not self._held:
+            return
+        held_s = self._clock() - self._held_since
+        self._jitter.reset()
+        self._frames_in.reset()
+        self._in_anchor = None
+        self._ssrc = None
+        self._last_rtp_at = self._clock()
+        # The far end sees the hold as elapsed time, and a marker on the first packet after it.
+        self._sender.skip(round(held_s / PTIME_S) * OUT_SAMPLES)
+        self._sender.mark_talkspurt()
+        self._held = False
+        self._control.put_nowait("resume")
+
+    @property
+    def held(self) -> bool:
+        return self._held
+
+    async def stop(self) -> None:
+        """End the call's media (idempotent); returns once run() is over and the socket is closed."""
+        self._end("stopped")
+        if self._running:
+            await self._finished.wait()
+        self._close_socket()
+
+    def _end(self, reason: str) -> None:
+        if self.stats.end_reason is None:
+            self.stats.end_reason = reason
+            log.info("call %s media ends: %s", self.call_id, reason)
+        self._ended.set()
+
+    # -- run ---------------------------------------------------------------------------------------------
+
+    async def run(self) -> str:
+        """Carry the call's media until stop(), the engine ends, or media timeout; returns the end reason."""
+        if self._running or self._finished.is_set():
+            raise RuntimeError("CallMedia.run() can run once")
+        self._running = True
+        try:
+            if self._sock is None:
+                await self.bind()
+            self._input_timer = PreciseTimer()
+            self._output_timer = PreciseTimer()
+            self._last_rtp_at = self._clock()
+            async with asyncio.TaskGroup() as tg:
+                tasks = [
+                    tg.create_task(self._guard(self._input_loop(), "input")),
+                    tg.create_task(self._guard(self._engine_loop(), "engine")),
+                    tg.create_task(self._guard(self._output_loop(), "output")),
+                    tg.create_task(self._guard(self._control_loop(), "control")),
+                ]
+                await self._ended.wait()
+                for task in tasks:
+                    task.cancel()
+        except MediaBindError as exc:
+            self._end(f"bind_failed: {exc}")
+        finally:
+            self._end("stopped")
+            for timer in (self._input_timer, self._output_timer):
+                if timer is not None:
+                    timer.close()
+            self._close_socket()
+            self._running = False
+            self._finished.set()
+        return self.stats.end_reason or "stopped"
+
+    async def _guard(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """Run one of the call's tasks; a bug in it ends this call (logged), never the process."""
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("call %s: %s task failed", self.call_id, name)
+            self._end(f"internal_error: {name}: {type(exc).__name__}")
+
+    async def _sleep_until(self, timer: PreciseTimer, deadline: float) -> None:
+        # Deadlines are on self._clock; the timer sleeps on time.monotonic.
+        await timer.sleep_until(time.monotonic() + (deadline - self._clock()))
+
+    # -- input task --------------------------------------------------------------------------------------
+
+    async def _input_loop(self) -> None:
+        timer = self._input_timer
+        assert timer is not None
+        timeout = self.settings.media_timeout_s
+        while True:
+            now = self._clock()
+            last = self._last_rtp_at if self._last_rtp_at is not None else now
+            if not self._held and now - last >= timeout:
+                self._end("media_timeout")
+                return
+            if self._held or self._in_anchor is None:
+                await self._sleep_until(timer, min(now + 0.1, last + timeout))
+                continue
+            nominal = self._in_anchor + self._in_slot * PTIME_S
+            deadline = nominal + self._jitter_wait_s
+            if now - deadline > STALL_SLOTS * PTIME_S:
+                self._in_anchor = None if self._jitter.depth == 0 else now
+                self._in_slot = 0
+                continue
+            if now >= deadline or (now >= nominal - PTIME_S and self._jitter.next_ready()):
+                await self._play_slot(self._jitter.pop(now), now)
+                self._in_slot += 1
+                continue
+            wake_at = deadline if now >= nominal - PTIME_S else nominal - PTIME_S
+            await self._sleep_until(timer, min(wake_at, last + timeout))
+
+    async def _play_slot(self, playout: Playout, popped_at: float) -> None:
+        if playout.kind == "idle":
+            return
+        self.stats.slots_played += 1
+        pcm: np.ndarray | None = None
+        if playout.payload is not None and playout.payload_type is not None:
+            codec = self._codec(playout.payload_type)
+            if codec is not None:
+                try:
+                    pcm = codec.decode(playout.payload)
+                except CodecError:
+                    self.stats.decode_errors += 1
+                if playout.buffered_s is not None:
+                    self.stats.jitter_delay_ms.add(playout.buffered_s * 1000.0)
+        if pcm is None:
+            self.stats.slots_concealed += 1
+            codec = self._last_codec or self._codec(self._default_pt())
+            assert codec is not None
+            pcm = codec.conceal()
+        for frame in self._frames_in.push(self._resample_in.process(pcm)):
+            try:
+                seq = await self.engine.send_frame(frame)
+            except EngineError as exc:
+                self._end(f"engine_gone: {exc}")
+                return
+            self.stats.frames_to_engine += 1
+            if len(self._in_latency_by_seq) > 64:  # frames the engine never answered: forget them
+                self._in_latency_by_seq.pop(next(iter(self._in_latency_by_seq)))
+            ms = (self._clock() - popped_at) * 1000.0
+            self._in_latency_by_seq[seq] = ms
+            self.stats.latency_in_ms.add(ms)
+
+    def _default_pt(self) -> int:
+        return self._slin16_pt if self.inbound_format == "slin16" else PT_PCMU
+
+    def _codec(self, payload_type: int) -> InboundCodec | None:
+        codec = self._codecs.get(payload_type)
+        if codec is None:
+            try:
+                codec = codec_for_payload_type(payload_type, self._slin16_pt)
+            except UnsupportedPayloadType:
+                self.stats.decode_errors += 1
+                return None
+            self._codecs[payload_type] = codec
+        self._last_codec = codec
+        return codec
+
+    # -- engine task -------------------------------------------------------------------------------------
+
+    async def _engine_loop(self) -> None:
+        while True:
+            try:
+                msg = await self.engine.receive()
+            except EngineProtocolError as exc:
+                self._end(f"engine_protocol_error: {exc}")
+                return
+            if isinstance(msg, AudioFrame):
+                self._on_engine_frame(msg, self._clock())
+            elif isinstance(msg, Text):
+                self.stats.engine_text.append(msg.text)
+            elif isinstance(msg, Lag):
+                self.stats.engine_lag_reports += 1
+            elif isinstance(msg, Error):
+                log.warning("call %s: engine error %s: %s", self.call_id, msg.code, msg.message)
+            elif isinstance(msg, Closed):
+                self._end("engine_gone" if msg.reason == "engine_gone" else f"engine_closed: {msg.reason}")
+                return
+
+    def _on_engine_frame(self, frame: AudioFrame, received_at: float) -> None:
+        self.stats.frames_from_engine += 1
+        self._last_engine_frame_at = received_at
+        if frame.seq > self._next_engine_seq:
+            self.stats.engine_frames_lost += frame.seq - self._next_engine_seq
+        self._next_engine_seq = max(self._next_engine_seq, frame.seq + 1)
+        if self._held:
+            return
+        pcm8 = float32_to_pcm16(self._resample_out.process(frame.pcm))
+        depth_before = self._queue.depth
+        first_index = self._queue.stats.pushed
+        chunks = self._packets_out.push(pcm8)
+        for chunk in chunks:
+            self._queue.push(ulaw_encode(chunk))
+        self.stats.rtp_out_overflow = self._queue.stats.dropped_oldest
+        if chunks:  # (the resampler's start-up delay can leave a first frame with no whole packet)
+            self._frame_marks.append((first_index, frame.seq, received_at))
+        if self._pacer is None:
+            self._pacer = Pacer(PTIME_S, start=received_at + OUTPUT_PHASE_S)
+            if self._output_timer is not None:
+                self._output_timer.wake()
+            return
+        if self._underrun_at is not None and depth_before == 0 and chunks:
+            # This frame is late: its slot already went out as silence. Drop its first packet so the frames
+            # behind it keep their phase, and move the grid later by what it missed the tick by.
+            self._queue.pop()
+            self.stats.rtp_out_late_dropped += 1
+            self._slew_s += (received_at - self._underrun_at) + OUTPUT_PHASE_S
+        self._underrun_at = None
+        if len(self._recent_waits) == PHASE_WINDOW and min(self._recent_waits) > PHASE_EARLY_S:
+            self._slew_s -= min(self._recent_waits) - OUTPUT_PHASE_S
+            self._recent_waits.clear()
+        # Every frame arriving with audio still queued means the output runs one packet later than it
+        # needs to; after TRIM_AFTER_FRAMES of that, drop one packet to win the 20 ms back.
+        self._slack_frames = self._slack_frames + 1 if depth_before > 0 else 0
+        if self._slack_frames >= TRIM_AFTER_FRAMES:
+            self._queue.pop()
+            self.stats.rtp_out_trimmed += 1
+            self._slack_frames = 0
+
+    # -- output task -------------------------------------------------------------------------------------
+
+    async def _output_loop(self) -> None:
+        timer = self._output_timer
+        assert timer is not None
+        while True:
+            pacer = self._pacer
+            if pacer is None or self.remote is None:
+                await self._sleep_until(timer, self._clock() + 0.1)  # woken by the first engine frame
+                continue
+            if self._slew_s:
+                step = max(-SLEW_STEP_S, min(SLEW_STEP_S, self._slew_s))
+                pacer.start += step
+                self._slew_s -= step
+                if abs(self._slew_s) < 1e-6:
+                    self._slew_s = 0.0
+            deadline = pacer.next_deadline()
+            await self._sleep_until(timer, deadline)
+            if pacer is not self._pacer:  # held (or re-anchored) while asleep
+                continue
+            now = self._clock()
+            skipped_before = pacer.stats.skipped
+            due = pacer.on_tick(now)
+            skipped = pacer.stats.skipped - skipped_before
+            if skipped:
+                # The loop stalled past the pacer's burst bound: those slots' time is gone. Their audio goes
+                # too, or the queue (and the call's delay) would grow by every stall.
+                self._sender.skip(skipped * OUT_SAMPLES)
+                self.stats.rtp_out_skipped += skipped
+                for _ in range(min(skipped, self._queue.depth)):
+                    self._queue.pop()
+            if due:
+                self.stats.send_lateness_ms.add((now - deadline) * 1000.0)
+            for _ in range(due):
+                self._send_packet()
+
+    def _send_packet(self) -> None:
+        sock, remote = self._sock, self.remote
+        if sock is None or remote is None:
+            return
+        head_index = self._queue.stats.pushed - self._queue.depth if self._queue.depth else None
+        if head_index is None:
+            self.stats.rtp_out_silence += 1
+            if self._frame_marks or self._recently_flowing():
+                self._underrun_at = self._clock()
+        payload = self._queue.pop()
+        datagram = self._sender.next_packet(payload, OUT_SAMPLES)
+        try:
+            sock.sendto(datagram, remote)
+        except OSError:  # buffer full / unreachable: this packet is lost, the pacing goes on
+            self.stats.send_errors += 1
+            return
+        self.stats.rtp_out += 1
+        if head_index is None:
+            return
+        sent_at = self._clock()
+        marks = self._frame_marks
+        while marks and marks[0][0] < head_index:  # frames whose first packet was dropped/trimmed
+            marks.popleft()
+        if marks and marks[0][0] == head_index:
+            _, seq, received_at = marks.popleft()
+            self._recent_waits.append(sent_at - received_at)
+            out_ms = (sent_at - received_at) * 1000.0
+            self.stats.latency_out_ms.add(out_ms)
+            in_ms = self._in_latency_by_seq.pop(seq, None)
+            if in_ms is not None:
+                self.stats.added_latency_ms.add(in_ms + out_ms)
+
+    def _recently_flowing(self) -> bool:
+        """Engine audio arrived within the last frame time (an empty queue now is an underrun, not idle)."""
+        return self._last_engine_frame_at is not None and self._clock() - self._last_engine_frame_at < 0.1
+
+    # -- control task ------------------------------------------------------------------------------------
+
+    async def _control_loop(self) -> None:
+        while True:
+            action = await self._control.get()
+            try:
+                if action == "pause":
+                    await self.engine.pause()
+                else:
+                    await self.engine.resume()
+            except EngineError as exc:
+                self._end(f"engine_gone: {exc}")
+                return
+
+    # -- results -----------------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """The call's stats as a JSON-able dict (jitter-buffer counters and resampler delay included)."""
+        self.stats.resampler_delay_ms = round(
+            (self._resample_in.delay_s + self._resample_out.delay_s) * 1000.0, 3
+        )
+        out = self.stats.to_dict()
+        out["jitter_buffer"] = {
+            name: getattr(self._jitter.stats, name) for name in self._jitter.stats.__slots__
+        }
+        out["rtp_out_silence"] = self.stats.rtp_out_silence
+        return out
+
+
+__all__ = ["CallMedia", "MediaBindError", "MediaStats", "freeze_startup_heap"]

@@ -1,0 +1,136 @@
+"""Low-delay streaming resampler for the call path: rational L/M polyphase FIR, sans-IO.
+
+Why not soxr's ``ResampleStream`` here: fed 20 ms chunks it works in internal blocks, so it holds back
+40–60 ms per direction (HQ, measured) and releases output in bursts — 80 ms engine frames then leave every
+60/60/120 ms instead of every 80 ms, and the output pacer has to absorb a frame of jitter. For a phone call
+that is 100+ ms of mouth-to-ear delay. The ratios here are small integers (8k→24k = 3/1, 24k→8k = 1/3,
+16k→24k = 3/2), for which one Kaiser-windowed sinc low-pass (cutoff just under the lower Nyquist) gives
+telephone-band fidelity with a fixed group delay of ``(taps - 1) / 2`` samples at the intermediate rate
+(3 ms for 8k↔24k), and every chunk of ``k × M`` input samples yields exactly ``k × L`` output samples.
+"""
+
+from __future__ import annotations
+
+from math import gcd
+
+import numpy as np
+import numpy.typing as npt
+
+Float32Array = npt.NDArray[np.float32]
+
+
+def _lowpass(cutoff: float, taps: int, beta: float) -> npt.NDArray[np.float64]:
+    """Kaiser-windowed sinc, cutoff as a fraction of the sample rate, unity DC gain."""
+    n = np.arange(taps) - (taps - 1) / 2.0
+    h = 2.0 * cutoff * np.sinc(2.0 * cutoff * n) * np.kaiser(taps, beta)
+    return h / h.sum()
+
+
+class FirResampler:
+    """Streaming ``in_rate`` → ``out_rate`` for small rational ratios; same calling convention as
+    ``bridge.media.resample.StreamResampler`` (int16 or float in, float32 out in [-1, 1] scale)."""
+
+    def __init__(self, in_rate: int, out_rate: int, *, taps_per_phase: int = 48, beta: float = 8.0) -> None:
+        if in_rate <= 0 or out_rate <= 0:
+            raise ValueError(f"rates must be positive, got {in_rate} -> {out_rate}")
+        g = gcd(in_rate, out_rate)
+        self.in_rate, self.out_rate = in_rate, out_rate
+        self.up, self.down = out_rate // g, in_rate // g
+        if self.up > 12 or self.down > 12:
+            raise ValueError(f"{in_rate} -> {out_rate} is not a small rational ratio")
+        factor = max(self.up, self.down)
+        taps = taps_per_phase * factor + 1
+        # Cutoff 0.975 × the lower Nyquist, as a fraction of the intermediate rate in_rate × up.
+        cutoff = 0.975 * 0.5 / factor
+        self._h = (_lowpass(cutoff, taps, beta) * self.up).astype(np.float32)
+        # the last taps-1 samples at the intermediate rate
+        self._state: npt.NDArray[np.float32] = np.zeros(taps - 1, dtype=np.float32)
+        self._phase = 0  # index (intermediate rate) of the next output sample within the next block
+        # Polyphase fast paths skip the multiplications by zero (interpolation) and the outputs thrown away
+        # (decimation): 3x less work for the 8k<->24k call path than the general form.
+        self._up_phases = [self._h[p :: self.up] for p in range(self.up)] if self.down == 1 else []
+        self._down_phases = [self._h[q :: self.down] for q in range(self.down)] if self.up == 1 else []
+        if self._up_phases:
+            self._x_state: npt.NDArray[np.float32] = np.zeros(
+                max(len(h) for h in self._up_phases) - 1, dtype=np.float32
+            )
+        self.samples_in = 0
+        self.samples_out = 0
+
+    @property
+    def delay_samples(self) -> float:
+        """Group delay in output samples (fixed: the filter is linear-phase)."""
+        return (len(self._h) - 1) / 2.0 / self.down
+
+    @property
+    def delay_s(self) -> float:
+        return self.delay_samples / self.out_rate
+
+    def process(self, chunk: npt.ArrayLike) -> Float32Array:
+        arr = np.asarray(chunk)
+        if arr.ndim != 1:
+            raise ValueError(f"audio must be 1-D, got shape {arr.shape}")
+        x: Float32Array
+        if arr.dtype == np.int16:
+            x = arr.astype(np.float32) * np.float32(1.0 / 32768.0)
+        elif np.issubdtype(arr.dtype, np.floating):
+            x = np.asarray(arr, dtype=np.float32)
+        else:
+            raise ValueError(f"audio must be int16 or float, got {arr.dtype}")
+        self.samples_in += len(x)
+        if self._up_phases:
+            return self._interpolate(x)
+        if self._down_phases:
+            return self._decimate(x)
+        stuffed: Float32Array
+        if self.up > 1:
+            stuffed = np.zeros(len(x) * self.up, dtype=np.float32)
+            stuffed[:: self.up] = x
+        else:
+            stuffed = x
+        block = np.concatenate([self._state, stuffed])
+        n_taps = len(self._h)
+        # The filter is symmetric, so convolution equals correlation; keep every `down`-th output.
+        full = np.convolve(block, self._h, mode="valid")  # one output per intermediate-rate input sample
+        out = full[self._phase :: self.down]
+        kept = len(range(self._phase, len(stuffed), self.down))
+        self._phase = (self._phase + kept * self.down) - len(stuffed)
+        self._state = block[len(block) - (n_taps - 1) :].copy()
+        self.samples_out += len(out)
+        return out.astype(np.float32, copy=False)
+
+    def _interpolate(self, x: Float32Array) -> Float32Array:
+        """down == 1: y[j*up + p] = sum_i h[p + i*up] * x[j - i], one short convolution per phase."""
+        xe = np.concatenate([self._x_state, x])
+        out = np.empty(len(x) * self.up, dtype=np.float32)
+        k = len(self._x_state) + 1
+        for p, hp in enumerate(self._up_phases):
+            # phases shorter than the longest see the same alignment: their taps start at the newest sample
+            seg = xe[k - len(hp) :] if len(hp) < k else xe
+            out[p :: self.up] = np.convolve(seg, hp, mode="valid")
+        self._x_state = np.array(xe[len(xe) - (k - 1) :], dtype=np.float32)
+        self.samples_out += len(out)
+        return out
+
+    def _decimate(self, x: Float32Array) -> Float32Array:
+        """up == 1: only the kept outputs, as a sum of one strided convolution per phase."""
+        block = np.concatenate([self._state, x])
+        n_taps = len(self._h)
+        count = len(range(self._phase, len(x), self.down))
+        out = np.zeros(count, dtype=np.float32)
+        if count:
+            for q, hq in enumerate(self._down_phases):
+                base = self._phase + n_taps - 1 - q - (len(hq) - 1) * self.down
+                seg = block[base : base + (count + len(hq) - 1) * self.down : self.down]
+                out += np.convolve(seg, hq, mode="valid")
+        self._phase = self._phase + count * self.down - len(x)
+        self._state = block[len(block) - (n_taps - 1) :].copy()
+        self.samples_out += len(out)
+        return out
+
+    def flush(self) -> Float32Array:
+        """Push the filter's tail out (end of stream) and reset."""
+        tail = self.process(np.zeros(int(np.ceil(len(self._h) / self.up)) + 1, dtype=np.float32))
+        self._state[:] = 0.0
+        self._phase = 0
+        return tail

@@ -1,0 +1,212 @@
+"""CallMedia over real UDP on loopback with the real echo engine: behaviour, not timing."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import numpy as np
+import pytest
+from aiohttp import WSMsgType, web
+
+from bridge.engine_client import EngineSession
+from bridge.media.call_media import CallMedia, MediaBindError
+from bridge.media.rtp import RtpPacket, build_rtp
+from bridge.media.simleg import GARBAGE_KINDS, SimLeg
+from engine.protocol import Ready, encode_control
+from tests.media.fixtures import bridge_settings, fake_engine, segment_correlations, wired_call
+
+
+async def test_call_end_to_end_echo(engine_url: str, speech_8k: np.ndarray) -> None:
+    async with wired_call(engine_url, speech_8k) as call:
+        await call.leg.run(len(speech_8k) / 8000 + 0.3, tail_s=0.3)
+    stats = call.media.stats
+    assert stats.end_reason == "stopped"
+    assert call.run_task.result() == "stopped"
+    assert stats.rtp_dropped == {}
+    assert stats.rtp_in == call.leg.packets_sent
+    assert stats.frames_to_engine >= len(speech_8k) // 640
+    assert stats.frames_from_engine >= stats.frames_to_engine - 2  # echo answers every frame
+    # What came back is the caller's speech (through µ-law → 24 kHz → engine → 8 kHz → µ-law).
+    back = call.leg.received_audio_8k()
+    corrs = segment_correlations(speech_8k, back)
+    assert len(corrs) >= 5 and min(corrs) > 0.9, corrs
+    assert call.leg.timestamp_errors == 0
+    assert call.leg.sequence_gaps == 0
+    assert call.leg.received[0].marker and not any(p.marker for p in call.leg.received[1:])
+    assert {p.payload_type for p in call.leg.received} == {0}
+    assert stats.added_latency_ms.count > 0
+    snap = call.media.snapshot()
+    assert snap["jitter_buffer"]["received"] == stats.rtp_in
+    assert snap["resampler_delay_ms"] == pytest.approx(6.0, abs=0.5)
+    assert call.media._sock is None  # closed
+
+
+async def test_foreign_source_is_dropped(engine_url: str, speech_8k: np.ndarray) -> None:
+    async with wired_call(engine_url, speech_8k) as call:
+        intruder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            intruder.bind(("127.0.0.1", 0))
+            pkt = build_rtp(RtpPacket(0, 1, 160, 0x5555, b"\x00" * 160))
+            for _ in range(10):
+                intruder.sendto(pkt, call.media.local_address)
+            await call.leg.run(0.5)
+        finally:
+            intruder.close()
+    assert call.media.stats.rtp_dropped.get("foreign_source") == 10
+    assert call.media.stats.rtp_in == call.leg.packets_sent  # the intruder's audio never got in
+    assert call.media.stats.ssrc_changes == 0
+
+
+async def test_unlocked_drops_unless_learning(engine_url: str, speech_8k: np.ndarray) -> None:
+    for learn in (False, True):
+        engine = await EngineSession.open(engine_url)
+        media = CallMedia(bridge_settings(), engine, "c", learn_remote=learn)
+        try:
+            async with SimLeg(await media.bind(), speech_8k[:3200]) as leg:
+                task = asyncio.create_task(media.run())
+                await leg.run(0.4, tail_s=0.1)
+                await media.stop()
+                await task
+        finally:
+            await engine.close()
+        if learn:
+            assert media.remote == leg.local_address
+            assert media.stats.rtp_in == leg.packets_sent
+            assert leg.packets_received > 0
+        else:
+            assert media.stats.rtp_dropped["not_locked"] == leg.packets_sent
+            assert media.stats.rtp_in == 0 and leg.packets_received == 0
+
+
+async def test_garbage_datagrams_are_counted_and_dropped(engine_url: str, speech_8k: np.ndarray) -> None:
+    async with wired_call(engine_url, speech_8k) as call:
+        for kind in GARBAGE_KINDS:
+            if kind != "foreign_ssrc":
+                call.leg.send_garbage(kind)
+        await call.leg.run(0.6)
+    dropped = call.media.stats.rtp_dropped
+    assert dropped["truncated"] == 2  # the 7-byte one and the empty one
+    assert dropped["oversized"] == 1
+    assert dropped["version"] == 1
+    assert dropped["payload_type"] == 1
+    assert dropped["rtcp"] == 1
+    assert call.media.stats.end_reason == "stopped"
+    assert call.media.stats.frames_from_engine > 0  # the call carried on
+
+
+async def test_ssrc_change_mid_call_resets_and_continues(engine_url: str, speech_8k: np.ndarray) -> None:
+    async with wired_call(engine_url, speech_8k) as call:
+        await call.leg.run(0.5)
+        frames_before = call.media.stats.frames_to_engine
+        call.leg.change_ssrc()
+        await call.leg.run(0.6)
+    stats = call.media.stats
+    assert stats.ssrc_changes == 1
+    assert call.media.snapshot()["jitter_buffer"]["resets"] == 1
+    assert stats.frames_to_engine > frames_before + 3  # the new stream is carried too
+    assert stats.rtp_in == call.leg.packets_sent
+
+
+async def test_engine_dies_mid_call(speech_8k: np.ndarray) -> None:
+    async def dies_after_three_frames(ws: web.WebSocketResponse) -> None:
+        await ws.receive()  # open
+        await ws.send_str(encode_control(Ready("s", 0, 1)))
+        for _ in range(3):
+            msg = await ws.receive()
+            if msg.type == WSMsgType.BINARY:
+                await ws.send_bytes(msg.data)
+        await ws.close()  # the "engine" goes away without a ``closed`` message
+
+    async with fake_engine(dies_after_three_frames) as url:
+        engine = await EngineSession.open(url)
+        media = CallMedia(bridge_settings(), engine, "c")
+        async with SimLeg(None, speech_8k) as leg:
+            leg.set_remote(await media.bind())
+            media.lock_remote(*leg.local_address)
+            task = asyncio.create_task(media.run())
+            leg_task = asyncio.create_task(leg.run(3.0))
+            reason = await asyncio.wait_for(task, 5.0)
+            leg.stop()
+            await leg_task
+        await engine.close()
+    assert reason.startswith("engine_gone")
+    assert media._sock is None
+    await media.stop()  # idempotent after the end
+
+
+async def test_hold_stops_rtp_and_engine_frames(engine_url: str, speech_8k: np.ndarray) -> None:
+    async with wired_call(engine_url, speech_8k) as call:
+        await call.leg.run(0.5)
+        call.media.pause()
+        await asyncio.sleep(0.05)  # let packets already in flight land
+        received_before = call.leg.packets_received
+        to_engine_before = call.media.stats.frames_to_engine
+        await call.leg.run(0.5)  # caller keeps sending while held
+        assert call.leg.packets_received == received_before
+        assert call.media.stats.frames_to_engine == to_engine_before
+        assert call.media.stats.rtp_dropped.get("held", 0) > 0
+        call.media.resume()
+        await call.leg.run(0.6)
+    assert call.leg.packets_received > received_before
+    assert call.media.stats.frames_to_engine > to_engine_before
+    resumed = call.leg.received[received_before]
+    assert resumed.marker  # first packet after the hold is marked
+    assert call.media.stats.holds == 1
+
+
+async def test_loss_jitter_reordering_keeps_cadence(engine_url: str, speech_8k: np.ndarray) -> None:
+    async with wired_call(engine_url, speech_8k, loss=0.05, jitter_ms=30, reorder=0.05, seed=7) as call:
+        await call.leg.run(2.5, tail_s=0.2)
+    stats = call.media.stats
+    jb = call.media.snapshot()["jitter_buffer"]
+    assert call.leg.packets_lost_injected > 0 and call.leg.packets_reordered_injected > 0
+    assert jb["reordered"] > 0 and stats.slots_concealed > 0
+    assert stats.end_reason == "stopped"
+    # Cadence: the bridge sent a gapless, drift-free stream whatever came in.
+    assert call.leg.timestamp_errors == 0 and call.leg.sequence_gaps == 0
+    assert stats.rtp_out_skipped == 0 or stats.rtp_out_skipped < 3
+    assert stats.frames_from_engine > 20
+
+
+async def test_slin16_inbound(engine_url: str, speech_8k: np.ndarray) -> None:
+    engine = await EngineSession.open(engine_url)
+    media = CallMedia(bridge_settings(), engine, "c", inbound_format="slin16")
+    async with SimLeg(None, speech_8k, codec="slin16") as leg:
+        leg.set_remote(await media.bind())
+        media.lock_remote(*leg.local_address)
+        task = asyncio.create_task(media.run())
+        await leg.run(len(speech_8k) / 8000 + 0.3, tail_s=0.2)
+        await media.stop()
+        await task
+    await engine.close()
+    assert media.stats.rtp_in == leg.packets_sent and media.stats.rtp_dropped == {}
+    corrs = segment_correlations(speech_8k, leg.received_audio_8k())
+    assert len(corrs) >= 5 and min(corrs) > 0.9, corrs
+    assert {p.payload_type for p in leg.received} == {0}  # the return path is always µ-law
+
+
+async def test_media_timeout_ends_the_call(engine_url: str) -> None:
+    engine = await EngineSession.open(engine_url)
+    media = CallMedia(bridge_settings(media_timeout_s=0.3), engine, "c")
+    await media.bind()
+    media.lock_remote("127.0.0.1", 9)
+    reason = await asyncio.wait_for(media.run(), 3.0)
+    await engine.close()
+    assert reason == "media_timeout"
+    assert media._sock is None
+
+
+async def test_bind_fails_cleanly_when_the_range_is_taken(engine_url: str) -> None:
+    blocker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    blocker.bind(("127.0.0.1", 0))
+    port = blocker.getsockname()[1]
+    engine = await EngineSession.open(engine_url)
+    try:
+        media = CallMedia(bridge_settings(rtp_port_min=port, rtp_port_max=port), engine, "c")
+        with pytest.raises(MediaBindError):
+            await media.bind()
+        assert (await media.run()).startswith("bind_failed")
+    finally:
+        blocker.close()
+        await engine.close()

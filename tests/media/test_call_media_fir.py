@@ -1,0 +1,97 @@
+"""The call path's low-delay resampler and precise timer: regular output, streaming = one-shot, fixed delay.
+(Speech fidelity of the FIR path is in test_pesq.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from bridge.media.fir_resample import FirResampler
+from bridge.media.precise_timer import PreciseTimer
+
+
+@pytest.mark.parametrize(("in_rate", "out_rate", "chunk", "out_chunk"),
+                         [(8000, 24000, 160, 480), (24000, 8000, 1920, 640), (16000, 24000, 320, 480)])
+def test_every_chunk_gives_the_same_output_size(
+    in_rate: int, out_rate: int, chunk: int, out_chunk: int
+) -> None:
+    resampler = FirResampler(in_rate, out_rate)
+    rng = np.random.default_rng(1)
+    sizes = {len(resampler.process(rng.integers(-3000, 3000, chunk).astype(np.int16))) for _ in range(50)}
+    assert sizes == {out_chunk}  # no bursts: an 80 ms frame every 80 ms
+
+
+def test_streaming_in_random_chunks_equals_one_shot() -> None:
+    rng = np.random.default_rng(2)
+    signal = rng.standard_normal(24000).astype(np.float32) * 0.1
+    whole = FirResampler(24000, 8000).process(signal)
+    streamed = FirResampler(24000, 8000)
+    parts, pos = [], 0
+    while pos < len(signal):
+        n = int(rng.integers(1, 700))
+        parts.append(streamed.process(signal[pos : pos + n]))
+        pos += n
+    assert np.allclose(np.concatenate(parts), whole, atol=1e-6)
+
+
+def test_delay_is_fixed_and_tone_passes() -> None:
+    resampler = FirResampler(8000, 24000)
+    t = np.arange(8000) / 8000
+    tone = np.sin(2 * np.pi * 1000 * t).astype(np.float32) * 0.5
+    out = np.concatenate([resampler.process(tone[i : i + 160]) for i in range(0, 8000, 160)])
+    t24 = np.arange(len(out)) / 24000 - resampler.delay_s
+    expected = np.sin(2 * np.pi * 1000 * t24) * 0.5
+    assert resampler.delay_s == pytest.approx(0.003, abs=1e-4)
+    assert np.max(np.abs(out[500:] - expected[500:])) < 0.01
+    # 3.9 kHz+ aliases of an 8 kHz stream must be gone: a 3.5 kHz tone keeps >90 % of its level
+    tone35 = np.sin(2 * np.pi * 3500 * t).astype(np.float32)
+    out35 = FirResampler(8000, 24000).process(tone35)
+    assert 0.9 < np.max(np.abs(out35[300:])) < 1.1
+
+
+def test_bad_input_is_refused() -> None:
+    with pytest.raises(ValueError):
+        FirResampler(8000, 44100)  # not a small ratio
+    with pytest.raises(ValueError):
+        FirResampler(8000, 24000).process(np.zeros((2, 160), dtype=np.int16))
+    with pytest.raises(ValueError):
+        FirResampler(8000, 24000).process(np.zeros(160, dtype=np.int32))
+
+
+async def test_precise_timer_sleeps_until_and_wakes_early() -> None:
+    timer = PreciseTimer()
+    try:
+        deadline = time.monotonic() + 0.03
+        await timer.sleep_until(deadline)
+        assert time.monotonic() >= deadline - 1e-4  # never early
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.01, timer.wake)
+        start = time.monotonic()
+        await timer.sleep_until(start + 5.0)
+        assert time.monotonic() - start < 4.0  # woken by the event, not the deadline
+        await timer.sleep_until(time.monotonic() - 1)  # a past deadline returns at once
+    finally:
+        timer.close()
+        timer.close()
+
+
+def test_histogram_percentiles_and_merge() -> None:
+    from bridge.media.metrics import Histogram
+
+    a, b = Histogram(), Histogram()
+    for ms in range(100):  # 0..99 ms
+        a.add(float(ms))
+    b.add(500.0)
+    b.add(-3.0)  # clamped to 0
+    b.add(5000.0)  # beyond the range: counted in the last bucket, max kept exactly
+    a.merge(b)
+    assert a.count == 103
+    assert a.percentile(50) == pytest.approx(50.05, abs=0.1)
+    assert a.percentile(100) == 5000.0
+    assert a.summary()["max"] == 5000.0
+    assert Histogram().percentile(99) == 0.0
+    with pytest.raises(ValueError):
+        a.merge(Histogram(max_ms=10))

@@ -136,6 +136,10 @@ class CapacityLeases:
                     log.error("capacity lease of call %s lapsed", lease.call_id)
                     return
             except CapacityUnavailable as exc:
+                # redis-py can turn a cancellation into a connection error: never swallow our own cancel.
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError from exc
                 # Keep trying: a short Redis blip should not end a call; the lease survives until its TTL.
                 log.warning("lease renewal for %s failed: %s", lease.call_id, exc)
 

@@ -1,0 +1,111 @@
+"""The narrow interfaces a call needs from the rest of the bridge (routing, capacity, records, engine,
+media), so the call controller can be read — and tested — on its own terms. ``bridge.app`` wires the
+real implementations (bridge.state.*, bridge.engine_client, bridge.media.call_media) into ``CallDeps``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from engine.protocol import PersonaParams
+
+DEFAULT_DTMF_ACTIONS: dict[str, str] = {"0": "transfer", "#": "hangup"}
+
+
+@dataclass(frozen=True)
+class CallRoute:
+    """Where a DID leads: the persona, the "press 0" target and what each DTMF digit does."""
+
+    did: str
+    persona: PersonaParams = field(default_factory=PersonaParams)
+    transfer_target: str | None = None
+    dtmf_actions: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_DTMF_ACTIONS))
+    source: str = "default"
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    """What is known of a call when it arrives (for its record)."""
+
+    call_id: str
+    did: str
+    caller: str
+    persona: str
+    channel_name: str
+
+
+class RouteSource(Protocol):
+    async def resolve(self, did: str) -> CallRoute: ...
+
+
+class CapacityGate(Protocol):
+    """One slot per live call (Redis leases in production)."""
+
+    async def acquire(self, call_id: str) -> object | None: ...
+
+    async def renew(self, lease: object) -> bool: ...
+
+    async def release(self, lease: object) -> None: ...
+
+
+class CallSink(Protocol):
+    """Where call lifecycle facts go (call records + live state). Methods must not block."""
+
+    def started(self, info: CallInfo) -> None: ...
+
+    def refused(self, info: CallInfo, reason: str) -> None: ...
+
+    def answered(self, call_id: str) -> None: ...
+
+    def event(self, call_id: str, kind: str, data: dict[str, Any]) -> None: ...
+
+    def ended(
+        self, call_id: str, cause: str, summary: dict[str, Any], transcript: str, dtmf_digits: str
+    ) -> None: ...
+
+
+class EngineLink(Protocol):
+    """The engine session of one call (bridge.engine_client.EngineSession)."""
+
+    async def send_event(self, name: str, value: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class MediaLink(Protocol):
+    """The media path of one call (bridge.media.call_media.CallMedia)."""
+
+    async def bind(self) -> tuple[str, int]: ...
+
+    def lock_remote(self, host: str, port: int) -> None: ...
+
+    async def run(self) -> Any: ...
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class EngineRefused(Exception):
+    """The engine cannot take this call: ``reason`` is "engine_full" or "engine_unavailable"."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+EngineOpener = Callable[[PersonaParams, str], Awaitable[EngineLink]]
+MediaFactory = Callable[[EngineLink, str], MediaLink]
+
+
+@dataclass
+class CallDeps:
+    routes: RouteSource
+    capacity: CapacityGate
+    sink: CallSink
+    open_engine: EngineOpener
+    make_media: MediaFactory

@@ -1,0 +1,214 @@
+"""The appliance state (bridge.state: PostgreSQL routes and records, Redis leases and live calls) behind
+the narrow interfaces a call uses (bridge.call_deps)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+
+from bridge.call_deps import CallInfo, CallRoute
+from bridge.config import Settings
+from bridge.control_api import HealthProbe
+from bridge.state.db import StateDB
+from bridge.state.health import check_health
+from bridge.state.leases import CapacityLeases, Lease
+from bridge.state.live import CallEvent, LiveCalls
+from bridge.state.records import CallRecorder, CallStart
+from bridge.state.routing import RouteResolver
+
+log = logging.getLogger(__name__)
+
+LIVE_QUEUE_MAX = 10_000
+LIVE_REFRESH_S = 20.0  # well inside LiveCalls' TTL, so a long call never drops off `calls live`
+
+
+class DbRoutes:
+    """RouteResolver (cached, never raises for DB errors) as a RouteSource."""
+
+    def __init__(self, resolver: RouteResolver) -> None:
+        self.resolver = resolver
+
+    async def resolve(self, did: str) -> CallRoute:
+        r = await self.resolver.resolve(did)
+        return CallRoute(r.did, r.persona, r.transfer_target, dict(r.dtmf_actions), r.source)
+
+
+class RedisCapacity:
+    """CapacityLeases as a CapacityGate (CapacityUnavailable propagates: the call is refused)."""
+
+    def __init__(self, leases: CapacityLeases) -> None:
+        self.leases = leases
+
+    async def acquire(self, call_id: str) -> object | None:
+        return await self.leases.acquire(call_id)
+
+    async def renew(self, lease: object) -> bool:
+        return await self.leases.renew(cast(Lease, lease))
+
+    async def release(self, lease: object) -> None:
+        await self.leases.release(cast(Lease, lease))
+
+
+class StateSink:
+    """Call records (CallRecorder: queued, retried) and live state (Redis hash + pub/sub).
+
+    Every method returns at once. Live-state writes go through a bounded queue drained by one writer
+    task that ``run()`` owns; when Redis is slow or down they are dropped and counted, never waited on.
+    """
+
+    def __init__(self, recorder: CallRecorder, live: LiveCalls) -> None:
+        self.recorder = recorder
+        self.live = live
+        self._queue: asyncio.Queue[tuple[str, str, dict[str, Any]]] = asyncio.Queue(LIVE_QUEUE_MAX)
+        self._live_fields: dict[str, dict[str, str | int | float]] = {}
+        self.live_dropped = 0
+        self.live_errors = 0
+        self._stopping = False
+
+    def stop(self) -> None:
+        """Make ``run`` return after the writes queued so far (a sentinel: a cancelled Redis command
+        can swallow the cancellation, so stopping does not rely on it)."""
+        self._stopping = False
+        try:
+            self._queue.put_nowait(("stop", "", {}))
+        except asyncio.QueueFull:
+            self._stopping = True
+
+    # -- CallSink ----------------------------------------------------------------------------------------
+
+    def started(self, info: CallInfo) -> None:
+        self.recorder.record_start(CallStart(info.call_id, info.did, info.caller, info.persona))
+        self._live_fields[info.call_id] = {
+            "did": info.did, "caller": info.caller, "persona": info.persona, "state": "setup",
+            "started_at": time.time(),
+        }
+        self._enqueue("update", info.call_id, {})
+        self._enqueue("publish", info.call_id, {"kind": "start", "did": info.did, "caller": info.caller})
+
+    def refused(self, info: CallInfo, reason: str) -> None:
+        self.recorder.record_refused(info.call_id, info.did, info.caller, reason, info.persona)
+        self._enqueue("publish", info.call_id, {"kind": "refused", "reason": reason, "did": info.did})
+
+    def answered(self, call_id: str) -> None:
+        self.recorder.record_answer(call_id)
+        if call_id in self._live_fields:
+            self._live_fields[call_id]["state"] = "active"
+        self._enqueue("update", call_id, {})
+        self._enqueue("publish", call_id, {"kind": "answer"})
+
+    def event(self, call_id: str, kind: str, data: dict[str, Any]) -> None:
+        self.recorder.record_event(call_id, kind, data)
+        fields = self._live_fields.get(call_id)
+        if fields is not None and kind in ("hold", "unhold"):
+            fields["state"] = "held" if kind == "hold" else "active"
+            self._enqueue("update", call_id, {})
+        self._enqueue("publish", call_id, {"kind": kind, **data})
+
+    def ended(
+        self, call_id: str, cause: str, summary: dict[str, Any], transcript: str, dtmf_digits: str
+    ) -> None:
+        self.recorder.record_end(call_id, cause, summary, transcript, dtmf_digits)
+        self._live_fields.pop(call_id, None)
+        self._enqueue("remove", call_id, {})
+        self._enqueue("publish", call_id, {"kind": "end", "cause": cause})
+
+    def _enqueue(self, op: str, call_id: str, data: dict[str, Any]) -> None:
+        try:
+            self._queue.put_nowait((op, call_id, data))
+        except asyncio.QueueFull:
+            self.live_dropped += 1
+
+    # -- writer ------------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Drain live-state writes; refresh every live call's TTL. Runs until cancelled."""
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that races
+        # with its inner result, and this task would never stop.
+        next_refresh = time.monotonic() + LIVE_REFRESH_S
+        while not self._stopping:
+            try:
+                async with asyncio.timeout(max(0.0, next_refresh - time.monotonic())):
+                    op, call_id, data = await self._queue.get()
+                if op == "stop":
+                    return
+            except TimeoutError:
+                await self._write_safely(self._refresh_all())
+                next_refresh = time.monotonic() + LIVE_REFRESH_S
+                continue
+            await self._write_safely(self._apply(op, call_id, data))
+
+    async def _apply(self, op: str, call_id: str, data: dict[str, Any]) -> None:
+        if op == "update":
+            fields = self._live_fields.get(call_id)
+            if fields is not None:
+                await self.live.update(call_id, fields)
+        elif op == "remove":
+            await self.live.remove(call_id)
+        else:
+            kind = str(data.pop("kind", op))
+            await self.live.publish(CallEvent(call_id, kind, data))
+
+    async def _refresh_all(self) -> None:
+        for call_id, fields in list(self._live_fields.items()):
+            await self.live.update(call_id, fields)
+
+    async def _write_safely(self, aw: Any) -> None:
+        try:
+            async with asyncio.timeout(2.0):
+                await aw
+        except Exception as exc:  # Redis down/slow: live state is best-effort, records are not affected
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # redis-py may turn a cancel into an error
+                raise asyncio.CancelledError from exc
+            self.live_errors += 1
+            if self.live_errors == 1 or self.live_errors % 100 == 0:
+                log.warning("live call state write failed (%d so far): %s", self.live_errors, exc)
+
+
+@dataclass
+class OpenState:
+    routes: DbRoutes
+    capacity: RedisCapacity
+    sink: StateSink
+    health_probe: HealthProbe
+
+
+@contextlib.asynccontextmanager
+async def open_state(settings: Settings) -> AsyncIterator[OpenState]:
+    """Open the database pool, Redis, the call recorder and the live-state writer; close them in order."""
+    # A blocking pool: a burst of calls waits briefly for a connection instead of failing with
+    # "Too many connections" (which the lease code would turn into refused calls).
+    pool = aioredis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=256, timeout=2.0)
+    redis = aioredis.Redis(connection_pool=pool)
+    db = StateDB(settings.database_url)
+    recorder = CallRecorder(settings.database_url)
+    await db.open()
+    await recorder.start()
+    cap = settings.capacity
+    leases = CapacityLeases(redis, settings.redis_prefix, cap.slots, cap.lease_ttl_s, cap.renew_every_s)
+    sink = StateSink(recorder, LiveCalls(redis, settings.redis_prefix))
+    writer = asyncio.create_task(sink.run(), name="live-state-writer")
+
+    async def probe() -> dict[str, Any]:
+        report = await check_health(settings, recorder)
+        report["live_state"] = {"dropped": sink.live_dropped, "errors": sink.live_errors}
+        return report
+
+    try:
+        yield OpenState(DbRoutes(RouteResolver(db)), RedisCapacity(leases), sink, probe)
+    finally:
+        sink.stop()
+        _, pending = await asyncio.wait({writer}, timeout=3.0)
+        if pending:  # Redis hanging: give up on the last live-state writes, never on shutdown
+            writer.cancel()
+            await asyncio.wait({writer}, timeout=1.0)
+        await recorder.stop()
+        await db.close()
+        await redis.aclose()

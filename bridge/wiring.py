@@ -1,0 +1,85 @@
+"""Wiring the real pieces into a call's dependencies (``CallDeps``): the engine client, the per-call
+media path, and the appliance state (routes from PostgreSQL, Redis capacity leases, call records)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from aiohttp import web
+
+from bridge.call_deps import (
+    CallDeps,
+    EngineLink,
+    EngineOpener,
+    EngineRefused,
+    MediaFactory,
+    MediaLink,
+)
+from bridge.config import BridgeSettings, Settings
+from bridge.control_api import HealthProbe
+from engine.protocol import PersonaParams
+
+log = logging.getLogger(__name__)
+
+
+def engine_opener(url: str, *, timeout_s: float = 5.0) -> EngineOpener:
+    """Open an engine session per call; a full or unreachable engine becomes ``EngineRefused``
+    so the call is refused (congestion) before it is answered."""
+    from bridge.engine_client import EngineError, EngineFull, EngineSession
+
+    async def open_engine(persona: PersonaParams, call_id: str) -> EngineLink:
+        try:
+            return await EngineSession.open(url, persona, call_id, timeout=timeout_s)
+        except EngineFull as exc:
+            raise EngineRefused("engine_full", str(exc)) from exc
+        except EngineError as exc:
+            raise EngineRefused("engine_unavailable", str(exc)) from exc
+
+    return open_engine
+
+
+def media_factory(settings: BridgeSettings) -> MediaFactory:
+    from bridge.engine_client import EngineSession
+    from bridge.media.call_media import CallMedia
+
+    def make_media(engine: EngineLink, call_id: str) -> MediaLink:
+        # The engine link is the EngineSession engine_opener() opened for this call.
+        session = cast(EngineSession, engine)
+        return CallMedia(settings, session, call_id, inbound_format=settings.inbound_format)
+
+    return make_media
+
+
+@dataclass
+class Wired:
+    deps: CallDeps
+    health_probe: HealthProbe | None = None
+    routes: list[web.RouteDef] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@contextlib.asynccontextmanager
+async def production_deps(settings: Settings) -> AsyncIterator[Wired]:
+    """Everything a production bridge needs, opened and closed in order."""
+    from bridge.state_adapters import open_state
+
+    async with open_state(settings) as state:
+        deps = CallDeps(
+            routes=state.routes,
+            capacity=state.capacity,
+            sink=state.sink,
+            open_engine=engine_opener(settings.bridge.engine_url),
+            make_media=media_factory(settings.bridge),
+        )
+        routes: list[web.RouteDef] = []
+        try:
+            from bridge.browser_ws import browser_routes
+
+            routes = list(browser_routes(settings))
+        except ImportError as exc:  # the browser channel is optional for phone calls
+            log.warning("browser WebSocket routes unavailable: %s", exc)
+        yield Wired(deps, health_probe=state.health_probe, routes=routes)

@@ -1,0 +1,65 @@
+"""``aziza-bridge`` as a real process: configured from AZIZA_* env, it connects to (fake) Asterisk, carries
+a call through the real engine, PostgreSQL and Redis, and on SIGTERM ends the call cleanly and exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+
+import aiohttp
+
+from bridge.config import EngineSettings, Settings
+from engine.server import run_engine
+from tests.ari.fake_asterisk import FakeAsterisk
+from tests.ari.harness import eventually
+from tests.state.fixtures import migrated_database_url, state_settings
+
+__all__ = ["migrated_database_url", "state_settings"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_bridge_process_serves_a_call_and_stops_cleanly_on_sigterm(state_settings: Settings) -> None:
+    http_port = _free_port()
+    async with FakeAsterisk() as fake, run_engine(EngineSettings(port=0, num_slots=2)) as engine_url:
+        env = dict(os.environ)
+        env.update({
+            "AZIZA_CONFIG": "/nonexistent/aziza.toml",
+            "AZIZA_DATABASE_URL": state_settings.database_url,
+            "AZIZA_REDIS_URL": state_settings.redis_url,
+            "AZIZA_REDIS_PREFIX": state_settings.redis_prefix,
+            "AZIZA_ARI__URL": fake.url,
+            "AZIZA_BRIDGE__HTTP_PORT": str(http_port),
+            "AZIZA_BRIDGE__ENGINE_URL": engine_url,
+            "AZIZA_BRIDGE__RTP_PORT_MIN": "32000",
+            "AZIZA_BRIDGE__RTP_PORT_MAX": "32999",
+        })
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", "from bridge.app import main; main()", env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )
+        try:
+            await asyncio.wait_for(fake.ws_connected.wait(), 20)
+            caller = await fake.originate_call("+15550001234")
+            await eventually(lambda: fake.channel(caller).answered and fake.leg_for(caller) is not None,
+                             within_s=10, what="answered and bridged")
+            async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{http_port}/calls") as r:
+                assert [c["call_id"] for c in (await r.json())["calls"]] == [caller]
+            async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{http_port}/talk") as r:
+                assert r.status == 200  # the browser channel is mounted on the same server
+            proc.send_signal(signal.SIGTERM)
+            output, _ = await asyncio.wait_for(proc.communicate(), 20)
+            assert proc.returncode == 0, output.decode()[-2000:]
+            assert fake.channel(caller).hangup_reason == "normal"
+            assert not fake.bridges
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()

@@ -180,7 +180,9 @@ async def _read_json_line(stream: asyncio.StreamReader) -> Any:
     return json.loads(line)
 
 
-async def _bench(calls: int, seconds: float, loss: float, jitter_ms: float) -> dict[str, Any]:
+async def _bench(
+    calls: int, seconds: float, loss: float, jitter_ms: float, aligned: bool = False
+) -> dict[str, Any]:
     engine_proc, url = await _start_engine_process(calls)
     legs_proc: asyncio.subprocess.Process | None = None
     medias: list[CallMedia] = []
@@ -196,7 +198,8 @@ async def _bench(calls: int, seconds: float, loss: float, jitter_ms: float) -> d
             limit=1 << 26,  # the legs' report carries every inter-packet interval
         )
         assert legs_proc.stdin is not None and legs_proc.stdout is not None
-        config = {"ports": bridge_ports, "seconds": seconds, "loss": loss, "jitter_ms": jitter_ms}
+        config = {"ports": bridge_ports, "seconds": seconds, "loss": loss, "jitter_ms": jitter_ms,
+                  "aligned": aligned}
         legs_proc.stdin.write((json.dumps(config) + "\n").encode())
         await legs_proc.stdin.drain()
         leg_ports = await _read_json_line(legs_proc.stdout)
@@ -213,6 +216,7 @@ async def _bench(calls: int, seconds: float, loss: float, jitter_ms: float) -> d
         cpu = time.process_time() - cpu0
         wall = time.monotonic() - wall0
         child_cpu = {name: _proc_cpu_s(pid) - child_cpu0[name] for name, pid in children.items()}
+        child_cpu["legs"] = float(legs.get("cpu_s", child_cpu["legs"]))
         for m in medias:
             await m.stop()
         reasons = await asyncio.gather(*runs)
@@ -244,6 +248,7 @@ async def _bench(calls: int, seconds: float, loss: float, jitter_ms: float) -> d
         "seconds": seconds,
         "loss": loss,
         "jitter_ms": jitter_ms,
+        "call_phases": "aligned" if aligned else "staggered",
         "added_latency_p50_ms": round(added.percentile(50), 2),
         "added_latency_p99_ms": round(added.percentile(99), 2),
         "latency_in_p99_ms": round(merge_histograms(stats, "latency_in_ms").percentile(99), 2),
@@ -277,16 +282,21 @@ async def _bench(calls: int, seconds: float, loss: float, jitter_ms: float) -> d
 @click.option("--seconds", type=click.FloatRange(1, 3600), default=10, show_default=True)
 @click.option("--loss", type=click.FloatRange(0, 0.5), default=0.0, help="Packet loss the legs inject.")
 @click.option("--jitter-ms", type=click.FloatRange(0, 500), default=0.0, help="Send jitter the legs inject.")
+@click.option("--aligned", is_flag=True, help="Start every call's RTP at the same instant (worst case: all "
+              "calls' packets and 80 ms frames in lockstep) instead of at phases spread over one frame.")
 @click.option("--json", "as_json", is_flag=True)
-def bench_media(calls: int, seconds: float, loss: float, jitter_ms: float, as_json: bool) -> None:
+def bench_media(
+    calls: int, seconds: float, loss: float, jitter_ms: float, aligned: bool, as_json: bool
+) -> None:
     """N simultaneous simulated calls through one bridge process and the echo engine."""
-    result = asyncio.run(_bench(calls, seconds, loss, jitter_ms))
+    result = asyncio.run(_bench(calls, seconds, loss, jitter_ms, aligned))
     if as_json:
         click.echo(json.dumps(result))
         return
     click.echo(
         f"calls carried {result['calls_carried']}/{calls} for {seconds:g} s (loss {loss:g}, jitter "
-        f"{jitter_ms:g} ms)\nadded latency p50 {result['added_latency_p50_ms']} ms, p99 "
+        f"{jitter_ms:g} ms, call phases {result['call_phases']})\n"
+        f"added latency p50 {result['added_latency_p50_ms']} ms, p99 "
         f"{result['added_latency_p99_ms']} ms; jitter buffer p50 {result['jitter_buffer_delay_p50_ms']} ms, "
         f"p99 {result['jitter_buffer_delay_p99_ms']} ms\npacing |interval - 20 ms| p99 "
         f"{result['pacing_jitter_p99_ms']} ms (max {result['pacing_jitter_max_ms']} ms; bridge wake-up "
@@ -299,6 +309,12 @@ def bench_media(calls: int, seconds: float, loss: float, jitter_ms: float, as_js
 
 
 # -- the legs process of the benchmark ---------------------------------------------------------------------
+
+
+async def _run_leg(leg: SimLeg, seconds: float, start_delay_s: float) -> None:
+    if start_delay_s:
+        await asyncio.sleep(start_delay_s)
+    await leg.run(seconds, tail_s=0.2)
 
 
 async def _legs_main() -> None:
@@ -319,7 +335,13 @@ async def _legs_main() -> None:
         freeze_startup_heap()  # the legs' sending cadence must not pause for collections either
         print(json.dumps(ports), flush=True)
         await reader.readline()  # "go"
-        await asyncio.gather(*(leg.run(config["seconds"], tail_s=0.2) for leg in legs))
+        cpu0 = time.process_time()
+        # Real calls start at unrelated instants, so their packets and 80 ms frame boundaries fall at
+        # phases spread over a frame; --aligned starts them all at once (every call's work in one burst).
+        spread_s = 0.0 if config.get("aligned") else 0.080
+        await asyncio.gather(*(
+            _run_leg(leg, config["seconds"], i * spread_s / len(legs)) for i, leg in enumerate(legs)
+        ))
         jitter = np.concatenate([leg.pacing_jitter_ms for leg in legs])
         print(json.dumps({
             "pacing_jitter_ms": [round(float(v), 4) for v in jitter],
@@ -327,6 +349,7 @@ async def _legs_main() -> None:
             "timestamp_errors": sum(leg.timestamp_errors for leg in legs),
             "timestamp_drift_ms_max": max(abs(leg.timestamp_drift_ms) for leg in legs),
             "packets_received": sum(leg.packets_received for leg in legs),
+            "cpu_s": time.process_time() - cpu0,  # its own count: it may exit before /proc is read
         }), flush=True)
     finally:
         for leg in legs:

@@ -18,6 +18,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from types import TracebackType
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -100,6 +101,7 @@ class EngineSession:
         self.ready = ready
         self._next_seq = 0
         self._closed_reason: str | None = None
+        self._backlog: asyncio.Future[Any] | None = None  # flow-control wait of a send_frame_nowait
         self.frames_sent = 0
         self.frames_received = 0
 
@@ -200,6 +202,40 @@ class EngineSession:
         # ValueError on a wrong shape: a caller bug, not the engine's.
         data = encode_audio(self._next_seq, pcm)
         await self._send(data)
+        seq = self._next_seq
+        self._next_seq += 1
+        self.frames_sent += 1
+        return seq
+
+    def send_frame_nowait(self, pcm: np.ndarray) -> int | None:
+        """Send one 80 ms frame without awaiting; its sequence number, or None when the socket is backed up.
+
+        For the media clock's synchronous steps: an awaited send costs a task switch per frame and, with 50
+        calls completing frames in the same few ms, queues each frame behind every other call's input work.
+        aiohttp's uncompressed ``send_bytes`` writes to the transport before its only suspension point
+        (flow control, when the engine stops reading), so it is stepped once here: it finishes at once in
+        the normal case. If it suspends, the frame is already in the transport buffer; the flow-control wait
+        is kept as ``_backlog`` instead of awaited, and frames are refused (None, counted by the caller)
+        until the engine has drained it: a stuck engine costs dropped audio, never a growing buffer.
+        """
+        if self._backlog is not None:
+            if not self._backlog.done():
+                return None
+            self._backlog = None
+        if self.closed:
+            raise EngineUnavailable(f"engine session is closed ({self._closed_reason or 'socket closed'})")
+        data = encode_audio(self._next_seq, pcm)
+        step = self._ws.send_bytes(data)
+        try:
+            waiting_on = step.send(None)
+        except StopIteration:
+            pass
+        except (aiohttp.ClientError, ConnectionError, RuntimeError) as exc:
+            self._closed_reason = self._closed_reason or "engine_gone"
+            raise EngineUnavailable(f"engine socket failed: {exc}") from exc
+        else:
+            step.close()  # the data is written; only the drain wait is left, watched through its future
+            self._backlog = waiting_on if isinstance(waiting_on, asyncio.Future) else None
         seq = self._next_seq
         self._next_seq += 1
         self.frames_sent += 1

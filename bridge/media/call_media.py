@@ -5,28 +5,37 @@
     media.lock_remote(rtp_host, rtp_port)  # UNICASTRTP_LOCAL_ADDRESS / _PORT
     reason = await media.run()             # until stop(), the engine ends, or no RTP for media_timeout_s
 
-``run()`` owns one TaskGroup of four tasks (input, engine, output, and control for hold messages) and never
-raises for anything a peer does:
+``run()`` owns one TaskGroup of two tasks (engine receive, and control for hold messages) and never raises
+for anything a peer does. The timed work of both directions is not in tasks: it runs as plain callbacks
+on the process-wide :class:`~bridge.media.media_clock.MediaClock` (one timerfd for every call: with a
+sleeping task per direction per call, 50 calls were ~5000 task wake-ups a second and the loop fell behind).
+Each call keeps its own grids and schedules its own deadlines on it; the reader callback and the engine
+receive serve whatever deadlines are due before doing their own work.
 
 * **input** — datagrams are read in a reader callback (parse, source check, payload type check, jitter
-  buffer push; every drop counted by reason). The input task pops the jitter buffer once per 20 ms slot on a
-  grid anchored at the first packet's arrival: slot k is popped as soon as its packet is there (at most one
-  ptime ahead of the grid), or concealed at ``nominal + jitter_target_ms`` if it never comes. So on a clean
-  network a packet waits ~0 ms in the buffer, and a late one is waited for up to the target. Each slot is
-  decoded (or concealed), resampled to 24 kHz and cut into 80 ms frames that go to the engine at once.
-  Resampling is ``FirResampler`` (fixed 3 ms delay, regular output), not soxr's stream, which holds back
-  40–60 ms per direction and releases frames in bursts (see fir_resample.py).
+  buffer push; every drop counted by reason), which then plays every slot that is ready, with no wake-up in
+  between; a clock deadline covers slots whose packet never comes. The jitter buffer is popped once per 20
+  ms slot on a grid anchored at the first packet's arrival: slot k is popped as soon as its packet is there
+  (at most one ptime ahead of the grid), or concealed at ``nominal + jitter_target_ms`` if it never comes.
+  So on a clean network a packet waits ~0 ms in the buffer, and a late one is waited for up to the target.
+  Each slot is decoded (or concealed); every 80 ms the slots are resampled to 24 kHz in one go (the same
+  samples as per slot, a quarter of the numpy calls) and the frame is written to the engine socket at once
+  (``EngineSession.send_frame_nowait``: no task switch, nothing queued in the bridge). Resampling is
+  ``FirResampler`` (fixed 3 ms delay, regular output), not soxr's stream, which holds back 40–60 ms per
+  direction and releases frames in bursts (see fir_resample.py).
 * **engine** — 24 kHz frames from the engine are resampled to 8 kHz, µ-law encoded and queued as 20 ms
   payloads; text is kept for the transcript.
 * **output** — one µ-law RTP packet (PT 0) every 20 ms from the same socket (Asterisk's strictrtp), on a
-  grid ``start + k * 20 ms`` (``Pacer``) woken by a timerfd; silence when the queue is empty. The grid is
-  anchored ``OUTPUT_PHASE_S`` after the engine's first frame arrives, so later frames, which arrive at the
-  same phase every 80 ms, wait only that long. The phase then follows the engine without breaking the
-  cadence: when every frame of the last ``PHASE_WINDOW`` waited more than ``PHASE_EARLY_S`` for its tick,
-  the grid is *slewed* earlier by at most ``SLEW_STEP_S`` per packet (each interval stays within 20 ± 0.5 ms);
-  a frame that arrives after its tick (an underrun: silence went out in its place) has its first packet
-  dropped, so the frames after it are not pushed 20 ms late, and the grid is slewed later by the lateness.
-  As a last resort, ``TRIM_AFTER_FRAMES`` frames in a row finding audio still queued drop one packet.
+  grid ``start + k * 20 ms`` (``Pacer``), each deadline a media-clock callback; silence when the queue is
+  empty. The grid is anchored ``OUTPUT_PHASE_S`` after the engine's first frame arrives, so later frames,
+  which arrive at the same phase every 80 ms, wait only that long. The phase then follows the engine without
+  breaking the cadence: when every frame of the last ``PHASE_WINDOW`` waited more than ``PHASE_EARLY_S`` for
+  its tick, the grid is *slewed* earlier by at most ``SLEW_STEP_S`` per packet (each interval stays within
+  20 ± 0.5 ms); a frame that arrives after its tick (an underrun: silence went out in its place) has its
+  first packet dropped, so the frames after it are not pushed 20 ms late; when ``LATE_FRAMES_TO_SLEW`` of
+  the last ``PHASE_WINDOW`` frames were late, the grid is slewed later by the smallest of their lateness (a
+  single late frame is a hiccup, not a new phase: following it would delay every frame after it). As a
+  last resort, ``TRIM_AFTER_FRAMES`` frames in a row finding audio still queued drop one packet.
 
 Latency (all in ``MediaStats``, milliseconds):
 
@@ -50,7 +59,7 @@ import random
 import socket
 import time
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Literal
 
 import numpy as np
@@ -69,9 +78,9 @@ from bridge.media.codecs import (
 from bridge.media.fir_resample import FirResampler
 from bridge.media.framing import FrameAccumulator, PacketSplitter
 from bridge.media.jitter import JitterBuffer, Playout
+from bridge.media.media_clock import ClockHandle, MediaClock
 from bridge.media.metrics import MediaStats
 from bridge.media.pacer import OutputQueue, Pacer
-from bridge.media.precise_timer import PreciseTimer
 from bridge.media.rtp import MAX_DATAGRAM, PT_PCMA, PT_PCMU, PT_SLIN16, RtpParseError, RtpSender, parse_rtp
 from engine.protocol import SAMPLE_RATE, AudioFrame, Closed, Error, Lag, Text
 
@@ -82,6 +91,7 @@ OUT_SAMPLES = 160  # 20 ms of 8 kHz µ-law
 OUTPUT_PHASE_S = 0.002  # output grid anchor after the first engine frame: absorbs small arrival jitter
 TRIM_AFTER_FRAMES = 25  # 2 s of engine frames finding the output queue never empty → drop one packet
 PHASE_WINDOW = 12  # frames (~1 s) whose waits decide an early slew
+LATE_FRAMES_TO_SLEW = 2  # late frames within PHASE_WINDOW that move the grid later
 PHASE_EARLY_S = 0.006  # all of them waited longer than this for their tick: move the grid earlier
 SLEW_STEP_S = 0.0005  # most the grid moves per packet: the interval stays within 20 ± 0.5 ms
 OUTPUT_QUEUE_PACKETS = 16  # 320 ms: beyond that the engine ran ahead; oldest dropped
@@ -118,6 +128,7 @@ class CallMedia:
         clock: Clock = monotonic,
         learn_remote: bool = False,
         slin16_payload_type: int = PT_SLIN16,
+        media_clock: MediaClock | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -144,6 +155,8 @@ class CallMedia:
         self._in_anchor: float | None = None
         self._in_slot = 0
         self._in_latency_by_seq: dict[int, float] = {}
+        self._in_pending: list[np.ndarray] = []  # decoded slots not yet resampled (done per 80 ms frame)
+        self._in_pending_out = 0  # 24 kHz samples they will make
         # outbound
         self._resample_out = FirResampler(SAMPLE_RATE, 8000)
         self._packets_out = PacketSplitter(OUT_SAMPLES)
@@ -156,13 +169,17 @@ class CallMedia:
         self._recent_waits: deque[float] = deque(maxlen=PHASE_WINDOW)  # s, engine frame → its first packet
         self._slew_s = 0.0  # grid shift still to apply (negative: earlier)
         self._underrun_at: float | None = None  # when silence went out while engine audio was flowing
+        self._recent_late: deque[tuple[int, float]] = deque()  # (engine frame no., s it missed its tick by)
         self._last_engine_frame_at: float | None = None
         # lifecycle
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._recv_buf = bytearray(MAX_DATAGRAM * 8)  # bigger than legal, so oversized ones are seen
-        self._input_timer: PreciseTimer | None = None
-        self._output_timer: PreciseTimer | None = None
+        self._media_clock = media_clock
+        self._clock_acquired: MediaClock | None = None
+        self._in_handle: ClockHandle | None = None
+        self._out_handle: ClockHandle | None = None
+        self._out_deadline = 0.0
         self._ended = asyncio.Event()
         self._finished = asyncio.Event()
         self._running = False
@@ -219,37 +236,44 @@ class CallMedia:
         sock = self._sock
         if sock is None:
             return
+        clock = self._clock_acquired
+        if clock is not None:
+            clock.run_due()  # other calls' sends due now go out before this call's input work
+        got = False
         for _ in range(_RECV_BATCH):
             try:
                 size, addr = sock.recvfrom_into(self._recv_buf)
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError as exc:  # e.g. ICMP errors surfacing on the socket: count, keep the call
                 self.stats.count_drop(f"socket_error:{exc.errno}")
-                return
-            self._on_datagram(bytes(self._recv_buf[:size]), (str(addr[0]), int(addr[1])))
+                break
+            got = self._on_datagram(bytes(self._recv_buf[:size]), (str(addr[0]), int(addr[1]))) or got
+        if got and clock is not None and not self._ended.is_set():
+            self._guarded(self._input_tick)  # a slot may be ready now: play it without a wake-up
 
-    def _on_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
+    def _on_datagram(self, data: bytes, addr: tuple[str, int]) -> bool:
+        """Check one datagram and queue it in the jitter buffer; True if it was accepted."""
         now = self._clock()
         if self.remote is None:
             if not self.learn_remote:
                 self.stats.count_drop("not_locked")
-                return
+                return False
             self.remote = addr
         if addr != self.remote:
             self.stats.count_drop("foreign_source")
-            return
+            return False
         try:
             pkt = parse_rtp(data)
         except RtpParseError as exc:
             self.stats.count_drop(exc.reason)
-            return
+            return False
         if pkt.payload_type not in self._accepted_pts:
             self.stats.count_drop("payload_type")
-            return
+            return False
         if self._held:
             self.stats.count_drop("held")
-            return
+            return False
         if self._ssrc is not None and pkt.ssrc != self._ssrc:
             self.stats.ssrc_changes += 1  # the jitter buffer resets itself on it
             self._in_anchor = None  # new stream, new timing: re-anchor on this packet
@@ -260,8 +284,7 @@ class CallMedia:
             self._in_anchor = now
             self._in_slot = 0
         self._jitter.push(pkt, now)
-        if self._input_timer is not None:
-            self._input_timer.wake()
+        return True
 
     # -- public control ----------------------------------------------------------------------------------
 
@@ -273,6 +296,9 @@ class CallMedia:
         self._held_since = self._clock()
         self.stats.holds += 1
         self._pacer = None
+        if self._out_handle is not None:
+            self._out_handle.cancel()
+            self._out_handle = None
         self._queue.clear()
         self._frame_marks.clear()
         self._control.put_nowait("pause")
@@ -283,6 +309,8 @@ class CallMedia:
         held_s = self._clock() - self._held_since
         self._jitter.reset()
         self._frames_in.reset()
+        self._in_pending.clear()
+        self._in_pending_out = 0
         self._in_anchor = None
         self._ssrc = None
         self._last_rtp_at = self._clock()
@@ -319,16 +347,16 @@ class CallMedia:
         try:
             if self._sock is None:
                 await self.bind()
-            self._input_timer = PreciseTimer()
-            self._output_timer = PreciseTimer()
+            clock = self._media_clock or MediaClock.shared()
+            clock.acquire()
+            self._clock_acquired = clock
             self._last_rtp_at = self._clock()
             async with asyncio.TaskGroup() as tg:
                 tasks = [
-                    tg.create_task(self._guard(self._input_loop(), "input")),
                     tg.create_task(self._guard(self._engine_loop(), "engine")),
-                    tg.create_task(self._guard(self._output_loop(), "output")),
                     tg.create_task(self._guard(self._control_loop(), "control")),
                 ]
+                self._guarded(self._input_tick)  # arms the media-timeout check
                 await self._ended.wait()
                 for task in tasks:
                     task.cancel()
@@ -336,9 +364,13 @@ class CallMedia:
             self._end(f"bind_failed: {exc}")
         finally:
             self._end("stopped")
-            for timer in (self._input_timer, self._output_timer):
-                if timer is not None:
-                    timer.close()
+            for handle in (self._in_handle, self._out_handle):
+                if handle is not None:
+                    handle.cancel()
+            self._in_handle = self._out_handle = None
+            if self._clock_acquired is not None:
+                clock, self._clock_acquired = self._clock_acquired, None
+                clock.release()
             self._close_socket()
             self._running = False
             self._finished.set()
@@ -354,15 +386,36 @@ class CallMedia:
             log.exception("call %s: %s task failed", self.call_id, name)
             self._end(f"internal_error: {name}: {type(exc).__name__}")
 
-    async def _sleep_until(self, timer: PreciseTimer, deadline: float) -> None:
-        # Deadlines are on self._clock; the timer sleeps on time.monotonic.
-        await timer.sleep_until(time.monotonic() + (deadline - self._clock()))
+    def _guarded(self, step: Callable[[], None]) -> None:
+        """Run one of the call's media-clock steps; a bug in it ends this call (logged), never the others."""
+        if self._ended.is_set():
+            return
+        try:
+            step()
+        except Exception as exc:
+            log.exception("call %s: %s failed", self.call_id, step.__name__)
+            self._end(f"internal_error: {step.__name__.strip('_')}: {type(exc).__name__}")
 
-    # -- input task --------------------------------------------------------------------------------------
+    def _to_monotonic(self, deadline: float) -> float:
+        # Deadlines are on self._clock; the media clock runs on time.monotonic.
+        return time.monotonic() + (deadline - self._clock())
 
-    async def _input_loop(self) -> None:
-        timer = self._input_timer
-        assert timer is not None
+    # -- input (media-clock steps) -----------------------------------------------------------------------
+
+    def _schedule_input(self, at: float) -> None:
+        clock = self._clock_acquired
+        if clock is None:
+            return
+        if self._in_handle is not None:
+            self._in_handle.cancel()
+        self._in_handle = clock.call_at(self._to_monotonic(at), self._on_input_due)
+
+    def _on_input_due(self) -> None:
+        self._in_handle = None
+        self._guarded(self._input_tick)
+
+    def _input_tick(self) -> None:
+        """Play every 20 ms input slot that is due (see the module docstring), then schedule the next look."""
         timeout = self.settings.media_timeout_s
         while True:
             now = self._clock()
@@ -371,8 +424,8 @@ class CallMedia:
                 self._end("media_timeout")
                 return
             if self._held or self._in_anchor is None:
-                await self._sleep_until(timer, min(now + 0.1, last + timeout))
-                continue
+                self._schedule_input(min(now + 0.1, last + timeout))
+                return
             nominal = self._in_anchor + self._in_slot * PTIME_S
             deadline = nominal + self._jitter_wait_s
             if now - deadline > STALL_SLOTS * PTIME_S:
@@ -380,13 +433,16 @@ class CallMedia:
                 self._in_slot = 0
                 continue
             if now >= deadline or (now >= nominal - PTIME_S and self._jitter.next_ready()):
-                await self._play_slot(self._jitter.pop(now), now)
+                self._play_slot(self._jitter.pop(now), now)
                 self._in_slot += 1
+                if self._ended.is_set():
+                    return
                 continue
             wake_at = deadline if now >= nominal - PTIME_S else nominal - PTIME_S
-            await self._sleep_until(timer, min(wake_at, last + timeout))
+            self._schedule_input(min(wake_at, last + timeout))
+            return
 
-    async def _play_slot(self, playout: Playout, popped_at: float) -> None:
+    def _play_slot(self, playout: Playout, popped_at: float) -> None:
         if playout.kind == "idle":
             return
         self.stats.slots_played += 1
@@ -405,12 +461,25 @@ class CallMedia:
             codec = self._last_codec or self._codec(self._default_pt())
             assert codec is not None
             pcm = codec.conceal()
-        for frame in self._frames_in.push(self._resample_in.process(pcm)):
+        # Resample once per 80 ms frame, not per 20 ms slot: the FIR is streaming, so the output is the same
+        # sample for sample, at a quarter of the numpy calls.
+        resampler = self._resample_in
+        self._in_pending.append(pcm)
+        self._in_pending_out += len(pcm) * resampler.up // resampler.down
+        if self._frames_in.pending + self._in_pending_out < self._frames_in.block:
+            return
+        chunk = self._in_pending[0] if len(self._in_pending) == 1 else np.concatenate(self._in_pending)
+        self._in_pending.clear()
+        self._in_pending_out = 0
+        for frame in self._frames_in.push(resampler.process(chunk)):
             try:
-                seq = await self.engine.send_frame(frame)
+                seq = self.engine.send_frame_nowait(frame)
             except EngineError as exc:
                 self._end(f"engine_gone: {exc}")
                 return
+            if seq is None:  # the engine is not reading: this frame is lost, the call goes on
+                self.stats.frames_to_engine_dropped += 1
+                continue
             self.stats.frames_to_engine += 1
             if len(self._in_latency_by_seq) > 64:  # frames the engine never answered: forget them
                 self._in_latency_by_seq.pop(next(iter(self._in_latency_by_seq)))
@@ -443,6 +512,9 @@ class CallMedia:
                 self._end(f"engine_protocol_error: {exc}")
                 return
             if isinstance(msg, AudioFrame):
+                clock = self._clock_acquired
+                if clock is not None:
+                    clock.run_due()  # sends due now go out before this frame's resampling
                 self._on_engine_frame(msg, self._clock())
             elif isinstance(msg, Text):
                 self.stats.engine_text.append(msg.text)
@@ -473,15 +545,24 @@ class CallMedia:
             self._frame_marks.append((first_index, frame.seq, received_at))
         if self._pacer is None:
             self._pacer = Pacer(PTIME_S, start=received_at + OUTPUT_PHASE_S)
-            if self._output_timer is not None:
-                self._output_timer.wake()
+            self._schedule_output()
             return
         if self._underrun_at is not None and depth_before == 0 and chunks:
             # This frame is late: its slot already went out as silence. Drop its first packet so the frames
             # behind it keep their phase, and move the grid later by what it missed the tick by.
             self._queue.pop()
             self.stats.rtp_out_late_dropped += 1
-            self._slew_s += (received_at - self._underrun_at) + OUTPUT_PHASE_S
+            # One late frame is an outlier (an engine or loop hiccup): moving the grid for it would make
+            # every following frame wait that long for seconds. Only when LATE_FRAMES_TO_SLEW of the last
+            # PHASE_WINDOW frames were late has the engine's phase really moved: follow the least late.
+            frame_no = self.stats.frames_from_engine
+            late = self._recent_late
+            late.append((frame_no, received_at - self._underrun_at))
+            while late and late[0][0] <= frame_no - PHASE_WINDOW:
+                late.popleft()
+            if len(late) >= LATE_FRAMES_TO_SLEW:
+                self._slew_s += min(lateness for _, lateness in late) + OUTPUT_PHASE_S
+                late.clear()
         self._underrun_at = None
         if len(self._recent_waits) == PHASE_WINDOW and min(self._recent_waits) > PHASE_EARLY_S:
             self._slew_s -= min(self._recent_waits) - OUTPUT_PHASE_S
@@ -494,41 +575,58 @@ class CallMedia:
             self.stats.rtp_out_trimmed += 1
             self._slack_frames = 0
 
-    # -- output task -------------------------------------------------------------------------------------
+    # -- output (media-clock steps) ----------------------------------------------------------------------
 
-    async def _output_loop(self) -> None:
-        timer = self._output_timer
-        assert timer is not None
-        while True:
-            pacer = self._pacer
-            if pacer is None or self.remote is None:
-                await self._sleep_until(timer, self._clock() + 0.1)  # woken by the first engine frame
-                continue
-            if self._slew_s:
-                step = max(-SLEW_STEP_S, min(SLEW_STEP_S, self._slew_s))
-                pacer.start += step
-                self._slew_s -= step
-                if abs(self._slew_s) < 1e-6:
-                    self._slew_s = 0.0
-            deadline = pacer.next_deadline()
-            await self._sleep_until(timer, deadline)
-            if pacer is not self._pacer:  # held (or re-anchored) while asleep
-                continue
-            now = self._clock()
-            skipped_before = pacer.stats.skipped
-            due = pacer.on_tick(now)
-            skipped = pacer.stats.skipped - skipped_before
-            if skipped:
-                # The loop stalled past the pacer's burst bound: those slots' time is gone. Their audio goes
-                # too, or the queue (and the call's delay) would grow by every stall.
-                self._sender.skip(skipped * OUT_SAMPLES)
-                self.stats.rtp_out_skipped += skipped
-                for _ in range(min(skipped, self._queue.depth)):
-                    self._queue.pop()
-            if due:
-                self.stats.send_lateness_ms.add((now - deadline) * 1000.0)
-            for _ in range(due):
-                self._send_packet()
+    def _schedule_output(self) -> None:
+        """Arm the next send on the pacer's grid (after applying one step of any pending slew)."""
+        clock, pacer = self._clock_acquired, self._pacer
+        if clock is None or pacer is None:
+            return
+        if self._out_handle is not None:
+            self._out_handle.cancel()
+        if self.remote is None:  # nowhere to send yet: look again later
+            self._out_deadline = self._clock() + 0.1
+            self._out_handle = clock.call_at(self._to_monotonic(self._out_deadline), self._on_output_due)
+            return
+        if self._slew_s:
+            step = max(-SLEW_STEP_S, min(SLEW_STEP_S, self._slew_s))
+            pacer.start += step
+            self._slew_s -= step
+            if abs(self._slew_s) < 1e-6:
+                self._slew_s = 0.0
+        self._out_deadline = pacer.next_deadline()
+        self._out_handle = clock.call_at(self._to_monotonic(self._out_deadline), self._on_output_due)
+
+    def _on_output_due(self) -> None:
+        self._out_handle = None
+        self._guarded(self._output_tick)
+
+    def _output_tick(self) -> None:
+        pacer = self._pacer
+        if pacer is None:  # held: resume's first engine frame makes a new grid
+            return
+        if self.remote is None:
+            self._schedule_output()
+            return
+        deadline = self._out_deadline
+        # The clock serves deadlines up to COALESCE_S early: count such a tick as on time.
+        now = max(self._clock(), deadline)
+        skipped_before = pacer.stats.skipped
+        due = pacer.on_tick(now)
+        skipped = pacer.stats.skipped - skipped_before
+        if skipped:
+            # The loop stalled past the pacer's burst bound: those slots' time is gone. Their audio goes
+            # too, or the queue (and the call's delay) would grow by every stall.
+            self._sender.skip(skipped * OUT_SAMPLES)
+            self.stats.rtp_out_skipped += skipped
+            for _ in range(min(skipped, self._queue.depth)):
+                self._queue.pop()
+        if due:
+            self.stats.send_lateness_ms.add((now - deadline) * 1000.0)
+        for _ in range(due):
+            self._send_packet()
+        if self._pacer is pacer:
+            self._schedule_output()
 
     def _send_packet(self) -> None:
         sock, remote = self._sock, self.remote

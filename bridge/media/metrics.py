@@ -75,6 +75,7 @@ class MediaStats:
     decode_errors: int = 0
     # engine
     frames_to_engine: int = 0
+    frames_to_engine_dropped: int = 0  # input frames dropped while the engine socket was stuck
     frames_from_engine: int = 0
     engine_frames_lost: int = 0  # gaps in the engine's output sequence numbers
     engine_text: list[str] = field(default_factory=list)

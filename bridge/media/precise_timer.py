@@ -48,6 +48,24 @@ def _load_libc() -> ctypes.CDLL | None:
 _LIBC = _load_libc()
 
 
+def open_timerfd() -> int:
+    """A non-blocking CLOCK_MONOTONIC timerfd, or -1 where there is none (not Linux); the caller closes it."""
+    if _LIBC is None:
+        return -1
+    fd = int(_LIBC.timerfd_create(_CLOCK_MONOTONIC, _TFD_NONBLOCK | _TFD_CLOEXEC))
+    return fd if fd >= 0 else -1
+
+
+def arm_timerfd(fd: int, deadline: float) -> bool:
+    """Arm ``fd`` to expire once at ``deadline`` (time.monotonic scale); False if the kernel refused."""
+    if _LIBC is None or fd < 0:
+        return False
+    deadline = max(deadline, 1e-6)  # an all-zero it_value would disarm the timer instead
+    sec = int(deadline)
+    spec = _Itimerspec(_Timespec(0, 0), _Timespec(sec, int((deadline - sec) * 1e9)))
+    return bool(_LIBC.timerfd_settime(fd, _TFD_TIMER_ABSTIME, ctypes.byref(spec), None) == 0)
+
+
 class PreciseTimer:
     """``await timer.sleep_until(deadline)`` on the time.monotonic() scale; call close() when done."""
 

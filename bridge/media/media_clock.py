@@ -1,0 +1,196 @@
+"""One process-wide media clock: every call's 20 ms work driven by ONE timerfd, synchronously.
+
+With a sleeping task per direction per call, 50 calls meant ~5000 task wake-ups a second (a future, a
+``Task.__step`` and a ``timerfd_settime`` each) and 100 timerfds in epoll; the event loop spent most of its
+time scheduling, and a deadline that fell while the loop was busy with a burst of engine frames (the engine
+steps all its sessions together, so 50 frames arrive at once) went out up to a burst late.
+
+:class:`MediaClock` is a heap of ``(deadline, callback)`` on the ``time.monotonic`` scale behind one timerfd
+armed at the earliest deadline (sub-millisecond wake-ups; ``loop.call_at`` where there is no timerfd). The
+callbacks are plain functions run in the timerfd's reader callback: no task switch. Hot paths that do media
+work (a datagram batch read, an engine frame received) call :meth:`MediaClock.run_due` first, so a deadline
+that falls in the middle of a burst is served between two units of work instead of after the whole burst.
+
+Each call keeps its own grid and schedules its own deadlines; the clock only orders and fires them. A
+callback that raises is logged and dropped: one call's bug never stops the others' clocks (CallMedia also
+guards its callbacks so the failing call ends). The timerfd is opened by the first :meth:`acquire` and closed
+by the last :meth:`release`, so no descriptor outlives the calls that used it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import os
+import time
+import weakref
+from collections.abc import Callable
+
+from bridge.media.precise_timer import arm_timerfd, open_timerfd
+
+log = logging.getLogger(__name__)
+
+# A deadline this close ahead is served now rather than arming the timer for it (the wake-up costs more).
+COALESCE_S = 30e-6
+
+
+class ClockHandle:
+    """One scheduled callback; cancel() makes it never run."""
+
+    __slots__ = ("callback", "cancelled", "deadline")
+
+    def __init__(self, deadline: float, callback: Callable[[], None]) -> None:
+        self.deadline = deadline
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+_shared: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, MediaClock] = weakref.WeakKeyDictionary()
+
+
+class MediaClock:
+    """See the module docstring. One per event loop: :meth:`shared` gives the running loop's."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, ClockHandle]] = []
+        self._order = itertools.count()  # ties broken by scheduling order
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._fd = -1
+        self._armed_at: float | None = None
+        self._fallback: asyncio.TimerHandle | None = None
+        self._users = 0
+        self._in_run = False
+        self.wakeups = 0  # timer expiries served (for benchmarks)
+        self.callbacks_run = 0
+
+    @classmethod
+    def shared(cls) -> MediaClock:
+        """The running event loop's clock (created on first use)."""
+        loop = asyncio.get_running_loop()
+        clock = _shared.get(loop)
+        if clock is None:
+            clock = _shared[loop] = cls()
+        return clock
+
+    # -- users -------------------------------------------------------------------------------------------
+
+    def acquire(self) -> None:
+        """A call starts using the clock (opens the timerfd on the first one)."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not None and self._loop is not loop:
+            if self._users:
+                raise RuntimeError("MediaClock is in use by another event loop")
+            self._loop = None
+        if self._loop is None:
+            self._loop = loop
+        if self._fd < 0:
+            self._fd = open_timerfd()
+            if self._fd >= 0:
+                loop.add_reader(self._fd, self._on_fire)
+        self._users += 1
+
+    def release(self) -> None:
+        """A call is done with the clock; the last one closes the timerfd and forgets pending callbacks."""
+        self._users = max(0, self._users - 1)
+        if self._users == 0:
+            self.close()
+            self._loop = None  # (the shared registry holds clocks weakly by loop: don't keep the loop alive)
+
+    def close(self) -> None:
+        """Close the timerfd and drop every pending callback (idempotent)."""
+        self._heap.clear()
+        self._armed_at = None
+        if self._fallback is not None:
+            self._fallback.cancel()
+            self._fallback = None
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(fd)
+            os.close(fd)
+
+    @property
+    def pending(self) -> int:
+        """Scheduled callbacks not yet run (cancelled ones included until they reach the front)."""
+        return len(self._heap)
+
+    # -- scheduling --------------------------------------------------------------------------------------
+
+    def call_at(self, deadline: float, callback: Callable[[], None]) -> ClockHandle:
+        """Run ``callback()`` at ``deadline`` (time.monotonic scale), from the event loop's thread."""
+        if self._loop is None:
+            raise RuntimeError("MediaClock.call_at before acquire()")
+        handle = ClockHandle(deadline, callback)
+        heapq.heappush(self._heap, (deadline, next(self._order), handle))
+        if not self._in_run and (self._armed_at is None or deadline < self._armed_at):
+            self._arm(deadline)
+        return handle
+
+    def run_due(self) -> None:
+        """Run every callback whose deadline has come; cheap when none has. Re-entrant calls are no-ops."""
+        heap = self._heap
+        if self._in_run or not heap or heap[0][0] > time.monotonic() + COALESCE_S:
+            return
+        self._in_run = True
+        try:
+            while heap:
+                deadline, _, handle = heap[0]
+                if handle.cancelled:
+                    heapq.heappop(heap)
+                    continue
+                if deadline > time.monotonic() + COALESCE_S:
+                    break
+                heapq.heappop(heap)
+                self.callbacks_run += 1
+                try:
+                    handle.callback()
+                except Exception:  # one call's bug must not stop every call's clock
+                    log.exception("media clock callback failed")
+        finally:
+            self._in_run = False
+        while heap and heap[0][2].cancelled:
+            heapq.heappop(heap)
+        if heap:
+            if self._armed_at is None or heap[0][0] != self._armed_at:
+                self._arm(heap[0][0])
+        else:
+            self._armed_at = None
+
+    def _arm(self, deadline: float) -> None:
+        self._armed_at = deadline
+        if self._fd >= 0 and arm_timerfd(self._fd, deadline):
+            return
+        if self._loop is None:
+            return
+        if self._fallback is not None:  # no timerfd (or it refused): the loop's own, coarser timer
+            self._fallback.cancel()
+        self._fallback = self._loop.call_at(deadline, self._on_fallback)
+
+    def _on_fallback(self) -> None:
+        self._fallback = None
+        self._armed_at = None
+        self.wakeups += 1
+        self.run_due()
+        if self._heap and self._armed_at is None:
+            self._arm(self._heap[0][0])
+
+    def _on_fire(self) -> None:
+        try:
+            os.read(self._fd, 8)
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        self.wakeups += 1
+        self._armed_at = None  # the expiry is spent: run_due re-arms for what is left
+        self.run_due()
+        if self._heap and self._armed_at is None:
+            self._arm(self._heap[0][0])
+
+
+__all__ = ["COALESCE_S", "ClockHandle", "MediaClock"]

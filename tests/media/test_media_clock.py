@@ -1,0 +1,147 @@
+"""The process-wide media clock: one timerfd for every call's deadlines, callbacks run in order, a failing
+callback does not stop the others, the descriptor is closed with the last user; and two real calls share
+one clock end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import numpy as np
+import pytest
+
+from bridge.engine_client import EngineSession
+from bridge.media.call_media import CallMedia
+from bridge.media.media_clock import COALESCE_S, MediaClock
+from bridge.media.simleg import SimLeg
+from tests.media.fixtures import bridge_settings
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_callbacks_run_in_deadline_order_never_early() -> None:
+    clock = MediaClock()
+    clock.acquire()
+    try:
+        ran: list[tuple[str, float, float]] = []
+        done = asyncio.Event()
+        now = time.monotonic()
+        plan = {"c": 0.030, "a": 0.010, "b": 0.020, "d": 0.020}
+        for name, delay in plan.items():
+            clock.call_at(now + delay, lambda n=name, d=now + delay: ran.append((n, d, time.monotonic())))
+        clock.call_at(now + 0.040, done.set)
+        await asyncio.wait_for(done.wait(), 2.0)
+        assert [name for name, _, _ in ran] == ["a", "b", "d", "c"]  # ties in scheduling order
+        assert all(at >= deadline - COALESCE_S for _, deadline, at in ran)
+    finally:
+        clock.release()
+
+
+async def test_cancelled_callback_never_runs_and_a_failing_one_does_not_stop_others() -> None:
+    clock = MediaClock()
+    clock.acquire()
+    try:
+        ran: list[str] = []
+        done = asyncio.Event()
+        now = time.monotonic()
+
+        def boom() -> None:
+            raise RuntimeError("a bug in one call")
+
+        clock.call_at(now + 0.005, boom)
+        handle = clock.call_at(now + 0.006, lambda: ran.append("cancelled"))
+        clock.call_at(now + 0.007, lambda: ran.append("after"))
+        clock.call_at(now + 0.010, done.set)
+        handle.cancel()
+        await asyncio.wait_for(done.wait(), 2.0)
+        assert ran == ["after"]
+    finally:
+        clock.release()
+
+
+async def test_run_due_serves_deadlines_from_a_busy_path_without_the_timer() -> None:
+    clock = MediaClock()
+    clock.acquire()
+    try:
+        ran: list[int] = []
+        clock.call_at(time.monotonic() + 0.002, lambda: ran.append(1))
+        clock.run_due()
+        assert ran == []  # not due yet
+        busy_until = time.monotonic() + 0.003
+        while time.monotonic() < busy_until:  # the loop is busy with media work: the timerfd is not served
+            pass
+        clock.run_due()
+        assert ran == [1]
+        assert clock.wakeups == 0
+    finally:
+        clock.release()
+
+
+async def test_last_release_closes_the_timerfd_and_drops_pending() -> None:
+    before = _open_fds()
+    clock = MediaClock()
+    clock.acquire()
+    clock.acquire()
+    ran: list[int] = []
+    clock.call_at(time.monotonic() + 0.01, lambda: ran.append(1))
+    clock.release()
+    assert clock.pending == 1  # one user left: still live
+    clock.release()
+    assert clock.pending == 0
+    assert _open_fds() == before
+    await asyncio.sleep(0.03)
+    assert ran == []
+    clock.release()  # extra releases are harmless
+    assert _open_fds() == before
+
+
+async def test_call_at_without_a_user_is_refused() -> None:
+    clock = MediaClock()
+    try:
+        clock.call_at(time.monotonic(), lambda: None)
+    except RuntimeError:
+        pass
+    else:
+        raise AssertionError("call_at before acquire() must fail")
+
+
+async def test_shared_clock_is_one_per_loop() -> None:
+    assert MediaClock.shared() is MediaClock.shared()
+
+
+async def test_two_calls_share_one_clock_end_to_end(engine_url: str, speech_8k: np.ndarray) -> None:
+    clock = MediaClock()
+    calls: list[tuple[CallMedia, SimLeg, EngineSession]] = []
+    tasks: list[asyncio.Task[str]] = []
+    try:
+        for i in range(2):
+            engine = await EngineSession.open(engine_url, None, f"shared-{i}")
+            media = CallMedia(bridge_settings(), engine, f"shared-{i}", media_clock=clock)
+            leg = SimLeg(None, speech_8k)
+            calls.append((media, leg, engine))
+            leg.set_remote(await media.bind())
+            media.lock_remote(*(await leg.bind()))
+            tasks.append(asyncio.create_task(media.run()))
+        await asyncio.gather(*(leg.run(1.5, tail_s=0.3) for _, leg, _ in calls))
+        for media, _, _ in calls:
+            await media.stop()
+        reasons = await asyncio.gather(*tasks)
+    finally:
+        for media, leg, engine in calls:
+            await media.stop()
+            leg.close()
+            await engine.close()
+    assert reasons == ["stopped", "stopped"]
+    for media, leg, _ in calls:
+        assert media.stats.frames_to_engine >= 10
+        assert media.stats.frames_from_engine >= 10
+        assert leg.packets_received >= 50  # paced RTP came back on the shared clock
+        assert leg.timestamp_errors == 0
+    assert clock.callbacks_run > 0
+    assert clock.pending == 0  # the last call's release dropped what was left
+    for media, _, _ in calls:
+        with pytest.raises(RuntimeError):
+            _ = media.local_address  # the call's socket is closed

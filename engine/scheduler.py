@@ -299,8 +299,12 @@ class FrameScheduler:
         max_queue_frames: int = DEFAULT_MAX_QUEUE_FRAMES,
         metrics: EngineMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
+        inline_backend: bool = False,
     ) -> None:
         self.backend = backend
+        # A backend whose calls take microseconds (echo) runs on the loop: the worker thread's two hand-offs
+        # per tick (GIL switches, a self-pipe wake-up) cost more than the step, and jitter under CPU load.
+        self.inline_backend = inline_backend
         self.table = SlotTable(backend.num_slots)
         self.planner = BatchPlanner(backend.num_slots, batch_window_s, max_queue_frames)
         self.metrics = metrics or EngineMetrics(backend.num_slots)
@@ -334,6 +338,8 @@ class FrameScheduler:
         self._executor.shutdown(wait=True)
 
     async def _in_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self.inline_backend:
+            return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     # -- sessions ----------------------------------------------------------------------------------------

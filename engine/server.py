@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 import uuid
@@ -318,13 +319,14 @@ async def metrics_handler(request: web.Request) -> web.Response:
 def create_app(settings: EngineSettings, backend: BatchBackend | None = None) -> web.Application:
     """The engine's aiohttp app. ``backend`` defaults to the one ``settings.backend`` names."""
     app = web.Application()
+    inline = backend is None and settings.backend == "echo"
     backend = backend if backend is not None else build_backend(settings)
     app[SETTINGS_KEY] = settings
     app[SESSIONS_KEY] = _LiveSessions()
 
     async def scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
         scheduler = FrameScheduler(backend, batch_window_s=settings.batch_window_ms / 1000.0,
-                                   metrics=EngineMetrics(backend.num_slots))
+                                   metrics=EngineMetrics(backend.num_slots), inline_backend=inline)
         app[SCHEDULER_KEY] = scheduler
         await scheduler.start()
         yield
@@ -397,6 +399,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"aziza-engine: cannot start the {settings.backend} backend: {exc}") from None
     log.info("aziza-engine: backend %s, %d slots, window %.0f ms", settings.backend, settings.num_slots,
              settings.batch_window_ms)
+    # Out of the collector's reach: full collections walking the startup heap (torch, aiohttp, pydantic...)
+    # stop the tick loop for tens of ms, which every call hears (bridge/media/call_media.py does the same).
+    gc.collect()
+    gc.freeze()
     # run_app turns SIGTERM/SIGINT into a graceful shutdown: on_shutdown tells sessions, cleanup stops ticks.
     if settings.unix_socket:
         web.run_app(app, path=settings.unix_socket, shutdown_timeout=5.0, print=None)

@@ -29,13 +29,13 @@ receive serve whatever deadlines are due before doing their own work.
   grid ``start + k * 20 ms`` (``Pacer``), each deadline a media-clock callback; silence when the queue is
   empty. The grid is anchored ``OUTPUT_PHASE_S`` after the engine's first frame arrives, so later frames,
   which arrive at the same phase every 80 ms, wait only that long. The phase then follows the engine without
-  breaking the cadence: when every frame of the last ``PHASE_WINDOW`` waited more than ``PHASE_EARLY_S`` for
-  its tick, the grid is *slewed* earlier by at most ``SLEW_STEP_S`` per packet (each interval stays within
-  20 ± 0.5 ms); a frame that arrives after its tick (an underrun: silence went out in its place) has its
-  first packet dropped, so the frames after it are not pushed 20 ms late; when ``LATE_FRAMES_TO_SLEW`` of
-  the last ``PHASE_WINDOW`` frames were late, the grid is slewed later by the smallest of their lateness (a
-  single late frame is a hiccup, not a new phase: following it would delay every frame after it). As a
-  last resort, ``TRIM_AFTER_FRAMES`` frames in a row finding audio still queued drop one packet.
+  breaking the cadence: ``PlayoutPhase`` keeps the last 4 s of frame margins (tick − arrival) and asks for
+  the grid to sit just after about the 98th percentile of arrivals; the shift is *slewed* in at most
+  ``SLEW_STEP_S`` per packet (each interval stays within 20 ± 0.5 ms). A frame that arrives after its tick
+  (silence went out in its place) has as many packets dropped as silent ticks it missed, so the frames after
+  it keep their phase; a frame that finds more than one packet still queued (a burst after a stall) has the
+  stale ones dropped, so a stall costs audio once instead of delay for seconds. As a last resort,
+  ``TRIM_AFTER_FRAMES`` frames in a row finding audio still queued drop one packet.
 
 Latency (all in ``MediaStats``, milliseconds):
 
@@ -81,6 +81,7 @@ from bridge.media.jitter import JitterBuffer, Playout
 from bridge.media.media_clock import ClockHandle, MediaClock
 from bridge.media.metrics import MediaStats
 from bridge.media.pacer import OutputQueue, Pacer
+from bridge.media.playout_phase import PlayoutPhase
 from bridge.media.rtp import MAX_DATAGRAM, PT_PCMA, PT_PCMU, PT_SLIN16, RtpParseError, RtpSender, parse_rtp
 from engine.protocol import SAMPLE_RATE, AudioFrame, Closed, Error, Lag, Text
 
@@ -90,9 +91,6 @@ PTIME_S = 0.020
 OUT_SAMPLES = 160  # 20 ms of 8 kHz µ-law
 OUTPUT_PHASE_S = 0.002  # output grid anchor after the first engine frame: absorbs small arrival jitter
 TRIM_AFTER_FRAMES = 25  # 2 s of engine frames finding the output queue never empty → drop one packet
-PHASE_WINDOW = 12  # frames (~1 s) whose waits decide an early slew
-LATE_FRAMES_TO_SLEW = 2  # late frames within PHASE_WINDOW that move the grid later
-PHASE_EARLY_S = 0.006  # all of them waited longer than this for their tick: move the grid earlier
 SLEW_STEP_S = 0.0005  # most the grid moves per packet: the interval stays within 20 ± 0.5 ms
 OUTPUT_QUEUE_PACKETS = 16  # 320 ms: beyond that the engine ran ahead; oldest dropped
 STALL_SLOTS = 10  # input this many slots behind its grid (event-loop stall): re-anchor, don't conceal a burst
@@ -166,10 +164,10 @@ class CallMedia:
         self._frame_marks: deque[tuple[int, int, float]] = deque()  # (queue index of 1st packet, seq, rx)
         self._slack_frames = 0
         self._next_engine_seq = 0
-        self._recent_waits: deque[float] = deque(maxlen=PHASE_WINDOW)  # s, engine frame → its first packet
+        self._phase = PlayoutPhase(target_s=OUTPUT_PHASE_S)
         self._slew_s = 0.0  # grid shift still to apply (negative: earlier)
-        self._underrun_at: float | None = None  # when silence went out while engine audio was flowing
-        self._recent_late: deque[tuple[int, float]] = deque()  # (engine frame no., s it missed its tick by)
+        self._silent_ticks = 0  # silence sent while engine audio was flowing, not yet made up by drops
+        self._first_silent_tick = 0.0  # the deadline of the first of them
         self._last_engine_frame_at: float | None = None
         # lifecycle
         self._sock: socket.socket | None = None
@@ -528,7 +526,7 @@ class CallMedia:
 
     def _on_engine_frame(self, frame: AudioFrame, received_at: float) -> None:
         self.stats.frames_from_engine += 1
-        self._last_engine_frame_at = received_at
+        previous_at, self._last_engine_frame_at = self._last_engine_frame_at, received_at
         if frame.seq > self._next_engine_seq:
             self.stats.engine_frames_lost += frame.seq - self._next_engine_seq
         self._next_engine_seq = max(self._next_engine_seq, frame.seq + 1)
@@ -545,30 +543,38 @@ class CallMedia:
             self._frame_marks.append((first_index, frame.seq, received_at))
         if self._pacer is None:
             self._pacer = Pacer(PTIME_S, start=received_at + OUTPUT_PHASE_S)
+            self._phase = PlayoutPhase(target_s=OUTPUT_PHASE_S)
+            self._silent_ticks = 0
             self._schedule_output()
             return
-        if self._underrun_at is not None and depth_before == 0 and chunks:
-            # This frame is late: its slot already went out as silence. Drop its first packet so the frames
-            # behind it keep their phase, and move the grid later by what it missed the tick by.
-            self._queue.pop()
-            self.stats.rtp_out_late_dropped += 1
-            # One late frame is an outlier (an engine or loop hiccup): moving the grid for it would make
-            # every following frame wait that long for seconds. Only when LATE_FRAMES_TO_SLEW of the last
-            # PHASE_WINDOW frames were late has the engine's phase really moved: follow the least late.
-            frame_no = self.stats.frames_from_engine
-            late = self._recent_late
-            late.append((frame_no, received_at - self._underrun_at))
-            while late and late[0][0] <= frame_no - PHASE_WINDOW:
-                late.popleft()
-            if len(late) >= LATE_FRAMES_TO_SLEW:
-                self._slew_s += min(lateness for _, lateness in late) + OUTPUT_PHASE_S
-                late.clear()
-        self._underrun_at = None
-        if len(self._recent_waits) == PHASE_WINDOW and min(self._recent_waits) > PHASE_EARLY_S:
-            self._slew_s -= min(self._recent_waits) - OUTPUT_PHASE_S
-            self._recent_waits.clear()
+        if not chunks:
+            return
+        if self._silent_ticks and depth_before == 0:
+            # Late: its first slots already went out as silence. Drop that many of its packets, so the
+            # frames behind it keep their phase (the rest of the silence is owed by the frames after it).
+            dropped = min(self._silent_ticks, len(chunks))
+            for _ in range(dropped):
+                self._queue.pop()
+            self.stats.rtp_out_late_dropped += dropped
+            margin = self._first_silent_tick - received_at
+            self._silent_ticks -= dropped
+            if self._silent_ticks:
+                self._first_silent_tick += dropped * PTIME_S
+        else:
+            self._silent_ticks = 0
+            if depth_before > 1:
+                # More than a packet of older audio still queued: frames came in a burst after a stall (the
+                # engine's or this loop's). Play from the newest; otherwise the call keeps the stall as delay.
+                for _ in range(depth_before - 1):
+                    self._queue.pop()
+                self.stats.rtp_out_burst_dropped += depth_before - 1
+                depth_before = 1
+            margin = self._out_deadline + depth_before * PTIME_S - received_at
+        interval = None if previous_at is None else received_at - previous_at
+        self._slew_s += self._phase.observe(margin, pending_s=self._slew_s, interval_s=interval)
         # Every frame arriving with audio still queued means the output runs one packet later than it
-        # needs to; after TRIM_AFTER_FRAMES of that, drop one packet to win the 20 ms back.
+        # needs to; the phase steers that back, but if TRIM_AFTER_FRAMES frames in a row still find audio
+        # queued, drop one packet to win the 20 ms back.
         self._slack_frames = self._slack_frames + 1 if depth_before > 0 else 0
         if self._slack_frames >= TRIM_AFTER_FRAMES:
             self._queue.pop()
@@ -636,7 +642,11 @@ class CallMedia:
         if head_index is None:
             self.stats.rtp_out_silence += 1
             if self._frame_marks or self._recently_flowing():
-                self._underrun_at = self._clock()
+                if not self._silent_ticks:
+                    self._first_silent_tick = self._out_deadline
+                self._silent_ticks += 1
+            else:
+                self._silent_ticks = 0
         payload = self._queue.pop()
         datagram = self._sender.next_packet(payload, OUT_SAMPLES)
         try:
@@ -653,7 +663,6 @@ class CallMedia:
             marks.popleft()
         if marks and marks[0][0] == head_index:
             _, seq, received_at = marks.popleft()
-            self._recent_waits.append(sent_at - received_at)
             out_ms = (sent_at - received_at) * 1000.0
             self.stats.latency_out_ms.add(out_ms)
             in_ms = self._in_latency_by_seq.pop(seq, None)

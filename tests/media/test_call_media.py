@@ -9,11 +9,15 @@ import numpy as np
 import pytest
 from aiohttp import WSMsgType, web
 
+from bridge.config import EngineSettings
 from bridge.engine_client import EngineSession
 from bridge.media.call_media import CallMedia, MediaBindError
 from bridge.media.rtp import RtpPacket, build_rtp
 from bridge.media.simleg import GARBAGE_KINDS, SimLeg
+from engine.backend import StepOutput
+from engine.echo import EchoBackend
 from engine.protocol import Ready, encode_control
+from engine.server import run_engine
 from tests.media.fixtures import bridge_settings, fake_engine, segment_correlations, wired_call
 
 
@@ -210,3 +214,39 @@ async def test_bind_fails_cleanly_when_the_range_is_taken(engine_url: str) -> No
     finally:
         blocker.close()
         await engine.close()
+
+
+class StallOnceBackend(EchoBackend):
+    """Echo, but one step (the 12th) takes 350 ms: the frames held up meanwhile come back in a burst."""
+
+    def __init__(self, num_slots: int) -> None:
+        super().__init__(num_slots)
+        self.steps = 0
+
+    def step(self, frames: dict[int, np.ndarray]) -> dict[int, StepOutput]:
+        import time
+
+        self.steps += 1
+        if self.steps == 12:
+            time.sleep(0.35)
+        return super().step(frames)
+
+
+async def test_engine_stall_costs_audio_once_not_lasting_delay(speech_8k: np.ndarray) -> None:
+    backend = StallOnceBackend(2)
+    async with run_engine(EngineSettings(port=0, num_slots=2, batch_window_ms=5), backend=backend) as url:
+        async with wired_call(url, speech_8k) as call:
+            leg_run = asyncio.create_task(call.leg.run(3.0, tail_s=0.2))
+            depths: list[int] = []
+            while not leg_run.done():
+                await asyncio.sleep(0.013)
+                if backend.steps > 20:  # well after the stall
+                    depths.append(call.media._queue.depth)
+            await leg_run
+    stats = call.media.stats
+    assert backend.steps > 30
+    # The stall's audio is dropped once (late or stale)...
+    assert stats.rtp_out_late_dropped + stats.rtp_out_burst_dropped >= 4
+    # ...and the queue is back to at most one frame plus a packet: the call did not keep the stall as delay.
+    assert depths and max(depths) <= 5, depths
+    assert call.leg.timestamp_errors == 0 and call.leg.sequence_gaps == 0

@@ -23,19 +23,22 @@ receive serve whatever deadlines are due before doing their own work.
   (``EngineSession.send_frame_nowait``: no task switch, nothing queued in the bridge). Resampling is
   ``FirResampler`` (fixed 3 ms delay, regular output), not soxr's stream, which holds back 40–60 ms per
   direction and releases frames in bursts (see fir_resample.py).
-* **engine** — 24 kHz frames from the engine are resampled to 8 kHz, µ-law encoded and queued as 20 ms
-  payloads; text is kept for the transcript.
+* **engine** — 24 kHz frames from the engine are resampled to 8 kHz, µ-law encoded and put in a
+  ``SlotBuffer`` by their sequence number: frame ``n`` plays in slots ``4n .. 4n+3`` of the call's output
+  timeline, whatever order and moment it arrives in; text is kept for the transcript.
 * **output** — one µ-law RTP packet (PT 0) every 20 ms from the same socket (Asterisk's strictrtp), on a
-  grid ``start + k * 20 ms`` (``Pacer``), each deadline a media-clock callback; silence when the queue is
-  empty. The grid is anchored ``OUTPUT_PHASE_S`` after the engine's first frame arrives, so later frames,
-  which arrive at the same phase every 80 ms, wait only that long. The phase then follows the engine without
-  breaking the cadence: ``PlayoutPhase`` keeps the last 4 s of frame margins (tick − arrival) and asks for
-  the grid to sit just after about the 98th percentile of arrivals; the shift is *slewed* in at most
-  ``SLEW_STEP_S`` per packet (each interval stays within 20 ± 0.5 ms). A frame that arrives after its tick
-  (silence went out in its place) has as many packets dropped as silent ticks it missed, so the frames after
-  it keep their phase; a frame that finds more than one packet still queued (a burst after a stall) has the
-  stale ones dropped, so a stall costs audio once instead of delay for seconds. As a last resort,
-  ``TRIM_AFTER_FRAMES`` frames in a row finding audio still queued drop one packet.
+  grid ``start + k * 20 ms`` (``Pacer``), each deadline a media-clock callback playing the next slot, or
+  silence when it is empty. The grid is anchored ``OUTPUT_PHASE_S`` after the engine's first frame arrives.
+  The phase then follows the engine without breaking the cadence: ``PlayoutPhase`` keeps the last 4 s of
+  frame margins (first slot's tick − arrival) and asks for the grid to sit just after about the 98th
+  percentile of arrivals; the shift is *slewed* in at most ``SLEW_STEP_S`` per packet (each interval stays
+  within 20 ± 0.5 ms). A frame up to ``EXPAND_MAX_SLOTS`` slots late plays whole, that much later (the
+  silence already sent is the pause; the phase then slews back). Later than that (a stall), it loses just
+  the packets whose slots went out; frames
+  that come in a burst after a stall wait for their own slots, so a stall costs audio once and never becomes
+  lasting delay (a FIFO here kept every stall as delay until trimmed away, packet by packet). When the
+  engine's numbering and the timeline part (frames it skipped; ``RESYNC_AFTER_LATE_FRAMES`` frames in a row
+  entirely late, or one more than the buffer's horizon ahead), the numbering is re-anchored.
 
 Latency (all in ``MediaStats``, milliseconds):
 
@@ -58,7 +61,6 @@ import logging
 import random
 import socket
 import time
-from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal
 
@@ -68,6 +70,7 @@ from bridge.config import BridgeSettings
 from bridge.engine_client import EngineError, EngineProtocolError, EngineSession
 from bridge.media.clock import Clock, monotonic
 from bridge.media.codecs import (
+    ULAW_SILENCE_20MS,
     CodecError,
     InboundCodec,
     UnsupportedPayloadType,
@@ -80,7 +83,7 @@ from bridge.media.framing import FrameAccumulator, PacketSplitter
 from bridge.media.jitter import JitterBuffer, Playout
 from bridge.media.media_clock import ClockHandle, MediaClock
 from bridge.media.metrics import MediaStats
-from bridge.media.pacer import OutputQueue, Pacer
+from bridge.media.pacer import Pacer, SlotBuffer
 from bridge.media.playout_phase import PlayoutPhase
 from bridge.media.rtp import MAX_DATAGRAM, PT_PCMA, PT_PCMU, PT_SLIN16, RtpParseError, RtpSender, parse_rtp
 from engine.protocol import SAMPLE_RATE, AudioFrame, Closed, Error, Lag, Text
@@ -90,9 +93,11 @@ log = logging.getLogger(__name__)
 PTIME_S = 0.020
 OUT_SAMPLES = 160  # 20 ms of 8 kHz µ-law
 OUTPUT_PHASE_S = 0.002  # output grid anchor after the first engine frame: absorbs small arrival jitter
-TRIM_AFTER_FRAMES = 25  # 2 s of engine frames finding the output queue never empty → drop one packet
 SLEW_STEP_S = 0.0005  # most the grid moves per packet: the interval stays within 20 ± 0.5 ms
-OUTPUT_QUEUE_PACKETS = 16  # 320 ms: beyond that the engine ran ahead; oldest dropped
+OUTPUT_HORIZON_PACKETS = 16  # 320 ms: an engine frame further ahead than that re-anchors the output
+PACKETS_PER_FRAME = 4  # 20 ms packets per 80 ms engine frame
+EXPAND_MAX_SLOTS = 2  # a frame up to this many slots late plays whole, later; beyond (a stall) it is cut
+RESYNC_AFTER_LATE_FRAMES = 8  # engine frames in a row entirely late (640 ms): re-anchor, don't drop forever
 STALL_SLOTS = 10  # input this many slots behind its grid (event-loop stall): re-anchor, don't conceal a burst
 _BIND_ATTEMPTS = 200
 _RECV_BATCH = 64
@@ -158,16 +163,16 @@ class CallMedia:
         # outbound
         self._resample_out = FirResampler(SAMPLE_RATE, 8000)
         self._packets_out = PacketSplitter(OUT_SAMPLES)
-        self._queue = OutputQueue(OUTPUT_QUEUE_PACKETS)
+        self._out = SlotBuffer(OUTPUT_HORIZON_PACKETS)
+        self._slot_offset = 0  # slot of engine frame n's first packet = n * PACKETS_PER_FRAME + this
         self._sender = RtpSender(PT_PCMU)
         self._pacer: Pacer | None = None
-        self._frame_marks: deque[tuple[int, int, float]] = deque()  # (queue index of 1st packet, seq, rx)
-        self._slack_frames = 0
+        # first slot of a frame → (seq, received at, whole frame in time): its latency once it plays
+        self._frame_marks: dict[int, tuple[int, float, bool]] = {}
         self._next_engine_seq = 0
         self._phase = PlayoutPhase(target_s=OUTPUT_PHASE_S)
         self._slew_s = 0.0  # grid shift still to apply (negative: earlier)
-        self._silent_ticks = 0  # silence sent while engine audio was flowing, not yet made up by drops
-        self._first_silent_tick = 0.0  # the deadline of the first of them
+        self._all_late_frames = 0  # engine frames in a row that arrived after all of their slots
         self._last_engine_frame_at: float | None = None
         # lifecycle
         self._sock: socket.socket | None = None
@@ -297,7 +302,7 @@ class CallMedia:
         if self._out_handle is not None:
             self._out_handle.cancel()
             self._out_handle = None
-        self._queue.clear()
+        self._out.clear()
         self._frame_marks.clear()
         self._control.put_nowait("pause")
 
@@ -526,60 +531,52 @@ class CallMedia:
 
     def _on_engine_frame(self, frame: AudioFrame, received_at: float) -> None:
         self.stats.frames_from_engine += 1
-        previous_at, self._last_engine_frame_at = self._last_engine_frame_at, received_at
+        self._last_engine_frame_at = received_at
         if frame.seq > self._next_engine_seq:
             self.stats.engine_frames_lost += frame.seq - self._next_engine_seq
         self._next_engine_seq = max(self._next_engine_seq, frame.seq + 1)
         if self._held:
             return
-        pcm8 = float32_to_pcm16(self._resample_out.process(frame.pcm))
-        depth_before = self._queue.depth
-        first_index = self._queue.stats.pushed
-        chunks = self._packets_out.push(pcm8)
-        for chunk in chunks:
-            self._queue.push(ulaw_encode(chunk))
-        self.stats.rtp_out_overflow = self._queue.stats.dropped_oldest
-        if chunks:  # (the resampler's start-up delay can leave a first frame with no whole packet)
-            self._frame_marks.append((first_index, frame.seq, received_at))
-        if self._pacer is None:
+        chunks = self._packets_out.push(float32_to_pcm16(self._resample_out.process(frame.pcm)))
+        if not chunks:  # (the resampler's start-up delay can leave a first frame with no whole packet)
+            return
+        if self._pacer is None:  # first frame (of the call, or after a hold): anchor the grid on it
             self._pacer = Pacer(PTIME_S, start=received_at + OUTPUT_PHASE_S)
             self._phase = PlayoutPhase(target_s=OUTPUT_PHASE_S)
-            self._silent_ticks = 0
+            self._slew_s = 0.0
+            self._out.clear()
+            self._out.next_slot = 0
+            self._slot_offset = -frame.seq * PACKETS_PER_FRAME
+            self._all_late_frames = 0
             self._schedule_output()
-            return
-        if not chunks:
-            return
-        if self._silent_ticks and depth_before == 0:
-            # Late: its first slots already went out as silence. Drop that many of its packets, so the
-            # frames behind it keep their phase (the rest of the silence is owed by the frames after it).
-            dropped = min(self._silent_ticks, len(chunks))
-            for _ in range(dropped):
-                self._queue.pop()
-            self.stats.rtp_out_late_dropped += dropped
-            margin = self._first_silent_tick - received_at
-            self._silent_ticks -= dropped
-            if self._silent_ticks:
-                self._first_silent_tick += dropped * PTIME_S
-        else:
-            self._silent_ticks = 0
-            if depth_before > 1:
-                # More than a packet of older audio still queued: frames came in a burst after a stall (the
-                # engine's or this loop's). Play from the newest; otherwise the call keeps the stall as delay.
-                for _ in range(depth_before - 1):
-                    self._queue.pop()
-                self.stats.rtp_out_burst_dropped += depth_before - 1
-                depth_before = 1
-            margin = self._out_deadline + depth_before * PTIME_S - received_at
-        interval = None if previous_at is None else received_at - previous_at
-        self._slew_s += self._phase.observe(margin, pending_s=self._slew_s, interval_s=interval)
-        # Every frame arriving with audio still queued means the output runs one packet later than it
-        # needs to; the phase steers that back, but if TRIM_AFTER_FRAMES frames in a row still find audio
-        # queued, drop one packet to win the 20 ms back.
-        self._slack_frames = self._slack_frames + 1 if depth_before > 0 else 0
-        if self._slack_frames >= TRIM_AFTER_FRAMES:
-            self._queue.pop()
-            self.stats.rtp_out_trimmed += 1
-            self._slack_frames = 0
+        first_slot = frame.seq * PACKETS_PER_FRAME + self._slot_offset
+        ahead = self._out.ahead(first_slot)
+        if ahead >= self._out.horizon or self._all_late_frames >= RESYNC_AFTER_LATE_FRAMES:
+            # The engine's numbering and the call's timeline disagree by more than the buffer holds (the
+            # engine dropped or skipped frames): play this frame at the next tick and go on from there.
+            self._slot_offset -= ahead
+            first_slot, ahead = self._out.next_slot, 0
+            self._all_late_frames = 0
+            self.stats.rtp_out_resyncs += 1
+        if -EXPAND_MAX_SLOTS <= ahead < 0:
+            # A little late (jitter, not a stall): its first slots went out as silence. Play it whole, that
+            # many slots later, rather than drop its start; the timeline moves later by that much and the
+            # phase steers the grid back earlier, 0.5 ms a packet (inaudible: no audio is cut for it).
+            self._slot_offset -= ahead
+            self._phase.moved(-ahead * PTIME_S)
+            self.stats.rtp_out_expanded += -ahead
+            first_slot, ahead = first_slot - ahead, 0
+        late_before = self._out.stats.late
+        for j, chunk in enumerate(chunks):
+            self._out.put(first_slot + j, ulaw_encode(chunk))
+        late = self._out.stats.late - late_before
+        self.stats.rtp_out_late_dropped += late
+        self._all_late_frames = self._all_late_frames + 1 if late == len(chunks) else 0
+        if late < len(chunks):
+            self._frame_marks[first_slot + late] = (frame.seq, received_at, late == 0)
+        # Its first packet's tick minus its arrival (negative: late), on the grid as it is now.
+        margin = self._out_deadline + ahead * PTIME_S - received_at
+        self._slew_s += self._phase.observe(margin, pending_s=self._slew_s)
 
     # -- output (media-clock steps) ----------------------------------------------------------------------
 
@@ -625,8 +622,7 @@ class CallMedia:
             # too, or the queue (and the call's delay) would grow by every stall.
             self._sender.skip(skipped * OUT_SAMPLES)
             self.stats.rtp_out_skipped += skipped
-            for _ in range(min(skipped, self._queue.depth)):
-                self._queue.pop()
+            self._out.skip(skipped)
         if due:
             self.stats.send_lateness_ms.add((now - deadline) * 1000.0)
         for _ in range(due):
@@ -638,16 +634,10 @@ class CallMedia:
         sock, remote = self._sock, self.remote
         if sock is None or remote is None:
             return
-        head_index = self._queue.stats.pushed - self._queue.depth if self._queue.depth else None
-        if head_index is None:
+        slot, payload = self._out.take()
+        if payload is None:
             self.stats.rtp_out_silence += 1
-            if self._frame_marks or self._recently_flowing():
-                if not self._silent_ticks:
-                    self._first_silent_tick = self._out_deadline
-                self._silent_ticks += 1
-            else:
-                self._silent_ticks = 0
-        payload = self._queue.pop()
+            payload = ULAW_SILENCE_20MS
         datagram = self._sender.next_packet(payload, OUT_SAMPLES)
         try:
             sock.sendto(datagram, remote)
@@ -655,23 +645,21 @@ class CallMedia:
             self.stats.send_errors += 1
             return
         self.stats.rtp_out += 1
-        if head_index is None:
-            return
-        sent_at = self._clock()
         marks = self._frame_marks
-        while marks and marks[0][0] < head_index:  # frames whose first packet was dropped/trimmed
-            marks.popleft()
-        if marks and marks[0][0] == head_index:
-            _, seq, received_at = marks.popleft()
-            out_ms = (sent_at - received_at) * 1000.0
-            self.stats.latency_out_ms.add(out_ms)
-            in_ms = self._in_latency_by_seq.pop(seq, None)
-            if in_ms is not None:
-                self.stats.added_latency_ms.add(in_ms + out_ms)
-
-    def _recently_flowing(self) -> bool:
-        """Engine audio arrived within the last frame time (an empty queue now is an underrun, not idle)."""
-        return self._last_engine_frame_at is not None and self._clock() - self._last_engine_frame_at < 0.1
+        if not marks:
+            return
+        mark = marks.pop(slot, None)
+        if len(marks) > 2 * PACKETS_PER_FRAME:  # marks of frames that never got to play (cleared, resynced)
+            for old in [k for k in marks if k < slot]:
+                del marks[old]
+        if mark is None:
+            return
+        seq, received_at, whole = mark
+        out_ms = (self._clock() - received_at) * 1000.0
+        self.stats.latency_out_ms.add(out_ms)
+        in_ms = self._in_latency_by_seq.pop(seq, None)
+        if in_ms is not None and whole:
+            self.stats.added_latency_ms.add(in_ms + out_ms)
 
     # -- control task ------------------------------------------------------------------------------------
 

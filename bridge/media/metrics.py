@@ -84,10 +84,9 @@ class MediaStats:
     rtp_out: int = 0
     rtp_out_silence: int = 0  # packets sent with nothing from the engine to send (underrun or idle)
     rtp_out_skipped: int = 0  # pacer slots given up after an event-loop stall
-    rtp_out_late_dropped: int = 0  # packets of engine frames that arrived after their tick (silence went out)
-    rtp_out_burst_dropped: int = 0  # stale packets dropped when engine frames came in a burst after a stall
-    rtp_out_trimmed: int = 0  # queued packets dropped to bring the output latency back down
-    rtp_out_overflow: int = 0  # queued packets dropped because the engine ran far ahead
+    rtp_out_late_dropped: int = 0  # engine audio packets that arrived after their slot went out (as silence)
+    rtp_out_expanded: int = 0  # slots the output timeline moved later to play slightly late frames whole
+    rtp_out_resyncs: int = 0  # engine frame numbering re-anchored on the call's timeline (skips, far ahead)
     send_errors: int = 0
     holds: int = 0
     # latency histograms (ms)

@@ -14,13 +14,12 @@ the burst to the caller, who has a jitter buffer of finite depth): the pacer sen
 are counted; the caller should advance its RTP timestamp over them (``RtpSender.skip``) so that the far end
 sees the gap as elapsed time, not as compressed audio.
 
-:class:`OutputQueue` sits between the engine (80 ms bursts) and the pacer (20 ms ticks).
+:class:`SlotBuffer` sits between the engine (80 ms frames) and the pacer (20 ms ticks).
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
 from dataclasses import dataclass
 
 from bridge.media.codecs import ULAW_SILENCE_20MS
@@ -86,55 +85,79 @@ class Pacer:
 
 
 @dataclass(slots=True)
-class OutputQueueStats:
-    pushed: int = 0
-    popped: int = 0
-    dropped_oldest: int = 0  # the engine ran ahead of the pacer by more than max_packets
-    silence: int = 0  # pops that found the queue empty and got the silence payload
+class SlotBufferStats:
+    queued: int = 0  # payloads put in a future (or the next) slot
+    taken: int = 0  # ticks served
+    silence: int = 0  # ticks whose slot had nothing: silence went out
+    late: int = 0  # payloads whose slot had already gone out (dropped)
+    skipped: int = 0  # slots given up by the pacer after a stall (their payloads dropped)
+    replaced: int = 0  # payloads put in a slot that already had one (the newer one kept)
 
 
-class OutputQueue:
-    """Bounded FIFO of fixed-size payloads (20 ms ulaw by default); pop() never blocks: silence when empty."""
+class SlotBuffer:
+    """The output's playout buffer: payloads keyed by the pacer slot they must go out in, not a FIFO.
 
-    def __init__(
-        self,
-        max_packets: int = 16,
-        *,
-        silence: bytes = ULAW_SILENCE_20MS,
-    ) -> None:
-        if max_packets < 1:
-            raise ValueError(f"max_packets must be >= 1, got {max_packets}")
-        self.max_packets = max_packets
+    The caller maps each engine frame to slots by its sequence number (frame ``n`` → slots ``4n .. 4n+3`` plus
+    an offset fixed when the stream is anchored), so a frame's audio always plays at the same place in the
+    call's timeline: a late frame loses only the slots that already went out as silence, and frames that come
+    in a burst after a stall wait for their own slots instead of queueing up behind each other, so a stall
+    never turns into lasting delay. Bounded by ``horizon``: a payload further ahead than that is refused
+    (``put`` returns False) so the caller can re-anchor.
+    """
+
+    def __init__(self, horizon: int = 16, *, silence: bytes = ULAW_SILENCE_20MS) -> None:
+        if horizon < 1:
+            raise ValueError(f"horizon must be >= 1, got {horizon}")
+        self.horizon = horizon
         self.silence = silence
         self.payload_size = len(silence)
-        self._queue: deque[bytes] = deque()
-        self.stats = OutputQueueStats()
-
-    def __len__(self) -> int:
-        return len(self._queue)
+        self.next_slot = 0  # the slot the next tick plays
+        self._slots: dict[int, bytes] = {}
+        self.stats = SlotBufferStats()
 
     @property
     def depth(self) -> int:
-        return len(self._queue)
+        """Payloads waiting for their slot."""
+        return len(self._slots)
 
-    def push(self, payload: bytes) -> None:
-        """Queue one payload of exactly ``payload_size`` bytes; drops the oldest one when full."""
+    def ahead(self, slot: int) -> int:
+        """How many ticks until ``slot`` goes out (0: the next tick; negative: already gone)."""
+        return slot - self.next_slot
+
+    def put(self, slot: int, payload: bytes) -> bool:
+        """Queue ``payload`` for ``slot``. False (nothing kept) when the slot is more than ``horizon`` ahead;
+        True otherwise, also when it was late (counted and dropped)."""
         if len(payload) != self.payload_size:
             raise ValueError(f"payload must be {self.payload_size} bytes, got {len(payload)}")
-        if len(self._queue) >= self.max_packets:
-            self._queue.popleft()
-            self.stats.dropped_oldest += 1
-        self._queue.append(bytes(payload))
-        self.stats.pushed += 1
+        ahead = slot - self.next_slot
+        if ahead < 0:
+            self.stats.late += 1
+            return True
+        if ahead >= self.horizon:
+            return False
+        if slot in self._slots:
+            self.stats.replaced += 1
+        self._slots[slot] = bytes(payload)
+        self.stats.queued += 1
+        return True
 
-    def pop(self) -> bytes:
-        """The oldest payload, or the silence payload when the queue is empty."""
-        self.stats.popped += 1
-        if self._queue:
-            return self._queue.popleft()
-        self.stats.silence += 1
-        return self.silence
+    def take(self) -> tuple[int, bytes | None]:
+        """The next tick's slot and its payload (None: nothing for it; the caller sends silence)."""
+        slot = self.next_slot
+        self.next_slot += 1
+        self.stats.taken += 1
+        payload = self._slots.pop(slot, None)
+        if payload is None:
+            self.stats.silence += 1
+        return slot, payload
+
+    def skip(self, count: int) -> None:
+        """The pacer gave up ``count`` slots after a stall: their audio goes too."""
+        for slot in range(self.next_slot, self.next_slot + count):
+            self._slots.pop(slot, None)
+        self.next_slot += count
+        self.stats.skipped += count
 
     def clear(self) -> None:
-        """Forget queued audio (e.g. barge-in / a new persona); not counted as drops."""
-        self._queue.clear()
+        """Forget queued audio (hold, re-anchoring); not counted as drops."""
+        self._slots.clear()

@@ -8,12 +8,15 @@ every millisecond of margin is a millisecond of the caller's delay.
 The controller keeps the margins of the last ``window`` frames and steers the grid so that the ``rank``-th
 smallest of them is ``target_s``: the grid sits just after the ``rank - 1`` latest arrivals it will give up on
 (``window=50, rank=2``: about the 98th percentile of 4 s of arrivals). A single outlier does not move it; a
-second late frame within the window does, at once; a lasting gain of margin moves it earlier once it clears a
-hysteresis band. Frames that came out of a stall (after a gap of more than 1.5 frames, or less than half a
-frame behind the previous one: a burst) are not observed: a stall is not a new phase, and following it would
-hold the whole delay of the stall for the length of the window. The caller applies the shifts to the grid
-gradually (the pacing stays within 20 ± 0.5 ms); margins measured while a shift is still being applied are
-given as if it were done (``pending_s``).
+second late frame within the window does, at once; a lasting gain of margin moves it earlier once it clears
+a hysteresis band.
+
+A frame late by more than a whole frame came out of a stall and is not observed: a stall is not a new
+phase, and following it would hold the whole delay of the stall for the length of the window. (Telling
+stalls by the gap between arrivals does not work: input jitter alone spaces frames 80 ± 60 ms.)
+
+The caller applies the shifts to the grid gradually (the pacing stays within 20 ± 0.5 ms); margins measured
+while a shift is still being applied are given as if it were done (``pending_s``).
 
 It replaced a rule of thumb (move later after 2 late frames in 12, earlier when all of the last 12 waited
 more than 6 ms) that oscillated: with 50 calls the grid went early after each quiet second, and 3 % of the
@@ -29,7 +32,7 @@ from dataclasses import dataclass
 @dataclass
 class PlayoutPhaseStats:
     later_moves: int = 0
-    stall_frames: int = 0  # frames not observed: they came after a gap or in a burst
+    stall_frames: int = 0  # frames not observed: late by more than a frame
     earlier_moves: int = 0
     shift_s: float = 0.0  # total grid shift so far (positive: later)
 
@@ -60,24 +63,22 @@ class PlayoutPhase:
         self._shift = 0.0
         self.stats = PlayoutPhaseStats()
 
-    def observe(self, margin_s: float, pending_s: float = 0.0, interval_s: float | None = None) -> float:
+    def observe(self, margin_s: float, pending_s: float = 0.0) -> float:
         """One engine frame's margin (seconds; negative: late), measured on the grid as it is now, with
-        ``pending_s`` of shift still to be applied to it; ``interval_s``: since the previous frame arrived
-        (None for the first). Returns the further shift the grid needs (positive: later), 0.0 for none."""
-        if interval_s is not None and not 0.5 * self.frame_s <= interval_s <= 1.5 * self.frame_s:
+        ``pending_s`` of shift still to be applied to it. Returns the further shift the grid needs (positive:
+        later), 0.0 for none."""
+        if margin_s + pending_s < -self.frame_s:
             self.stats.stall_frames += 1
             return 0.0
-        self._margins.append(margin_s + pending_s - self._shift)
+        stored = margin_s + pending_s - self._shift
+        self._margins.append(stored)
         if len(self._margins) < self.rank:
             return 0.0
         kth = sorted(self._margins)[self.rank - 1] + self._shift
         if kth < 0.0:
             delta = self.target_s - kth
             self.stats.later_moves += 1
-        elif (
-            kth > self.target_s + self.hysteresis_s
-            and len(self._margins) >= self.min_frames_to_advance
-        ):
+        elif kth > self.target_s + self.hysteresis_s and len(self._margins) >= self.min_frames_to_advance:
             delta = self.target_s - kth
             self.stats.earlier_moves += 1
         else:
@@ -85,3 +86,9 @@ class PlayoutPhase:
         self._shift += delta
         self.stats.shift_s = self._shift
         return delta
+
+    def moved(self, shift_s: float) -> None:
+        """The caller moved the grid by ``shift_s`` on its own (positive: later), e.g. by playing a late
+        frame one slot later instead of dropping its audio."""
+        self._shift += shift_s
+        self.stats.shift_s = self._shift

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from bridge.media.clock import VirtualClock
-from bridge.media.pacer import OutputQueue, Pacer
+from bridge.media.pacer import Pacer, SlotBuffer
 
 
 def test_no_drift_over_10000_ticks_with_random_lateness() -> None:
@@ -55,13 +55,25 @@ def test_pacer_rejects_bad_arguments() -> None:
         Pacer(0.02, start=0.0, max_burst=0)
 
 
-def test_output_queue_silence_and_bound() -> None:
-    q = OutputQueue(max_packets=4)
-    assert q.pop() == b"\xff" * 160 and q.stats.silence == 1
-    for i in range(6):
-        q.push(bytes([i]) * 160)
-    assert q.depth == 4 and q.stats.dropped_oldest == 2
-    assert [q.pop()[0] for _ in range(5)] == [2, 3, 4, 5, 0xFF]
+def test_slot_buffer_plays_by_slot_not_arrival() -> None:
+    buf = SlotBuffer(horizon=8)
+    assert buf.take() == (0, None) and buf.stats.silence == 1
+    # Frame for slots 4..7 arrives before the one for 1..3 (a burst out of order): each plays in its slot.
+    for slot in range(4, 8):
+        assert buf.put(slot, bytes([slot]) * 160)
+    for slot in range(1, 4):
+        assert buf.put(slot, bytes([slot]) * 160)
+    played = [buf.take() for _ in range(8)]
+    assert [s for s, _ in played] == list(range(1, 9))
+    assert [p[0] if p else None for _, p in played] == [1, 2, 3, 4, 5, 6, 7, None]
+    # Late: slot 3 went out already; dropped and counted, not played later.
+    assert buf.put(3, b"\x01" * 160) and buf.stats.late == 1 and buf.depth == 0
+    # Beyond the horizon: refused, nothing kept.
+    assert not buf.put(buf.next_slot + 8, b"\x01" * 160) and buf.depth == 0
+    assert buf.put(buf.next_slot + 7, b"\x01" * 160) and buf.depth == 1
+    buf.skip(8)
+    assert buf.depth == 0 and buf.stats.skipped == 8
     with pytest.raises(ValueError):
-        q.push(b"\x00" * 100)
-    assert q.stats.pushed == 6 and q.depth == 0
+        buf.put(buf.next_slot, b"\x00" * 100)
+    with pytest.raises(ValueError):
+        SlotBuffer(horizon=0)

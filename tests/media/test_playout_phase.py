@@ -8,8 +8,6 @@ import pytest
 
 from bridge.media.playout_phase import PlayoutPhase
 
-FRAME = 0.080
-
 
 class Grid:
     """The grid's offset from the engine's nominal frame times, moved by what the controller asks."""
@@ -19,10 +17,10 @@ class Grid:
         self.offset = 0.0015
         self.margins: list[float] = []
 
-    def arrive(self, lateness_s: float, interval_s: float | None = FRAME) -> float:
+    def arrive(self, lateness_s: float) -> float:
         margin = self.offset - lateness_s
         self.margins.append(margin)
-        delta = self.phase.observe(margin, interval_s=interval_s)
+        delta = self.phase.observe(margin)
         self.offset += delta
         return delta
 
@@ -76,10 +74,10 @@ def test_stall_frames_are_not_observed() -> None:
     grid = Grid(phase)
     for _ in range(60):
         grid.arrive(0.0)
-    # 300 ms with nothing, then the frames held up come at once, all late.
-    assert grid.arrive(0.300, interval_s=0.380) == 0.0
-    assert grid.arrive(0.220, interval_s=0.001) == 0.0
-    assert grid.arrive(0.140, interval_s=0.001) == 0.0
+    # 300 ms with nothing, then the frames held up come at once, the first ones late by more than a frame.
+    assert grid.arrive(0.300) == 0.0
+    assert grid.arrive(0.220) == 0.0
+    assert grid.arrive(0.140) == 0.0
     assert phase.stats.stall_frames == 3 and phase.stats.later_moves == 0
 
 

@@ -268,6 +268,7 @@ async def _bench(
         "output_underruns": sum(s.rtp_out_silence for s in stats),
         "output_resyncs": sum(s.rtp_out_resyncs for s in stats),
         "output_expanded": sum(s.rtp_out_expanded for s in stats),
+        "output_shrunk": sum(s.rtp_out_shrunk for s in stats),
         "output_late_dropped": sum(s.rtp_out_late_dropped for s in stats),
         "output_packets": sum(s.rtp_out for s in stats),
         "pacer_skipped": sum(s.rtp_out_skipped for s in stats),

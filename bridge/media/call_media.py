@@ -33,8 +33,9 @@ receive serve whatever deadlines are due before doing their own work.
   frame margins (first slot's tick − arrival) and asks for the grid to sit just after about the 98th
   percentile of arrivals; the shift is *slewed* in at most ``SLEW_STEP_S`` per packet (each interval stays
   within 20 ± 0.5 ms). A frame up to ``EXPAND_MAX_SLOTS`` slots late plays whole, that much later (the
-  silence already sent is the pause; the phase then slews back). Later than that (a stall), it loses just
-  the packets whose slots went out; frames
+  silence already sent is the pause); the slot is won back by dropping a quiet queued slot (a pause between
+  words), or the quietest one after ``EXPAND_DEBT_MAX_S``, never by running the grid fast (the RTP clock
+  would drift). Later than that (a stall), a frame loses just the packets whose slots went out; frames
   that come in a burst after a stall wait for their own slots, so a stall costs audio once and never becomes
   lasting delay (a FIFO here kept every stall as delay until trimmed away, packet by packet). When the
   engine's numbering and the timeline part (frames it skipped; ``RESYNC_AFTER_LATE_FRAMES`` frames in a row
@@ -56,6 +57,7 @@ The engine session is the caller's: CallMedia uses it, the caller closes it.
 from __future__ import annotations
 
 import asyncio
+import audioop
 import gc
 import logging
 import random
@@ -97,6 +99,8 @@ SLEW_STEP_S = 0.0005  # most the grid moves per packet: the interval stays withi
 OUTPUT_HORIZON_PACKETS = 16  # 320 ms: an engine frame further ahead than that re-anchors the output
 PACKETS_PER_FRAME = 4  # 20 ms packets per 80 ms engine frame
 EXPAND_MAX_SLOTS = 2  # a frame up to this many slots late plays whole, later; beyond (a stall) it is cut
+QUIET_RMS = 330  # 16-bit RMS (about -40 dBFS): a slot this quiet can be taken out of the timeline unheard
+EXPAND_DEBT_MAX_S = 2.0  # no quiet slot for this long: take out the quietest one there is
 RESYNC_AFTER_LATE_FRAMES = 8  # engine frames in a row entirely late (640 ms): re-anchor, don't drop forever
 STALL_SLOTS = 10  # input this many slots behind its grid (event-loop stall): re-anchor, don't conceal a burst
 _BIND_ATTEMPTS = 200
@@ -173,6 +177,8 @@ class CallMedia:
         self._phase = PlayoutPhase(target_s=OUTPUT_PHASE_S)
         self._slew_s = 0.0  # grid shift still to apply (negative: earlier)
         self._all_late_frames = 0  # engine frames in a row that arrived after all of their slots
+        self._expand_debt = 0  # slots the timeline moved later (late frames played whole), not yet repaid
+        self._debt_since = 0.0
         self._last_engine_frame_at: float | None = None
         # lifecycle
         self._sock: socket.socket | None = None
@@ -548,6 +554,7 @@ class CallMedia:
             self._out.next_slot = 0
             self._slot_offset = -frame.seq * PACKETS_PER_FRAME
             self._all_late_frames = 0
+            self._expand_debt = 0
             self._schedule_output()
         first_slot = frame.seq * PACKETS_PER_FRAME + self._slot_offset
         ahead = self._out.ahead(first_slot)
@@ -557,26 +564,46 @@ class CallMedia:
             self._slot_offset -= ahead
             first_slot, ahead = self._out.next_slot, 0
             self._all_late_frames = 0
+            self._expand_debt = 0
             self.stats.rtp_out_resyncs += 1
+        # Its first packet's tick minus its arrival (negative: late), on the grid as it is now.
+        margin = self._out_deadline + ahead * PTIME_S - received_at
         if -EXPAND_MAX_SLOTS <= ahead < 0:
             # A little late (jitter, not a stall): its first slots went out as silence. Play it whole, that
-            # many slots later, rather than drop its start; the timeline moves later by that much and the
-            # phase steers the grid back earlier, 0.5 ms a packet (inaudible: no audio is cut for it).
+            # many slots later, rather than cut its start. The call's audio now runs that much late: the
+            # debt is paid back by taking a quiet slot out of the timeline (below), never by running the
+            # grid fast, which would make the RTP clock drift.
             self._slot_offset -= ahead
-            self._phase.moved(-ahead * PTIME_S)
             self.stats.rtp_out_expanded += -ahead
+            if not self._expand_debt:
+                self._debt_since = received_at
+            self._expand_debt += -ahead
             first_slot, ahead = first_slot - ahead, 0
         late_before = self._out.stats.late
         for j, chunk in enumerate(chunks):
-            self._out.put(first_slot + j, ulaw_encode(chunk))
+            self._out.put(first_slot + j, ulaw_encode(chunk), audioop.rms(chunk.tobytes(), 2))
         late = self._out.stats.late - late_before
         self.stats.rtp_out_late_dropped += late
         self._all_late_frames = self._all_late_frames + 1 if late == len(chunks) else 0
         if late < len(chunks):
             self._frame_marks[first_slot + late] = (frame.seq, received_at, late == 0)
-        # Its first packet's tick minus its arrival (negative: late), on the grid as it is now.
-        margin = self._out_deadline + ahead * PTIME_S - received_at
         self._slew_s += self._phase.observe(margin, pending_s=self._slew_s)
+        if self._expand_debt:
+            self._repay_expansion(received_at)
+
+    def _repay_expansion(self, now: float) -> None:
+        """Take one queued slot out of the timeline if one is quiet enough (any, once the debt is old)."""
+        overdue = now - self._debt_since > EXPAND_DEBT_MAX_S
+        dropped = self._out.drop_quietest(None if overdue else QUIET_RMS)
+        if dropped is None:
+            return
+        self._slot_offset -= 1
+        self._expand_debt -= 1
+        self._debt_since = now
+        self.stats.rtp_out_shrunk += 1
+        marks = self._frame_marks
+        for slot in sorted(k for k in marks if k > dropped):
+            marks[slot - 1] = marks.pop(slot)
 
     # -- output (media-clock steps) ----------------------------------------------------------------------
 

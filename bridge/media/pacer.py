@@ -92,6 +92,7 @@ class SlotBufferStats:
     late: int = 0  # payloads whose slot had already gone out (dropped)
     skipped: int = 0  # slots given up by the pacer after a stall (their payloads dropped)
     replaced: int = 0  # payloads put in a slot that already had one (the newer one kept)
+    dropped_quiet: int = 0  # payloads taken out of the timeline by drop_quietest
 
 
 class SlotBuffer:
@@ -113,6 +114,7 @@ class SlotBuffer:
         self.payload_size = len(silence)
         self.next_slot = 0  # the slot the next tick plays
         self._slots: dict[int, bytes] = {}
+        self._levels: dict[int, int] = {}
         self.stats = SlotBufferStats()
 
     @property
@@ -124,9 +126,10 @@ class SlotBuffer:
         """How many ticks until ``slot`` goes out (0: the next tick; negative: already gone)."""
         return slot - self.next_slot
 
-    def put(self, slot: int, payload: bytes) -> bool:
-        """Queue ``payload`` for ``slot``. False (nothing kept) when the slot is more than ``horizon`` ahead;
-        True otherwise, also when it was late (counted and dropped)."""
+    def put(self, slot: int, payload: bytes, level: int = 0) -> bool:
+        """Queue ``payload`` for ``slot``; ``level``: its loudness (any monotonic measure, e.g. RMS), for
+        :meth:`drop_quietest`. False (nothing kept) when the slot is more than ``horizon`` ahead; True
+        otherwise, also when it was late (counted and dropped)."""
         if len(payload) != self.payload_size:
             raise ValueError(f"payload must be {self.payload_size} bytes, got {len(payload)}")
         ahead = slot - self.next_slot
@@ -138,6 +141,7 @@ class SlotBuffer:
         if slot in self._slots:
             self.stats.replaced += 1
         self._slots[slot] = bytes(payload)
+        self._levels[slot] = level
         self.stats.queued += 1
         return True
 
@@ -147,6 +151,7 @@ class SlotBuffer:
         self.next_slot += 1
         self.stats.taken += 1
         payload = self._slots.pop(slot, None)
+        self._levels.pop(slot, None)
         if payload is None:
             self.stats.silence += 1
         return slot, payload
@@ -155,9 +160,28 @@ class SlotBuffer:
         """The pacer gave up ``count`` slots after a stall: their audio goes too."""
         for slot in range(self.next_slot, self.next_slot + count):
             self._slots.pop(slot, None)
+            self._levels.pop(slot, None)
         self.next_slot += count
         self.stats.skipped += count
 
     def clear(self) -> None:
         """Forget queued audio (hold, re-anchoring); not counted as drops."""
         self._slots.clear()
+        self._levels.clear()
+
+    def drop_quietest(self, max_level: int | None = None) -> int | None:
+        """Take one slot out of the timeline: the quietest queued payload (no louder than ``max_level``) is
+        dropped and every payload after it moves one slot earlier. Returns the dropped slot, or None when
+        nothing qualified. This is how audio played late (a silence slot went out before it) is made up for
+        without cutting speech or running the RTP clock fast."""
+        if not self._slots:
+            return None
+        slot = min(self._slots, key=lambda k: (self._levels[k], k))
+        if max_level is not None and self._levels[slot] > max_level:
+            return None
+        del self._slots[slot], self._levels[slot]
+        for later in sorted(k for k in self._slots if k > slot):
+            self._slots[later - 1] = self._slots.pop(later)
+            self._levels[later - 1] = self._levels.pop(later)
+        self.stats.dropped_quiet += 1
+        return slot

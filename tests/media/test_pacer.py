@@ -77,3 +77,16 @@ def test_slot_buffer_plays_by_slot_not_arrival() -> None:
         buf.put(buf.next_slot, b"\x00" * 100)
     with pytest.raises(ValueError):
         SlotBuffer(horizon=0)
+
+
+def test_slot_buffer_drops_the_quietest_and_closes_the_gap() -> None:
+    buf = SlotBuffer(horizon=8)
+    for slot, level in zip(range(0, 4), (900, 40, 700, 800), strict=True):
+        buf.put(slot, bytes([slot]) * 160, level)
+    assert buf.drop_quietest(max_level=10) is None and buf.depth == 4  # nothing that quiet: untouched
+    assert buf.drop_quietest(max_level=330) == 1
+    played = [buf.take() for _ in range(4)]
+    # Slot 1's payload is gone; 2 and 3 moved up one slot, and nothing else moved.
+    assert [p[0] if p else None for _, p in played] == [0, 2, 3, None]
+    assert buf.stats.dropped_quiet == 1
+    assert buf.drop_quietest() is None  # empty

@@ -33,9 +33,10 @@ receive serve whatever deadlines are due before doing their own work.
   frame margins (first slot's tick − arrival) and asks for the grid to sit just after about the 98th
   percentile of arrivals; the shift is *slewed* in at most ``SLEW_STEP_S`` per packet (each interval stays
   within 20 ± 0.5 ms). A frame up to ``EXPAND_MAX_SLOTS`` slots late plays whole, that much later (the
-  silence already sent is the pause); the slot is won back by dropping a quiet queued slot (a pause between
-  words), or the quietest one after ``EXPAND_DEBT_MAX_S``, never by running the grid fast (the RTP clock
-  would drift). Later than that (a stall), a frame loses just the packets whose slots went out; frames
+  silence already sent is the pause). The grid itself only slews within ``GRID_RANGE_S`` of its anchor;
+  larger phase moves are made in whole slots (a late frame played a slot later; a quiet queued slot, a pause
+  between words, or the quietest after ``SHRINK_WAIT_S``, taken out), so the RTP clock never drifts by more
+  than that. Later than that (a stall), a frame loses just the packets whose slots went out; frames
   that come in a burst after a stall wait for their own slots, so a stall costs audio once and never becomes
   lasting delay (a FIFO here kept every stall as delay until trimmed away, packet by packet). When the
   engine's numbering and the timeline part (frames it skipped; ``RESYNC_AFTER_LATE_FRAMES`` frames in a row
@@ -99,8 +100,9 @@ SLEW_STEP_S = 0.0005  # most the grid moves per packet: the interval stays withi
 OUTPUT_HORIZON_PACKETS = 16  # 320 ms: an engine frame further ahead than that re-anchors the output
 PACKETS_PER_FRAME = 4  # 20 ms packets per 80 ms engine frame
 EXPAND_MAX_SLOTS = 2  # a frame up to this many slots late plays whole, later; beyond (a stall) it is cut
-QUIET_RMS = 330  # 16-bit RMS (about -40 dBFS): a slot this quiet can be taken out of the timeline unheard
-EXPAND_DEBT_MAX_S = 2.0  # no quiet slot for this long: take out the quietest one there is
+QUIET_RMS = 580  # 16-bit RMS (about -35 dBFS): a slot this quiet can be taken out of the timeline unheard
+SHRINK_WAIT_S = 0.5  # no quiet slot for this long: take out the quietest one there is
+GRID_RANGE_S = 0.010  # the grid slews within ± this of its anchor; larger phase moves are made in whole slots
 RESYNC_AFTER_LATE_FRAMES = 8  # engine frames in a row entirely late (640 ms): re-anchor, don't drop forever
 STALL_SLOTS = 10  # input this many slots behind its grid (event-loop stall): re-anchor, don't conceal a burst
 _BIND_ATTEMPTS = 200
@@ -177,8 +179,8 @@ class CallMedia:
         self._phase = PlayoutPhase(target_s=OUTPUT_PHASE_S)
         self._slew_s = 0.0  # grid shift still to apply (negative: earlier)
         self._all_late_frames = 0  # engine frames in a row that arrived after all of their slots
-        self._expand_debt = 0  # slots the timeline moved later (late frames played whole), not yet repaid
-        self._debt_since = 0.0
+        self._grid_anchor = 0.0  # the grid's start when anchored: slews keep it within GRID_RANGE_S of this
+        self._shrink_since: float | None = None  # a slot is to come out of the timeline (since when)
         self._last_engine_frame_at: float | None = None
         # lifecycle
         self._sock: socket.socket | None = None
@@ -554,7 +556,8 @@ class CallMedia:
             self._out.next_slot = 0
             self._slot_offset = -frame.seq * PACKETS_PER_FRAME
             self._all_late_frames = 0
-            self._expand_debt = 0
+            self._grid_anchor = self._pacer.start
+            self._shrink_since = None
             self._schedule_output()
         first_slot = frame.seq * PACKETS_PER_FRAME + self._slot_offset
         ahead = self._out.ahead(first_slot)
@@ -564,20 +567,16 @@ class CallMedia:
             self._slot_offset -= ahead
             first_slot, ahead = self._out.next_slot, 0
             self._all_late_frames = 0
-            self._expand_debt = 0
+            self._shrink_since = None
             self.stats.rtp_out_resyncs += 1
         # Its first packet's tick minus its arrival (negative: late), on the grid as it is now.
         margin = self._out_deadline + ahead * PTIME_S - received_at
         if -EXPAND_MAX_SLOTS <= ahead < 0:
             # A little late (jitter, not a stall): its first slots went out as silence. Play it whole, that
-            # many slots later, rather than cut its start. The call's audio now runs that much late: the
-            # debt is paid back by taking a quiet slot out of the timeline (below), never by running the
-            # grid fast, which would make the RTP clock drift.
+            # many slots later, rather than cut its start: the timeline moves later by whole slots.
             self._slot_offset -= ahead
+            self._phase.moved(-ahead * PTIME_S)
             self.stats.rtp_out_expanded += -ahead
-            if not self._expand_debt:
-                self._debt_since = received_at
-            self._expand_debt += -ahead
             first_slot, ahead = first_slot - ahead, 0
         late_before = self._out.stats.late
         for j, chunk in enumerate(chunks):
@@ -587,19 +586,38 @@ class CallMedia:
         self._all_late_frames = self._all_late_frames + 1 if late == len(chunks) else 0
         if late < len(chunks):
             self._frame_marks[first_slot + late] = (frame.seq, received_at, late == 0)
-        self._slew_s += self._phase.observe(margin, pending_s=self._slew_s)
-        if self._expand_debt:
-            self._repay_expansion(received_at)
+        pending = self._slew_s - (PTIME_S if self._shrink_since is not None else 0.0)
+        self._steer(self._phase.observe(margin, pending_s=pending), received_at)
+        if self._shrink_since is not None:
+            self._shrink(received_at)
 
-    def _repay_expansion(self, now: float) -> None:
-        """Take one queued slot out of the timeline if one is quiet enough (any, once the debt is old)."""
-        overdue = now - self._debt_since > EXPAND_DEBT_MAX_S
+    def _steer(self, shift: float, now: float) -> None:
+        """Carry out a phase shift the controller asked for. Within ``GRID_RANGE_S`` of the grid's anchor it
+        is slewed into the grid; beyond, it is made in whole slots of the timeline (a late frame played a
+        slot later, a quiet slot taken out), so the RTP clock never runs fast or slow for long: its drift
+        stays within ``GRID_RANGE_S``."""
+        pacer = self._pacer
+        if pacer is None or not shift:
+            return
+        offset = pacer.start + self._slew_s - self._grid_anchor
+        wanted = offset + shift
+        if wanted < -GRID_RANGE_S and self._shrink_since is None:
+            self._shrink_since = now  # a slot comes out of the timeline: the grid then needs 20 ms less
+            wanted += PTIME_S
+        clamped = min(max(wanted, -GRID_RANGE_S), GRID_RANGE_S)
+        if clamped != wanted:  # not carried out: the controller must not count on it
+            self._phase.moved(clamped - wanted)
+        self._slew_s = clamped - (pacer.start - self._grid_anchor)
+
+    def _shrink(self, now: float) -> None:
+        """Take one queued slot out of the timeline: a quiet one (a pause between words), or after
+        ``SHRINK_WAIT_S`` without one, the quietest there is."""
+        overdue = now - (self._shrink_since or now) > SHRINK_WAIT_S
         dropped = self._out.drop_quietest(None if overdue else QUIET_RMS)
         if dropped is None:
             return
         self._slot_offset -= 1
-        self._expand_debt -= 1
-        self._debt_since = now
+        self._shrink_since = None
         self.stats.rtp_out_shrunk += 1
         marks = self._frame_marks
         for slot in sorted(k for k in marks if k > dropped):

@@ -250,3 +250,38 @@ async def test_engine_stall_costs_audio_once_not_lasting_delay(speech_8k: np.nda
     # ...and the queue is back to at most one frame plus a packet: the call did not keep the stall as delay.
     assert depths and max(depths) <= 5, depths
     assert call.leg.timestamp_errors == 0 and call.leg.sequence_gaps == 0
+
+
+class JitteryBackend(EchoBackend):
+    """Echo whose steps take 0–35 ms at random: frames come back with that much jitter."""
+
+    def __init__(self, num_slots: int) -> None:
+        super().__init__(num_slots)
+        self._rng = np.random.default_rng(3)
+
+    def step(self, frames: dict[int, np.ndarray]) -> dict[int, StepOutput]:
+        import time
+
+        time.sleep(float(self._rng.uniform(0.0, 0.035)))
+        return super().step(frames)
+
+
+async def test_engine_jitter_moves_the_timeline_in_slots_without_clock_drift(speech_8k: np.ndarray) -> None:
+    engine_settings = EngineSettings(port=0, num_slots=2, batch_window_ms=0)
+    async with run_engine(engine_settings, backend=JitteryBackend(2)) as url:
+        async with wired_call(url, speech_8k) as call:
+            leg_run = asyncio.create_task(call.leg.run(5.0, tail_s=0.2))
+            grid_offsets: list[float] = []  # how far the pacer's grid has been slewed from its anchor
+            while not leg_run.done():
+                await asyncio.sleep(0.01)
+                pacer = call.media._pacer
+                if pacer is not None:
+                    grid_offsets.append(abs(pacer.start - call.media._grid_anchor))
+            await leg_run
+    stats = call.media.stats
+    assert grid_offsets and max(grid_offsets) <= 0.010 + 1e-6, max(grid_offsets)
+    assert stats.rtp_out_expanded > 0  # late frames were played whole, a slot later...
+    assert stats.rtp_out_late_dropped <= 4  # ...not cut (a stray one more than two slots late may be)
+    # The grid slewed only within its ±10 ms range: the RTP clock kept real time.
+    assert abs(call.leg.timestamp_drift_ms) < 15.0, call.leg.timestamp_drift_ms
+    assert call.leg.timestamp_errors == 0 and call.leg.sequence_gaps == 0

@@ -20,21 +20,15 @@ from engine.backend import PersonaParams, StepOutput
 from engine.echo import EchoBackend
 from engine.protocol import FRAME_SAMPLES
 from engine.server import run_engine
+from tests.http_server import serve_on_loopback
 
 
 @asynccontextmanager
 async def bridge_http(engine_url: str, resolver: Callable[[str], Any] | None = None) -> AsyncIterator[str]:
     app = web.Application()
     app.add_routes(browser_routes(Settings(bridge=BridgeSettings(engine_url=engine_url)), resolver))
-    runner = web.AppRunner(app, shutdown_timeout=1.0)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        await runner.cleanup()
+    async with serve_on_loopback(app, shutdown_timeout=1.0) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 @asynccontextmanager

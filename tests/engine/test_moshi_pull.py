@@ -20,6 +20,7 @@ pytest.importorskip("moshi")
 
 from engine.moshi.loader import verify_model
 from engine.moshi.tiny import write_tiny_model
+from tests.http_server import serve_on_loopback
 
 COMMIT = "a" * 40
 REPO = "aziza-test/tiny-moshi"
@@ -55,20 +56,13 @@ def fake_hub(files: dict[str, bytes], broken: set[str]) -> web.Application:
 
 
 async def pull(tmp_path: Path, files: dict[str, bytes], broken: set[str], target: Path) -> tuple[int, str]:
-    runner = web.AppRunner(fake_hub(files, broken))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HUB_CACHE=str(tmp_path / "hub"),
-               HF_HUB_DISABLE_XET="1", HF_HUB_ETAG_TIMEOUT="5", HF_HUB_DOWNLOAD_TIMEOUT="5")
-    try:
+    async with serve_on_loopback(fake_hub(files, broken)) as port:
+        env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HUB_CACHE=str(tmp_path / "hub"),
+                   HF_HUB_DISABLE_XET="1", HF_HUB_ETAG_TIMEOUT="5", HF_HUB_DOWNLOAD_TIMEOUT="5")
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "admin_cli.main", "model", "pull", REPO, "--dir", str(target), env=env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    finally:
-        await runner.cleanup()
     return proc.returncode or 0, out.decode()
 
 

@@ -18,6 +18,7 @@ from bridge.media.assets import load_speech_8k
 from bridge.media.call_media import CallMedia
 from bridge.media.simleg import SimLeg
 from engine.server import run_engine
+from tests.http_server import serve_on_loopback
 
 FakeEngineHandler = Callable[[web.WebSocketResponse], Awaitable[None]]
 
@@ -82,15 +83,8 @@ async def fake_engine(handler: FakeEngineHandler) -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_get("/session", session)
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        yield f"ws://{host}:{port}/session"
-    finally:
-        await runner.cleanup()
+    async with serve_on_loopback(app, shutdown_timeout=0.5) as port:
+        yield f"ws://127.0.0.1:{port}/session"
 
 
 def best_correlation(sent: np.ndarray, received: np.ndarray, max_lag: int = 8000) -> tuple[float, int]:

@@ -30,9 +30,10 @@ import numpy as np
 from bridge.config import BridgeSettings, EngineSettings
 from bridge.engine_client import EngineSession
 from bridge.media.assets import load_speech_8k
-from bridge.media.call_media import CallMedia, freeze_startup_heap
+from bridge.media.call_media import CallMedia
 from bridge.media.metrics import Histogram, MediaStats, merge_histograms
 from bridge.media.simleg import SimLeg
+from bridge.startup import freeze_startup_heap
 
 DEFAULT_WAV = "aziza-demo-out.wav"
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import logging
 import time
 import uuid
@@ -31,6 +30,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from bridge.config import EngineSettings, get_settings
+from bridge.startup import freeze_startup_heap
 from engine.backend import BatchBackend
 from engine.metrics import EngineMetrics
 from engine.protocol import (
@@ -399,10 +399,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"aziza-engine: cannot start the {settings.backend} backend: {exc}") from None
     log.info("aziza-engine: backend %s, %d slots, window %.0f ms", settings.backend, settings.num_slots,
              settings.batch_window_ms)
-    # Out of the collector's reach: full collections walking the startup heap (torch, aiohttp, pydantic...)
-    # stop the tick loop for tens of ms, which every call hears (bridge/media/call_media.py does the same).
-    gc.collect()
-    gc.freeze()
+    freeze_startup_heap()  # collections walking the startup heap would stall the tick loop every call hears
     # run_app turns SIGTERM/SIGINT into a graceful shutdown: on_shutdown tells sessions, cleanup stops ticks.
     if settings.unix_socket:
         web.run_app(app, path=settings.unix_socket, shutdown_timeout=5.0, print=None)

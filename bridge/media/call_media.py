@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import asyncio
 import audioop
-import gc
 import logging
 import random
 import socket
@@ -109,15 +108,6 @@ _BIND_ATTEMPTS = 200
 _RECV_BATCH = 64
 
 InboundFormat = Literal["ulaw", "slin16"]
-
-
-def freeze_startup_heap() -> None:
-    """Call once the process has started up (imports, settings, pools): moves every object alive now out of
-    the garbage collector's reach (``gc.freeze``). Full collections otherwise walk the whole startup heap
-    (hundreds of thousands of objects: pydantic, aiohttp, numpy...) and stop the event loop for tens of ms,
-    which the far end hears as RTP pacing jitter. Measured with ``aziza-admin bench media --calls 50``."""
-    gc.collect()
-    gc.freeze()
 
 
 class MediaBindError(OSError):
@@ -181,7 +171,6 @@ class CallMedia:
         self._all_late_frames = 0  # engine frames in a row that arrived after all of their slots
         self._grid_anchor = 0.0  # the grid's start when anchored: slews keep it within GRID_RANGE_S of this
         self._shrink_since: float | None = None  # a slot is to come out of the timeline (since when)
-        self._last_engine_frame_at: float | None = None
         # lifecycle
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -539,7 +528,6 @@ class CallMedia:
 
     def _on_engine_frame(self, frame: AudioFrame, received_at: float) -> None:
         self.stats.frames_from_engine += 1
-        self._last_engine_frame_at = received_at
         if frame.seq > self._next_engine_seq:
             self.stats.engine_frames_lost += frame.seq - self._next_engine_seq
         self._next_engine_seq = max(self._next_engine_seq, frame.seq + 1)
@@ -735,4 +723,4 @@ class CallMedia:
         return out
 
 
-__all__ = ["CallMedia", "MediaBindError", "MediaStats", "freeze_startup_heap"]
+__all__ = ["CallMedia", "MediaBindError", "MediaStats"]

@@ -58,9 +58,8 @@ class PlayoutPhase:
         self.hysteresis_s = hysteresis_s
         self.min_frames_to_advance = min_frames_to_advance
         self.frame_s = frame_s
-        # Margins as they would be at zero shift: adding the current shift gives today's margin.
+        # Margins as they would be at zero shift: adding stats.shift_s gives today's margin.
         self._margins: deque[float] = deque(maxlen=window)
-        self._shift = 0.0
         self.stats = PlayoutPhaseStats()
 
     def observe(self, margin_s: float, pending_s: float = 0.0) -> float:
@@ -70,11 +69,11 @@ class PlayoutPhase:
         if margin_s + pending_s < -self.frame_s:
             self.stats.stall_frames += 1
             return 0.0
-        stored = margin_s + pending_s - self._shift
+        stored = margin_s + pending_s - self.stats.shift_s
         self._margins.append(stored)
         if len(self._margins) < self.rank:
             return 0.0
-        kth = sorted(self._margins)[self.rank - 1] + self._shift
+        kth = sorted(self._margins)[self.rank - 1] + self.stats.shift_s
         if kth < 0.0:
             delta = self.target_s - kth
             self.stats.later_moves += 1
@@ -83,12 +82,10 @@ class PlayoutPhase:
             self.stats.earlier_moves += 1
         else:
             return 0.0
-        self._shift += delta
-        self.stats.shift_s = self._shift
+        self.stats.shift_s += delta
         return delta
 
     def moved(self, shift_s: float) -> None:
         """The caller moved the grid by ``shift_s`` on its own (positive: later), e.g. by playing a late
         frame one slot later instead of dropping its audio."""
-        self._shift += shift_s
-        self.stats.shift_s = self._shift
+        self.stats.shift_s += shift_s

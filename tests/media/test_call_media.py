@@ -16,7 +16,7 @@ from bridge.media.rtp import RtpPacket, build_rtp
 from bridge.media.simleg import GARBAGE_KINDS, SimLeg
 from engine.backend import StepOutput
 from engine.echo import EchoBackend
-from engine.protocol import Ready, encode_control
+from engine.protocol import Ready, decode_audio, encode_audio, encode_control
 from engine.server import run_engine
 from tests.media.fixtures import bridge_settings, fake_engine, segment_correlations, wired_call
 
@@ -284,4 +284,31 @@ async def test_engine_jitter_moves_the_timeline_in_slots_without_clock_drift(spe
     assert stats.rtp_out_late_dropped <= 4  # ...not cut (a stray one more than two slots late may be)
     # The grid slewed only within its ±10 ms range: the RTP clock kept real time.
     assert abs(call.leg.timestamp_drift_ms) < 15.0, call.leg.timestamp_drift_ms
+    assert call.leg.timestamp_errors == 0 and call.leg.sequence_gaps == 0
+
+
+async def test_engine_numbering_jump_resyncs_the_output(speech_8k: np.ndarray) -> None:
+    """An engine whose frame numbers jump by 1000 mid-call (frames skipped on its side): the output re-anchors
+    on the new numbering and plays on, instead of waiting for slots 20 s away or dropping everything."""
+
+    async def renumbering_echo(ws: web.WebSocketResponse) -> None:
+        await ws.receive()  # open
+        await ws.send_str(encode_control(Ready("s", 0, 1)))
+        seq = 0
+        async for msg in ws:
+            if msg.type != WSMsgType.BINARY:
+                continue
+            frame = decode_audio(msg.data)
+            await ws.send_bytes(encode_audio(seq, frame.pcm))
+            seq += 1000 if seq == 10 else 1
+
+    async with fake_engine(renumbering_echo) as url, wired_call(url, speech_8k) as call:
+        await call.leg.run(len(speech_8k) / 8000 + 0.3, tail_s=0.3)
+    stats = call.media.stats
+    assert stats.rtp_out_resyncs == 1
+    assert stats.engine_frames_lost == 999  # the gap is counted as what it is
+    assert stats.frames_from_engine > 20
+    # Played on after the jump: what came back is still the caller's speech, frame after frame.
+    corrs = segment_correlations(speech_8k, call.leg.received_audio_8k())
+    assert len(corrs) >= 3 and min(corrs) > 0.8, corrs
     assert call.leg.timestamp_errors == 0 and call.leg.sequence_gaps == 0

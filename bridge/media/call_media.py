@@ -94,7 +94,7 @@ log = logging.getLogger(__name__)
 
 PTIME_S = 0.020
 OUT_SAMPLES = 160  # 20 ms of 8 kHz µ-law
-OUTPUT_PHASE_S = 0.002  # output grid anchor after the first engine frame: absorbs small arrival jitter
+OUTPUT_PHASE_S = 0.005  # grid margin after engine frames: below ~5 ms, loop jitter alone made frames late
 SLEW_STEP_S = 0.0005  # most the grid moves per packet: the interval stays within 20 ± 0.5 ms
 OUTPUT_HORIZON_PACKETS = 16  # 320 ms: an engine frame further ahead than that re-anchors the output
 PACKETS_PER_FRAME = 4  # 20 ms packets per 80 ms engine frame

@@ -36,6 +36,10 @@ from bridge.media.simleg import SimLeg
 from bridge.startup import freeze_startup_heap
 
 DEFAULT_WAV = "aziza-demo-out.wav"
+# The echo engine steps each frame as it comes: batching buys an echo nothing, and a window would add
+# 0..window ms of jitter to a backend whose delay is meant to be fixed (the Moshi engine batches; its
+# step time is the engine's own delay, which the added-latency figure leaves out).
+ECHO_BATCH_WINDOW_MS = 0
 
 
 @contextlib.asynccontextmanager
@@ -48,7 +52,7 @@ async def _engine(url: str | None, slots: int) -> AsyncIterator[str]:
 
     with tempfile.TemporaryDirectory(prefix="aziza-demo-") as tmp:
         settings = EngineSettings(unix_socket=str(Path(tmp) / "engine.sock"), num_slots=slots,
-                                  batch_window_ms=5)
+                                  batch_window_ms=ECHO_BATCH_WINDOW_MS)
         async with run_engine(settings) as engine_url:
             yield engine_url
 
@@ -156,7 +160,7 @@ async def _start_engine_process(slots: int) -> tuple[asyncio.subprocess.Process,
     port = _free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "engine.server", "--host", "127.0.0.1", "--port", str(port),
-        "--backend", "echo", "--slots", str(slots), "--batch-window-ms", "5",
+        "--backend", "echo", "--slots", str(slots), "--batch-window-ms", str(ECHO_BATCH_WINDOW_MS),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )
     url = f"ws://127.0.0.1:{port}/session"
@@ -271,6 +275,8 @@ async def _bench(
         "output_expanded": sum(s.rtp_out_expanded for s in stats),
         "output_shrunk": sum(s.rtp_out_shrunk for s in stats),
         "output_late_dropped": sum(s.rtp_out_late_dropped for s in stats),
+        "output_waited": sum(s.rtp_out_waited for s in stats),
+        "output_wait_expired": sum(s.rtp_out_wait_expired for s in stats),
         "output_packets": sum(s.rtp_out for s in stats),
         "pacer_skipped": sum(s.rtp_out_skipped for s in stats),
         "cpu_percent": round(100.0 * cpu / wall, 1),

@@ -96,6 +96,8 @@ PTIME_S = 0.020
 OUT_SAMPLES = 160  # 20 ms of 8 kHz µ-law
 OUTPUT_PHASE_S = 0.005  # grid margin after engine frames: below ~5 ms, loop jitter alone made frames late
 SLEW_STEP_S = 0.0005  # most the grid moves per packet: the interval stays within 20 ± 0.5 ms
+LATE_GRACE_S = 0.006  # a frame due but not here at its first tick is waited for this long before silence
+FLOWING_S = 0.200  # frames count as due only while they keep coming (not before the first, not after a pause)
 OUTPUT_HORIZON_PACKETS = 16  # 320 ms: an engine frame further ahead than that re-anchors the output
 PACKETS_PER_FRAME = 4  # 20 ms packets per 80 ms engine frame
 EXPAND_MAX_SLOTS = 2  # a frame up to this many slots late plays whole, later; beyond (a stall) it is cut
@@ -180,6 +182,11 @@ class CallMedia:
         self._in_handle: ClockHandle | None = None
         self._out_handle: ClockHandle | None = None
         self._out_deadline = 0.0
+        # A first packet held back for its frame (LATE_GRACE_S): its tick, and the handle that gives up on it.
+        self._waiting_tick: float | None = None
+        self._grace_handle: ClockHandle | None = None
+        self._last_frame_at: float | None = None
+        self._in_sent_seq = -1  # the last input frame handed to the engine
         self._ended = asyncio.Event()
         self._finished = asyncio.Event()
         self._running = False
@@ -299,6 +306,7 @@ class CallMedia:
         if self._out_handle is not None:
             self._out_handle.cancel()
             self._out_handle = None
+        self._cancel_wait()
         self._out.clear()
         self._frame_marks.clear()
         self._control.put_nowait("pause")
@@ -364,10 +372,10 @@ class CallMedia:
             self._end(f"bind_failed: {exc}")
         finally:
             self._end("stopped")
-            for handle in (self._in_handle, self._out_handle):
+            for handle in (self._in_handle, self._out_handle, self._grace_handle):
                 if handle is not None:
                     handle.cancel()
-            self._in_handle = self._out_handle = None
+            self._in_handle = self._out_handle = self._grace_handle = None
             if self._clock_acquired is not None:
                 clock, self._clock_acquired = self._clock_acquired, None
                 clock.release()
@@ -485,6 +493,7 @@ class CallMedia:
                 self._in_latency_by_seq.pop(next(iter(self._in_latency_by_seq)))
             ms = (self._clock() - popped_at) * 1000.0
             self._in_latency_by_seq[seq] = ms
+            self._in_sent_seq = seq
             self.stats.latency_in_ms.add(ms)
 
     def _default_pt(self) -> int:
@@ -533,6 +542,7 @@ class CallMedia:
         self._next_engine_seq = max(self._next_engine_seq, frame.seq + 1)
         if self._held:
             return
+        self._last_frame_at = received_at
         chunks = self._packets_out.push(float32_to_pcm16(self._resample_out.process(frame.pcm)))
         if not chunks:  # (the resampler's start-up delay can leave a first frame with no whole packet)
             return
@@ -557,19 +567,25 @@ class CallMedia:
             self._all_late_frames = 0
             self._shrink_since = None
             self.stats.rtp_out_resyncs += 1
-        # Its first packet's tick minus its arrival (negative: late), on the grid as it is now.
-        margin = self._out_deadline + ahead * PTIME_S - received_at
+        # Its first packet's tick minus its arrival (negative: late), on the grid as it is now. The next
+        # slot's tick is the one held back for this frame, if one is.
+        next_tick = self._waiting_tick if self._waiting_tick is not None else self._out_deadline
+        margin = next_tick + ahead * PTIME_S - received_at
         if -EXPAND_MAX_SLOTS <= ahead < 0:
             # A little late (jitter, not a stall): its first slots went out as silence. Play it whole, that
             # many slots later, rather than cut its start: the timeline moves later by whole slots.
             self._slot_offset -= ahead
             self._phase.moved(-ahead * PTIME_S)
             self.stats.rtp_out_expanded += -ahead
+            margin -= ahead * PTIME_S  # the controller counts the move: give it the margin on the moved grid
             first_slot, ahead = first_slot - ahead, 0
         late_before = self._out.stats.late
         for j, chunk in enumerate(chunks):
             self._out.put(first_slot + j, ulaw_encode(chunk), audioop.rms(chunk.tobytes(), 2))
         late = self._out.stats.late - late_before
+        if self._waiting_tick is not None and self._out.has(self._out.next_slot):
+            self.stats.rtp_out_waited += 1  # its frame came within the grace: its audio goes out now
+            self._send_waiting()
         self.stats.rtp_out_late_dropped += late
         self._all_late_frames = self._all_late_frames + 1 if late == len(chunks) else 0
         if late < len(chunks):
@@ -644,6 +660,8 @@ class CallMedia:
         if self.remote is None:
             self._schedule_output()
             return
+        if self._waiting_tick is not None:  # (the clock ran late: the held packet goes first, as it is)
+            self._send_waiting()
         deadline = self._out_deadline
         # The clock serves deadlines up to COALESCE_S early: count such a tick as on time.
         now = max(self._clock(), deadline)
@@ -658,10 +676,60 @@ class CallMedia:
             self._out.skip(skipped)
         if due:
             self.stats.send_lateness_ms.add((now - deadline) * 1000.0)
-        for _ in range(due):
-            self._send_packet()
+        if due == 1 and self._frame_due_now(now):
+            self._hold_for_frame(deadline)
+        else:
+            for _ in range(due):
+                self._send_packet()
         if self._pacer is pacer:
             self._schedule_output()
+
+    # -- the grace for a frame that is due ---------------------------------------------------------------
+    #
+    # Each engine frame's first packet has a tick; a frame that misses it by a hair used to cost a whole slot
+    # (played 20 ms later, or its first 20 ms cut). Instead, when the tick comes and the frame that is due
+    # is not there, that packet is held back for up to LATE_GRACE_S and leaves the moment the frame
+    # arrives (its interval stretches by the wait, the next one shrinks by it: the grid does not move).
+
+    def _frame_due_now(self, now: float) -> bool:
+        """Whether the next slot is the first slot of the next engine frame, not here yet, while frames are
+        coming at their cadence, and the engine already has the input it answers (output frame n is the
+        step on input frame n): a frame whose input is itself late (caller's packets missing, concealment
+        waiting for them) cannot come within the grace, and waiting for it would only bend the pacing."""
+        last = self._last_frame_at
+        if last is None or now - last > FLOWING_S or self._waiting_tick is not None:
+            return False
+        if self._next_engine_seq > self._in_sent_seq:
+            return False
+        slot = self._out.next_slot
+        return slot == self._next_engine_seq * PACKETS_PER_FRAME + self._slot_offset and not self._out.has(slot)
+
+    def _hold_for_frame(self, tick: float) -> None:
+        clock = self._clock_acquired
+        if clock is None:
+            self._send_packet()
+            return
+        self._waiting_tick = tick
+        self._grace_handle = clock.call_at(self._to_monotonic(tick + LATE_GRACE_S), self._on_grace_over)
+
+    def _on_grace_over(self) -> None:
+        self._grace_handle = None
+        if self._waiting_tick is not None:
+            self.stats.rtp_out_wait_expired += 1
+        self._guarded(self._send_waiting)
+
+    def _send_waiting(self) -> None:
+        """Send the held-back packet now (its frame's audio, or silence when the grace ran out)."""
+        if self._waiting_tick is None:
+            return
+        self._cancel_wait()
+        self._send_packet()
+
+    def _cancel_wait(self) -> None:
+        self._waiting_tick = None
+        if self._grace_handle is not None:
+            self._grace_handle.cancel()
+            self._grace_handle = None
 
     def _send_packet(self) -> None:
         sock, remote = self._sock, self.remote

@@ -229,10 +229,11 @@ class JitterBuffer:
     def _play(self, ext: int, now: float) -> Playout:
         pkt, arrival = self._buffer.pop(ext)
         self._advance_past(ext, pkt)
-        self._played.append(ext)
+        played = self._played
+        if len(played) == _PLAYED_MEMORY:  # the deque forgets its oldest: so does the set (O(1) per pop)
+            self._played_set.discard(played[0])
+        played.append(ext)
         self._played_set.add(ext)
-        if len(self._played_set) > _PLAYED_MEMORY:
-            self._played_set.intersection_update(self._played)
         self.stats.played += 1
         self._update_depth()
         return Playout(

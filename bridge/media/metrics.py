@@ -87,6 +87,8 @@ class MediaStats:
     rtp_out_late_dropped: int = 0  # engine audio packets that arrived after their slot went out (as silence)
     rtp_out_expanded: int = 0  # slots the output timeline moved later to play slightly late frames whole
     rtp_out_shrunk: int = 0  # quiet slots taken out of the timeline to win those back
+    rtp_out_waited: int = 0  # first packets held back for their frame (LATE_GRACE_S) that it came in time for
+    rtp_out_wait_expired: int = 0  # ...and those whose frame did not come in time (silence went out)
     rtp_out_resyncs: int = 0  # engine frame numbering re-anchored on the call's timeline (skips, far ahead)
     send_errors: int = 0
     holds: int = 0

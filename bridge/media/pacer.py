@@ -122,6 +122,10 @@ class SlotBuffer:
         """Payloads waiting for their slot."""
         return len(self._slots)
 
+    def has(self, slot: int) -> bool:
+        """Whether a payload is queued for ``slot``."""
+        return slot in self._slots
+
     def ahead(self, slot: int) -> int:
         """How many ticks until ``slot`` goes out (0: the next tick; negative: already gone)."""
         return slot - self.next_slot

@@ -11,7 +11,7 @@ from aiohttp import WSMsgType, web
 
 from bridge.config import EngineSettings
 from bridge.engine_client import EngineSession
-from bridge.media.call_media import CallMedia, MediaBindError
+from bridge.media.call_media import LATE_GRACE_S, CallMedia, MediaBindError
 from bridge.media.rtp import RtpPacket, build_rtp
 from bridge.media.simleg import GARBAGE_KINDS, SimLeg
 from engine.backend import StepOutput
@@ -284,6 +284,48 @@ async def test_engine_jitter_moves_the_timeline_in_slots_without_clock_drift(spe
     assert stats.rtp_out_late_dropped <= 4  # ...not cut (a stray one more than two slots late may be)
     # The grid slewed only within its ±10 ms range: the RTP clock kept real time.
     assert abs(call.leg.timestamp_drift_ms) < 15.0, call.leg.timestamp_drift_ms
+    assert call.leg.timestamp_errors == 0 and call.leg.sequence_gaps == 0
+
+
+class SpikyBackend(EchoBackend):
+    """Echo whose steps on the given frames take ``spike_s`` longer: a frame now and then a few ms late."""
+
+    def __init__(self, num_slots: int, spike_steps: set[int], spike_s: float) -> None:
+        super().__init__(num_slots)
+        self.spike_steps = spike_steps
+        self.spike_s = spike_s
+        self.steps = 0
+
+    def step(self, frames: dict[int, np.ndarray]) -> dict[int, StepOutput]:
+        import time
+
+        self.steps += 1
+        if self.steps in self.spike_steps:
+            time.sleep(self.spike_s)
+        return super().step(frames)
+
+
+async def test_a_frame_a_few_ms_late_is_waited_for_not_played_a_slot_later(speech_8k: np.ndarray) -> None:
+    """Two frames come back 9 ms late, 55 frames apart (so the phase controller takes each for an outlier,
+    not a new phase): each misses its first tick by a few ms, and its first packet is held back until it
+    arrives (within LATE_GRACE_S) instead of the timeline moving a slot later or its start being cut."""
+    backend = SpikyBackend(2, spike_steps={15, 70}, spike_s=0.009)
+    engine_settings = EngineSettings(port=0, num_slots=2, batch_window_ms=0)
+    async with run_engine(engine_settings, backend=backend) as url:
+        async with wired_call(url, np.tile(speech_8k, 3)) as call:
+            leg_run = asyncio.create_task(call.leg.run(6.5, tail_s=0.2))
+            mid_call: dict[str, int] = {}
+            while not leg_run.done():
+                await asyncio.sleep(0.01)
+                if backend.steps == 76 and not mid_call:  # past both spikes, before the caller stops
+                    stats = call.media.stats
+                    mid_call = {"waited": stats.rtp_out_waited, "expired": stats.rtp_out_wait_expired,
+                                "expanded": stats.rtp_out_expanded, "late": stats.rtp_out_late_dropped}
+            await leg_run
+    assert mid_call == {"waited": 2, "expired": 0, "expanded": 0, "late": 0}, mid_call
+    # The held packets left late by at most the grace; the grid itself did not move (no drift, no gap).
+    assert float(np.max(call.leg.pacing_jitter_ms)) <= LATE_GRACE_S * 1000.0 + 2.0
+    assert abs(call.leg.timestamp_drift_ms) < 15.0
     assert call.leg.timestamp_errors == 0 and call.leg.sequence_gaps == 0
 
 

@@ -702,7 +702,8 @@ class CallMedia:
         if self._next_engine_seq > self._in_sent_seq:
             return False
         slot = self._out.next_slot
-        return slot == self._next_engine_seq * PACKETS_PER_FRAME + self._slot_offset and not self._out.has(slot)
+        due_slot = self._next_engine_seq * PACKETS_PER_FRAME + self._slot_offset
+        return slot == due_slot and not self._out.has(slot)
 
     def _hold_for_frame(self, tick: float) -> None:
         clock = self._clock_acquired

@@ -32,7 +32,10 @@ receive serve whatever deadlines are due before doing their own work.
   The phase then follows the engine without breaking the cadence: ``PlayoutPhase`` keeps the last 4 s of
   frame margins (first slot's tick − arrival) and asks for the grid to sit just after about the 98th
   percentile of arrivals; the shift is *slewed* in at most ``SLEW_STEP_S`` per packet (each interval stays
-  within 20 ± 0.5 ms). A frame up to ``EXPAND_MAX_SLOTS`` slots late plays whole, that much later (the
+  within 20 ± 0.5 ms). When a frame's first tick comes and the frame is not there but the engine has its
+  input, that packet is held back up to ``LATE_GRACE_S`` and leaves as the frame arrives (one interval
+  longer, the next shorter, the grid unmoved). A frame later than that, up to ``EXPAND_MAX_SLOTS`` slots
+  late, plays whole, that much later (the
   silence already sent is the pause). The grid itself only slews within ``GRID_RANGE_S`` of its anchor;
   larger phase moves are made in whole slots (a late frame played a slot later; a quiet queued slot, a pause
   between words, or the quietest after ``SHRINK_WAIT_S``, taken out), so the RTP clock never drifts by more

@@ -22,6 +22,7 @@ from bridge.call_deps import CallDeps
 from bridge.config import Settings, get_settings
 from bridge.control_api import HealthProbe, control_routes
 from bridge.controller import CallController
+from bridge.startup import freeze_startup_heap
 
 log = logging.getLogger("aziza.bridge")
 
@@ -116,6 +117,7 @@ async def serve(settings: Settings) -> None:
     async with production_deps(settings) as wired, BridgeService(
         settings, wired.deps, health_probe=wired.health_probe, extra_routes=wired.routes
     ):
+        freeze_startup_heap()  # started (pools, ARI, servers): collections must not walk all that mid-call
         await stop.wait()
         log.info("aziza-bridge stopping")
 

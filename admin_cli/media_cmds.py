@@ -217,14 +217,16 @@ async def _bench(
         cpu0, wall0 = time.process_time(), time.monotonic()
         legs_proc.stdin.write(b"go\n")
         await legs_proc.stdin.drain()
-        legs = await _read_json_line(legs_proc.stdout)
+        await _read_json_line(legs_proc.stdout)  # every leg has stopped sending: the callers hang up
         cpu = time.process_time() - cpu0
         wall = time.monotonic() - wall0
         child_cpu = {name: _proc_cpu_s(pid) - child_cpu0[name] for name, pid in children.items()}
-        child_cpu["legs"] = float(legs.get("cpu_s", child_cpu["legs"]))
-        for m in medias:
-            await m.stop()
+        # All at once, as a hang-up would: calls left running while the legs write their report would measure
+        # the bridge beside a legs process busy with that, not beside callers.
+        await asyncio.gather(*(m.stop() for m in medias))
         reasons = await asyncio.gather(*runs)
+        legs = await _read_json_line(legs_proc.stdout)
+        child_cpu["legs"] = float(legs.get("cpu_s", child_cpu["legs"]))
     finally:
         for m in medias:
             await m.stop()
@@ -325,7 +327,7 @@ def bench_media(
 async def _run_leg(leg: SimLeg, seconds: float, start_delay_s: float) -> None:
     if start_delay_s:
         await asyncio.sleep(start_delay_s)
-    await leg.run(seconds, tail_s=0.2)
+    await leg.run(seconds)
 
 
 async def _legs_main() -> None:
@@ -350,9 +352,15 @@ async def _legs_main() -> None:
         # Real calls start at unrelated instants, so their packets and 80 ms frame boundaries fall at
         # phases spread over a frame; --aligned starts them all at once (every call's work in one burst).
         spread_s = 0.0 if config.get("aligned") else 0.080
+        # Every leg stops sending at the same instant (the later a leg starts, the less it sends), so that
+        # the bridge can hang every call up at once with no leg left silent beforehand.
         await asyncio.gather(*(
-            _run_leg(leg, config["seconds"], i * spread_s / len(legs)) for i, leg in enumerate(legs)
+            _run_leg(leg, config["seconds"] + spread_s - start, start)
+            for leg, start in zip(legs, (i * spread_s / len(legs) for i in range(len(legs))), strict=True)
         ))
+        cpu_sending = time.process_time() - cpu0
+        print(json.dumps({"sent": True}), flush=True)
+        await asyncio.sleep(0.2)  # still receiving: what was in flight when the calls were hung up
         jitter = np.concatenate([leg.pacing_jitter_ms for leg in legs])
         print(json.dumps({
             "pacing_jitter_ms": [round(float(v), 4) for v in jitter],
@@ -360,7 +368,7 @@ async def _legs_main() -> None:
             "timestamp_errors": sum(leg.timestamp_errors for leg in legs),
             "timestamp_drift_ms_max": max(abs(leg.timestamp_drift_ms) for leg in legs),
             "packets_received": sum(leg.packets_received for leg in legs),
-            "cpu_s": time.process_time() - cpu0,  # its own count: it may exit before /proc is read
+            "cpu_s": cpu_sending,  # its own count: it may exit before /proc is read
         }), flush=True)
     finally:
         for leg in legs:

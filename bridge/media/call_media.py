@@ -249,6 +249,12 @@ class CallMedia:
         clock = self._clock_acquired
         if clock is not None:
             clock.run_due()  # other calls' sends due now go out before this call's input work
+        got = self._read_datagrams(sock)
+        if got and clock is not None and not self._ended.is_set():
+            self._guarded(self._input_tick)  # a slot may be ready now: play it without a wake-up
+
+    def _read_datagrams(self, sock: socket.socket) -> bool:
+        """Read what the socket holds (up to a batch) into the jitter buffer; True if any was accepted."""
         got = False
         for _ in range(_RECV_BATCH):
             try:
@@ -259,8 +265,7 @@ class CallMedia:
                 self.stats.count_drop(f"socket_error:{exc.errno}")
                 break
             got = self._on_datagram(bytes(self._recv_buf[:size]), (str(addr[0]), int(addr[1]))) or got
-        if got and clock is not None and not self._ended.is_set():
-            self._guarded(self._input_tick)  # a slot may be ready now: play it without a wake-up
+        return got
 
     def _on_datagram(self, data: bytes, addr: tuple[str, int]) -> bool:
         """Check one datagram and queue it in the jitter buffer; True if it was accepted."""
@@ -443,6 +448,12 @@ class CallMedia:
                 self._in_anchor = None if self._jitter.depth == 0 else now
                 self._in_slot = 0
                 continue
+            if now >= deadline and not self._jitter.next_ready() and self._sock is not None:
+                # About to conceal: the packet may be in the socket, unread because the loop ran late and
+                # this deadline came up first. Concealing it, then dropping it as late, would turn a busy
+                # loop into loss (and concealment costs more than decoding: a busier loop still).
+                if self._read_datagrams(self._sock):
+                    continue  # (anchor and slot as they are now: an SSRC change re-anchors)
             if now >= deadline or (now >= nominal - PTIME_S and self._jitter.next_ready()):
                 self._play_slot(self._jitter.pop(now), now)
                 self._in_slot += 1

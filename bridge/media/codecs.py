@@ -118,16 +118,20 @@ class LossConcealer:
         if len(hist) < hi + window:
             return min(len(hist), int(10 * self._ms)) or 1
         target = hist[-window:]
-        best_lag, best_score = lo, -np.inf
-        for lag in range(lo, hi + 1):
-            cand = hist[-window - lag : -lag]
-            energy = float(np.dot(cand, cand))
-            if energy <= 0.0:
-                continue
-            score = float(np.dot(target, cand)) / np.sqrt(energy)
-            if score > best_score:
-                best_lag, best_score = lag, score
-        return best_lag
+        # Every candidate at once (row i: the window ending ``hi - i`` samples back, i.e. lag hi - i): one
+        # matrix-vector product instead of two dot products per lag. This runs at the onset of every loss,
+        # and a loop in a busy moment made concealment dearer than decoding.
+        recent = hist[len(hist) - window - hi :]
+        rows = np.lib.stride_tricks.sliding_window_view(recent, window)[: hi - lo + 1]
+        energy = np.einsum("ij,ij->i", rows, rows)
+        dots = rows @ target
+        lags = hi - np.arange(len(rows))
+        ok = energy > 0.0
+        if not np.any(ok):
+            return lo
+        score = np.where(ok, dots / np.sqrt(np.where(ok, energy, 1.0)), -np.inf)
+        best = score.max()
+        return int(lags[score == best].min())  # the shortest lag among equals, as a scan from lo would
 
     def _synth(self, n: int) -> Float32Array:
         """The next ``n`` samples of the repeated period, with the loss-duration gain applied."""

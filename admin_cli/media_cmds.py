@@ -278,6 +278,7 @@ async def _bench(
         "output_shrunk": sum(s.rtp_out_shrunk for s in stats),
         "output_late_dropped": sum(s.rtp_out_late_dropped for s in stats),
         "output_waited": sum(s.rtp_out_waited for s in stats),
+        "margins_unobserved": sum(s.margins_unobserved for s in stats),
         "output_wait_expired": sum(s.rtp_out_wait_expired for s in stats),
         "output_packets": sum(s.rtp_out for s in stats),
         "pacer_skipped": sum(s.rtp_out_skipped for s in stats),

@@ -107,6 +107,7 @@ EXPAND_MAX_SLOTS = 2  # a frame up to this many slots late plays whole, later; b
 QUIET_RMS = 580  # 16-bit RMS (about -35 dBFS): a slot this quiet can be taken out of the timeline unheard
 SHRINK_WAIT_S = 0.5  # no quiet slot for this long: take out the quietest one there is
 GRID_RANGE_S = 0.010  # the grid slews within ± this of its anchor; larger phase moves are made in whole slots
+LOOP_BEHIND_S = 0.004  # the bridge's own loop this far behind: engine frame margins say nothing of the engine
 RESYNC_AFTER_LATE_FRAMES = 8  # engine frames in a row entirely late (640 ms): re-anchor, don't drop forever
 STALL_SLOTS = 10  # input this many slots behind its grid (event-loop stall): re-anchor, don't conceal a burst
 _BIND_ATTEMPTS = 200
@@ -585,7 +586,8 @@ class CallMedia:
         # slot's tick is the one held back for this frame, if one is.
         next_tick = self._waiting_tick if self._waiting_tick is not None else self._out_deadline
         margin = next_tick + ahead * PTIME_S - received_at
-        if -EXPAND_MAX_SLOTS <= ahead < 0:
+        loop_behind = self._loop_behind(received_at)
+        if -EXPAND_MAX_SLOTS <= ahead < 0 and not loop_behind:
             # A little late (jitter, not a stall): its first slots went out as silence. Play it whole, that
             # many slots later, rather than cut its start: the timeline moves later by whole slots.
             self._slot_offset -= ahead
@@ -605,7 +607,14 @@ class CallMedia:
         if late < len(chunks):
             self._frame_marks[first_slot + late] = (frame.seq, received_at, late == 0)
         pending = self._slew_s - (PTIME_S if self._shrink_since is not None else 0.0)
-        self._steer(self._phase.observe(margin, pending_s=pending), received_at)
+        if loop_behind:
+            # This process was behind (a burst of work, a stall of its own): the frame was received late,
+            # not sent late, and the engine's phase is where it was. Following such margins (or moving the
+            # timeline a slot later for such a frame, above) made every call late for seconds after the
+            # loop had caught up; what the stall made late is cut instead, once.
+            self.stats.margins_unobserved += 1
+        else:
+            self._steer(self._phase.observe(margin, pending_s=pending), received_at)
         if self._shrink_since is not None:
             self._shrink(received_at)
 
@@ -704,6 +713,11 @@ class CallMedia:
     # (played 20 ms later, or its first 20 ms cut). Instead, when the tick comes and the frame that is due
     # is not there, that packet is held back for up to LATE_GRACE_S and leaves the moment the frame
     # arrives (its interval stretches by the wait, the next one shrinks by it: the grid does not move).
+
+    def _loop_behind(self, now: float) -> bool:
+        """Whether this process's event loop ran more than LOOP_BEHIND_S behind just now."""
+        clock = self._clock_acquired
+        return clock is not None and clock.behind(self._to_monotonic(now)) > LOOP_BEHIND_S
 
     def _frame_due_now(self, now: float) -> bool:
         """Whether the next slot is the first slot of the next engine frame, not here yet, while frames are

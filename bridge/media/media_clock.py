@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 # A deadline this close ahead is served now rather than arming the timer for it (the wake-up costs more).
 COALESCE_S = 30e-6
+# How often the loop-lag probe runs (an asyncio timer, i.e. behind everything already queued on the loop).
+LAG_PROBE_S = 0.010
+BEHIND_MEMORY_S = 0.080  # a lag is remembered this long (a frame's worth: what arrives just after it is late)
 
 
 class ClockHandle:
@@ -67,6 +70,12 @@ class MediaClock:
         self._in_run = False
         self.wakeups = 0  # timer expiries served (for benchmarks)
         self.callbacks_run = 0
+        # How far behind the event loop last ran, and when. The clock's own callbacks are served between
+        # units of work, so they stay on time while tasks (the engine sockets' readers) queue up behind a
+        # burst: an ordinary loop timer, which runs after what is already queued, measures that queue.
+        self._behind_s = 0.0
+        self._behind_at = -float("inf")
+        self._probe: asyncio.TimerHandle | None = None
 
     @classmethod
     def shared(cls) -> MediaClock:
@@ -92,6 +101,8 @@ class MediaClock:
             self._fd = open_timerfd()
             if self._fd >= 0:
                 loop.add_reader(self._fd, self._on_fire)
+        if self._probe is None:
+            self._probe = loop.call_at(loop.time() + LAG_PROBE_S, self._on_probe, loop.time() + LAG_PROBE_S)
         self._users += 1
 
     def release(self) -> None:
@@ -105,6 +116,9 @@ class MediaClock:
         """Close the timerfd and drop every pending callback (idempotent)."""
         self._heap.clear()
         self._armed_at = None
+        if self._probe is not None:
+            self._probe.cancel()
+            self._probe = None
         if self._fallback is not None:
             self._fallback.cancel()
             self._fallback = None
@@ -160,6 +174,24 @@ class MediaClock:
                 self._arm(heap[0][0])
         else:
             self._armed_at = None
+
+    def behind(self, now: float) -> float:
+        """The worst lag (seconds) the event loop ran with in the last ``BEHIND_MEMORY_S`` before ``now`` (on
+        the ``time.monotonic`` scale). A message handled while the loop runs this far behind was received
+        late by this process, whenever it was sent."""
+        return self._behind_s if now - self._behind_at <= BEHIND_MEMORY_S else 0.0
+
+    def _on_probe(self, due: float) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            self._probe = None
+            return
+        now = loop.time()
+        lag = now - due
+        at = time.monotonic()
+        if lag >= self._behind_s or at - self._behind_at > BEHIND_MEMORY_S:
+            self._behind_s, self._behind_at = max(lag, 0.0), at
+        self._probe = loop.call_at(now + LAG_PROBE_S, self._on_probe, now + LAG_PROBE_S)
 
     def _arm(self, deadline: float) -> None:
         self._armed_at = deadline

@@ -90,6 +90,7 @@ class MediaStats:
     rtp_out_waited: int = 0  # first packets held back for their frame (LATE_GRACE_S) that it came in time for
     rtp_out_wait_expired: int = 0  # ...and those whose frame did not come in time (silence went out)
     rtp_out_resyncs: int = 0  # engine frame numbering re-anchored on the call's timeline (skips, far ahead)
+    margins_unobserved: int = 0  # engine frames received while the bridge's loop ran behind (phase not fed)
     send_errors: int = 0
     holds: int = 0
     # latency histograms (ms)

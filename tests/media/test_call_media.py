@@ -319,13 +319,39 @@ async def test_a_frame_a_few_ms_late_is_waited_for_not_played_a_slot_later(speec
                 await asyncio.sleep(0.01)
                 if backend.steps == 76 and not mid_call:  # past both spikes, before the caller stops
                     stats = call.media.stats
-                    mid_call = {"waited": stats.rtp_out_waited, "expired": stats.rtp_out_wait_expired,
-                                "expanded": stats.rtp_out_expanded, "late": stats.rtp_out_late_dropped}
+                    mid_call = {"waited": stats.rtp_out_waited, "expanded": stats.rtp_out_expanded,
+                                "late": stats.rtp_out_late_dropped, "unobserved": stats.margins_unobserved}
             await leg_run
-    assert mid_call == {"waited": 2, "expired": 0, "expanded": 0, "late": 0}, mid_call
+    # Played whole at its place in the timeline (at least one of the two: on a loaded machine the other one
+    # may meet a loop running behind, and then it is cut rather than moving the timeline, as it should be).
+    assert mid_call["waited"] >= 1 and mid_call["expanded"] == 0, mid_call
+    assert mid_call["late"] == 0 or mid_call["unobserved"] > 0, mid_call
     # The held packets left late by at most the grace; the grid itself did not move (no drift, no gap).
     assert float(np.max(call.leg.pacing_jitter_ms)) <= LATE_GRACE_S * 1000.0 + 2.0
     assert abs(call.leg.timestamp_drift_ms) < 15.0
+    assert call.leg.timestamp_errors == 0 and call.leg.sequence_gaps == 0
+
+
+async def test_a_stall_of_the_bridge_itself_is_cut_not_kept_as_delay(
+    engine_url: str, speech_8k: np.ndarray
+) -> None:
+    """The bridge's own event loop stalls (here: 50 ms of blocking work, twice). The engine frames handled
+    just after were received late, not sent late: their late packets are cut, the timeline is not moved a
+    slot later, and the phase controller does not take those margins for the engine's."""
+    import time
+
+    async with wired_call(engine_url, np.tile(speech_8k, 2)) as call:
+        leg_run = asyncio.create_task(call.leg.run(4.0, tail_s=0.2))
+        for _ in range(2):
+            await asyncio.sleep(1.3)
+            time.sleep(0.050)  # noqa: ASYNC251 - the point: the loop blocked
+        await asyncio.sleep(0.6)
+        stats = call.media.stats
+        mid_call = {"expanded": stats.rtp_out_expanded, "unobserved": stats.margins_unobserved > 0}
+        shift_ms = call.media._phase.stats.shift_s * 1000.0
+        await leg_run
+    assert mid_call == {"expanded": 0, "unobserved": True}, mid_call
+    assert abs(shift_ms) < 10.0, shift_ms
     assert call.leg.timestamp_errors == 0 and call.leg.sequence_gaps == 0
 
 

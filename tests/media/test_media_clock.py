@@ -13,7 +13,7 @@ import pytest
 
 from bridge.engine_client import EngineSession
 from bridge.media.call_media import CallMedia
-from bridge.media.media_clock import COALESCE_S, MediaClock
+from bridge.media.media_clock import BEHIND_MEMORY_S, COALESCE_S, LAG_PROBE_S, MediaClock
 from bridge.media.simleg import SimLeg
 from tests.media.fixtures import bridge_settings
 
@@ -145,3 +145,19 @@ async def test_two_calls_share_one_clock_end_to_end(engine_url: str, speech_8k: 
     for media, _, _ in calls:
         with pytest.raises(RuntimeError):
             _ = media.local_address  # the call's socket is closed
+
+
+async def test_behind_reports_how_far_the_loop_ran_behind_and_forgets_it() -> None:
+    clock = MediaClock()
+    clock.acquire()
+    try:
+        await asyncio.sleep(3 * LAG_PROBE_S)
+        assert clock.behind(time.monotonic()) < 0.004  # an idle loop is on time
+        time.sleep(0.040)  # noqa: ASYNC251 - the loop blocked: the probe comes up ~40 ms late
+        await asyncio.sleep(LAG_PROBE_S / 2)
+        await asyncio.sleep(0)
+        assert 0.025 <= clock.behind(time.monotonic()) <= 0.2
+        await asyncio.sleep(BEHIND_MEMORY_S + 3 * LAG_PROBE_S)
+        assert clock.behind(time.monotonic()) < 0.004  # remembered for BEHIND_MEMORY_S, not for good
+    finally:
+        clock.release()

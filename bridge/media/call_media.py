@@ -601,7 +601,7 @@ class CallMedia:
         late = self._out.stats.late - late_before
         if self._waiting_tick is not None and self._out.has(self._out.next_slot):
             self.stats.rtp_out_waited += 1  # its frame came within the grace: its audio goes out now
-            self._send_waiting()
+            margin += self._send_waiting(follow=True)  # (on the grid as it is now, moved or not)
         self.stats.rtp_out_late_dropped += late
         self._all_late_frames = self._all_late_frames + 1 if late == len(chunks) else 0
         if late < len(chunks):
@@ -745,14 +745,44 @@ class CallMedia:
         self._grace_handle = None
         if self._waiting_tick is not None:
             self.stats.rtp_out_wait_expired += 1
-        self._guarded(self._send_waiting)
+        self._guarded(self._give_up_waiting)
 
-    def _send_waiting(self) -> None:
-        """Send the held-back packet now (its frame's audio, or silence when the grace ran out)."""
-        if self._waiting_tick is None:
-            return
+    def _give_up_waiting(self) -> None:
+        self._send_waiting()
+
+    def _send_waiting(self, *, follow: bool = False) -> float:
+        """Send the held-back packet now (its frame's audio, or silence when the grace ran out).
+
+        ``follow``: the frame came. The grid then moves later by the wait, if that keeps it within
+        GRID_RANGE_S of its anchor: one interval is longer by the wait and the ones after are 20 ms again,
+        where returning to the old grid would shorten the next one by as much (two intervals off instead of
+        one); the phase controller moves it back earlier, 0.5 ms a packet, when the margins allow. Returns
+        the shift made (seconds)."""
+        tick = self._waiting_tick
+        if tick is None:
+            return 0.0
         self._cancel_wait()
         self._send_packet()
+        pacer = self._pacer
+        if not follow or pacer is None:
+            return 0.0
+        waited = self._clock() - tick
+        furthest = pacer.start + max(self._slew_s, 0.0) + waited  # (a slew under way must stay in range too)
+        if waited <= 0.0 or furthest - self._grid_anchor > GRID_RANGE_S:
+            return 0.0
+        pacer.start += waited
+        self._phase.moved(waited)
+        self._rearm_output()
+        return waited
+
+    def _rearm_output(self) -> None:
+        """The grid moved: arm the next send at its new deadline (no slew step: that one was taken)."""
+        clock, pacer = self._clock_acquired, self._pacer
+        if clock is None or pacer is None or self._out_handle is None:
+            return
+        self._out_handle.cancel()
+        self._out_deadline = pacer.next_deadline()
+        self._out_handle = clock.call_at(self._to_monotonic(self._out_deadline), self._on_output_due)
 
     def _cancel_wait(self) -> None:
         self._waiting_tick = None

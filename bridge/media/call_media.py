@@ -748,12 +748,12 @@ class CallMedia:
         self._guarded(self._give_up_waiting)
 
     def _give_up_waiting(self) -> None:
-        self._send_waiting()
+        self._send_waiting(follow=True)  # silence, and the grid stays where that packet went
 
     def _send_waiting(self, *, follow: bool = False) -> float:
         """Send the held-back packet now (its frame's audio, or silence when the grace ran out).
 
-        ``follow``: the frame came. The grid then moves later by the wait, if that keeps it within
+        ``follow``: the grid then moves later by the wait, if that keeps it within
         GRID_RANGE_S of its anchor: one interval is longer by the wait and the ones after are 20 ms again,
         where returning to the old grid would shorten the next one by as much (two intervals off instead of
         one); the phase controller moves it back earlier, 0.5 ms a packet, when the margins allow. Returns

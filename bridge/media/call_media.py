@@ -33,9 +33,9 @@ receive serve whatever deadlines are due before doing their own work.
   frame margins (first slot's tick − arrival) and asks for the grid to sit just after about the 98th
   percentile of arrivals; the shift is *slewed* in at most ``SLEW_STEP_S`` per packet (each interval stays
   within 20 ± 0.5 ms). When a frame's first tick comes and the frame is not there but the engine has its
-  input, that packet is held back up to ``LATE_GRACE_S`` and leaves as the frame arrives (one interval
-  longer, the next shorter, the grid unmoved). A frame later than that, up to ``EXPAND_MAX_SLOTS`` slots
-  late, plays whole, that much later (the
+  input, that packet is held back up to ``LATE_GRACE_S`` and leaves as the frame arrives; the grid then
+  stays where it went (within its range), so one interval is longer and the next are 20 ms. A frame later
+  than that, up to ``EXPAND_MAX_SLOTS`` slots late, plays whole, that much later (the
   silence already sent is the pause). The grid itself only slews within ``GRID_RANGE_S`` of its anchor;
   larger phase moves are made in whole slots (a late frame played a slot later; a quiet queued slot, a pause
   between words, or the quietest after ``SHRINK_WAIT_S``, taken out), so the RTP clock never drifts by more
@@ -43,7 +43,9 @@ receive serve whatever deadlines are due before doing their own work.
   that come in a burst after a stall wait for their own slots, so a stall costs audio once and never becomes
   lasting delay (a FIFO here kept every stall as delay until trimmed away, packet by packet). When the
   engine's numbering and the timeline part (frames it skipped; ``RESYNC_AFTER_LATE_FRAMES`` frames in a row
-  entirely late, or one more than the buffer's horizon ahead), the numbering is re-anchored.
+  entirely late, or one more than the buffer's horizon ahead), the numbering is re-anchored. Frames handled
+  while this process's own loop runs more than ``LOOP_BEHIND_S`` behind (``MediaClock.behind``) are not
+  evidence of the engine's phase: they are not observed, and a late one is cut, not expanded.
 
 Latency (all in ``MediaStats``, milliseconds):
 

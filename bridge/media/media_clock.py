@@ -34,8 +34,6 @@ log = logging.getLogger(__name__)
 
 # A deadline this close ahead is served now rather than arming the timer for it (the wake-up costs more).
 COALESCE_S = 30e-6
-# How often the loop-lag probe runs (an asyncio timer, i.e. behind everything already queued on the loop).
-LAG_PROBE_S = 0.010
 BEHIND_MEMORY_S = 0.080  # a lag is remembered this long (a frame's worth: what arrives just after it is late)
 
 
@@ -72,10 +70,12 @@ class MediaClock:
         self.callbacks_run = 0
         # How far behind the event loop last ran, and when. The clock's own callbacks are served between
         # units of work, so they stay on time while tasks (the engine sockets' readers) queue up behind a
-        # burst: an ordinary loop timer, which runs after what is already queued, measures that queue.
+        # burst: a probe queued with call_soon when the timer fires runs after what is queued, and its wait
+        # measures that queue. (A timer of its own, every 10 ms, woke an idle loop for nothing and bent
+        # single-call pacing.)
         self._behind_s = 0.0
         self._behind_at = -float("inf")
-        self._probe: asyncio.TimerHandle | None = None
+        self._probe_queued = False
 
     @classmethod
     def shared(cls) -> MediaClock:
@@ -101,8 +101,6 @@ class MediaClock:
             self._fd = open_timerfd()
             if self._fd >= 0:
                 loop.add_reader(self._fd, self._on_fire)
-        if self._probe is None:
-            self._probe = loop.call_at(loop.time() + LAG_PROBE_S, self._on_probe, loop.time() + LAG_PROBE_S)
         self._users += 1
 
     def release(self) -> None:
@@ -116,9 +114,6 @@ class MediaClock:
         """Close the timerfd and drop every pending callback (idempotent)."""
         self._heap.clear()
         self._armed_at = None
-        if self._probe is not None:
-            self._probe.cancel()
-            self._probe = None
         if self._fallback is not None:
             self._fallback.cancel()
             self._fallback = None
@@ -181,17 +176,19 @@ class MediaClock:
         late by this process, whenever it was sent."""
         return self._behind_s if now - self._behind_at <= BEHIND_MEMORY_S else 0.0
 
-    def _on_probe(self, due: float) -> None:
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            self._probe = None
-            return
-        now = loop.time()
-        lag = now - due
+    def _queue_probe(self) -> None:
+        if not self._probe_queued and self._loop is not None and not self._loop.is_closed():
+            self._probe_queued = True
+            self._loop.call_soon(self._on_probe, time.monotonic())
+
+    def _on_probe(self, queued_at: float) -> None:
+        self._probe_queued = False
+        self._note_behind(time.monotonic() - queued_at)
+
+    def _note_behind(self, lag: float) -> None:
         at = time.monotonic()
         if lag >= self._behind_s or at - self._behind_at > BEHIND_MEMORY_S:
             self._behind_s, self._behind_at = max(lag, 0.0), at
-        self._probe = loop.call_at(now + LAG_PROBE_S, self._on_probe, now + LAG_PROBE_S)
 
     def _arm(self, deadline: float) -> None:
         self._armed_at = deadline
@@ -219,7 +216,10 @@ class MediaClock:
         except OSError:
             pass
         self.wakeups += 1
-        self._armed_at = None  # the expiry is spent: run_due re-arms for what is left
+        armed_at, self._armed_at = self._armed_at, None  # the expiry is spent: run_due re-arms for the rest
+        if armed_at is not None:  # the timer itself served late: the loop was blocked or busy until now
+            self._note_behind(time.monotonic() - armed_at)
+        self._queue_probe()
         self.run_due()
         if self._heap and self._armed_at is None:
             self._arm(self._heap[0][0])

@@ -13,7 +13,7 @@ import pytest
 
 from bridge.engine_client import EngineSession
 from bridge.media.call_media import CallMedia
-from bridge.media.media_clock import BEHIND_MEMORY_S, COALESCE_S, LAG_PROBE_S, MediaClock
+from bridge.media.media_clock import BEHIND_MEMORY_S, COALESCE_S, MediaClock
 from bridge.media.simleg import SimLeg
 from tests.media.fixtures import bridge_settings
 
@@ -148,16 +148,30 @@ async def test_two_calls_share_one_clock_end_to_end(engine_url: str, speech_8k: 
 
 
 async def test_behind_reports_how_far_the_loop_ran_behind_and_forgets_it() -> None:
+    """The clock's timer fires; work already queued on the loop (here: a callback blocking for 40 ms) delays
+    what comes after it, and ``behind`` reports that wait, for BEHIND_MEMORY_S."""
     clock = MediaClock()
     clock.acquire()
+    loop = asyncio.get_running_loop()
     try:
-        await asyncio.sleep(3 * LAG_PROBE_S)
+        fired = asyncio.Event()
+        clock.call_at(time.monotonic() + 0.010, fired.set)
+        await fired.wait()
+        await asyncio.sleep(0.005)
         assert clock.behind(time.monotonic()) < 0.004  # an idle loop is on time
-        time.sleep(0.040)  # noqa: ASYNC251 - the loop blocked: the probe comes up ~40 ms late
-        await asyncio.sleep(LAG_PROBE_S / 2)
-        await asyncio.sleep(0)
+
+        fired.clear()
+
+        def busy() -> None:
+            time.sleep(0.040)  # work of the same loop iteration as the clock's timer
+
+        due = time.monotonic() + 0.010
+        clock.call_at(due, fired.set)
+        loop.call_at(loop.time() + (due - time.monotonic()), busy)
+        await fired.wait()
+        await asyncio.sleep(0.001)
         assert 0.025 <= clock.behind(time.monotonic()) <= 0.2
-        await asyncio.sleep(BEHIND_MEMORY_S + 3 * LAG_PROBE_S)
-        assert clock.behind(time.monotonic()) < 0.004  # remembered for BEHIND_MEMORY_S, not for good
+        await asyncio.sleep(BEHIND_MEMORY_S + 0.02)
+        assert clock.behind(time.monotonic()) == 0.0  # remembered for BEHIND_MEMORY_S, not for good
     finally:
         clock.release()

@@ -102,6 +102,8 @@ OUT_SAMPLES = 160  # 20 ms of 8 kHz µ-law
 OUTPUT_PHASE_S = 0.005  # grid margin after engine frames: below ~5 ms, loop jitter alone made frames late
 SLEW_STEP_S = 0.0005  # most the grid moves per packet: the interval stays within 20 ± 0.5 ms
 LATE_GRACE_S = 0.006  # a frame due but not here at its first tick is waited for this long before silence
+HOLDS_PER_S = 0.25  # the held packets' pacing budget: one per 4 s on average (0.5 % of intervals off-grid)...
+HOLDS_BURST = 2  # ...two at a time at most
 FLOWING_S = 0.200  # frames count as due only while they keep coming (not before the first, not after a pause)
 OUTPUT_HORIZON_PACKETS = 16  # 320 ms: an engine frame further ahead than that re-anchors the output
 PACKETS_PER_FRAME = 4  # 20 ms packets per 80 ms engine frame
@@ -193,6 +195,8 @@ class CallMedia:
         self._grace_handle: ClockHandle | None = None
         self._last_frame_at: float | None = None
         self._in_sent_seq = -1  # the last input frame handed to the engine
+        self._hold_tokens = float(HOLDS_BURST)  # token bucket of the holds (see _frame_due_now)
+        self._hold_tokens_at = clock()
         self._ended = asyncio.Event()
         self._finished = asyncio.Event()
         self._running = False
@@ -731,6 +735,12 @@ class CallMedia:
             return False
         if self._next_engine_seq > self._in_sent_seq:
             return False
+        # Each hold puts one interval off the 20 ms grid, so holds come out of a budget: a loop that runs
+        # behind for seconds (frames late all the while) spends at most that much of the call's pacing.
+        self._hold_tokens = min(HOLDS_BURST, self._hold_tokens + (now - self._hold_tokens_at) * HOLDS_PER_S)
+        self._hold_tokens_at = now
+        if self._hold_tokens < 1.0:
+            return False
         slot = self._out.next_slot
         due_slot = self._next_engine_seq * PACKETS_PER_FRAME + self._slot_offset
         return slot == due_slot and not self._out.has(slot)
@@ -741,6 +751,7 @@ class CallMedia:
             self._send_packet()
             return
         self._waiting_tick = tick
+        self._hold_tokens -= 1.0
         self._grace_handle = clock.call_at(self._to_monotonic(tick + LATE_GRACE_S), self._on_grace_over)
 
     def _on_grace_over(self) -> None:

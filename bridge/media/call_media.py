@@ -194,7 +194,6 @@ class CallMedia:
         self._waiting_tick: float | None = None
         self._grace_handle: ClockHandle | None = None
         self._last_frame_at: float | None = None
-        self._in_sent_seq = -1  # the last input frame handed to the engine
         self._hold_tokens = float(HOLDS_BURST)  # token bucket of the holds (see _frame_due_now)
         self._hold_tokens_at = clock()
         self._ended = asyncio.Event()
@@ -514,7 +513,6 @@ class CallMedia:
                 self._in_latency_by_seq.pop(next(iter(self._in_latency_by_seq)))
             ms = (self._clock() - popped_at) * 1000.0
             self._in_latency_by_seq[seq] = ms
-            self._in_sent_seq = seq
             self.stats.latency_in_ms.add(ms)
 
     def _default_pt(self) -> int:
@@ -663,11 +661,8 @@ class CallMedia:
         clock, pacer = self._clock_acquired, self._pacer
         if clock is None or pacer is None:
             return
-        if self._out_handle is not None:
-            self._out_handle.cancel()
         if self.remote is None:  # nowhere to send yet: look again later
-            self._out_deadline = self._clock() + 0.1
-            self._out_handle = clock.call_at(self._to_monotonic(self._out_deadline), self._on_output_due)
+            self._arm_output(clock, self._clock() + 0.1)
             return
         if self._slew_s:
             step = max(-SLEW_STEP_S, min(SLEW_STEP_S, self._slew_s))
@@ -675,8 +670,14 @@ class CallMedia:
             self._slew_s -= step
             if abs(self._slew_s) < 1e-6:
                 self._slew_s = 0.0
-        self._out_deadline = pacer.next_deadline()
-        self._out_handle = clock.call_at(self._to_monotonic(self._out_deadline), self._on_output_due)
+        self._arm_output(clock, pacer.next_deadline())
+
+    def _arm_output(self, clock: MediaClock, deadline: float) -> None:
+        """The next send happens at ``deadline`` (on self._clock), replacing any send already armed."""
+        if self._out_handle is not None:
+            self._out_handle.cancel()
+        self._out_deadline = deadline
+        self._out_handle = clock.call_at(self._to_monotonic(deadline), self._on_output_due)
 
     def _on_output_due(self) -> None:
         self._out_handle = None
@@ -718,7 +719,7 @@ class CallMedia:
     # Each engine frame's first packet has a tick; a frame that misses it by a hair used to cost a whole slot
     # (played 20 ms later, or its first 20 ms cut). Instead, when the tick comes and the frame that is due
     # is not there, that packet is held back for up to LATE_GRACE_S and leaves the moment the frame
-    # arrives (its interval stretches by the wait, the next one shrinks by it: the grid does not move).
+    # arrives; the grid then follows it (see _send_waiting), and holds come out of a per-call budget.
 
     def _loop_behind(self, now: float) -> bool:
         """Whether this process's event loop ran more than LOOP_BEHIND_S behind just now."""
@@ -733,7 +734,7 @@ class CallMedia:
         last = self._last_frame_at
         if last is None or now - last > FLOWING_S or self._waiting_tick is not None:
             return False
-        if self._next_engine_seq > self._in_sent_seq:
+        if self._next_engine_seq >= self.engine.frames_sent:  # (input frames are numbered from 0)
             return False
         # Each hold puts one interval off the 20 ms grid, so holds come out of a budget: a loop that runs
         # behind for seconds (frames late all the while) spends at most that much of the call's pacing.
@@ -793,9 +794,7 @@ class CallMedia:
         clock, pacer = self._clock_acquired, self._pacer
         if clock is None or pacer is None or self._out_handle is None:
             return
-        self._out_handle.cancel()
-        self._out_deadline = pacer.next_deadline()
-        self._out_handle = clock.call_at(self._to_monotonic(self._out_deadline), self._on_output_due)
+        self._arm_output(clock, pacer.next_deadline())
 
     def _cancel_wait(self) -> None:
         self._waiting_tick = None

@@ -386,11 +386,14 @@ async def test_engine_numbering_jump_resyncs_the_output(speech_8k: np.ndarray) -
 async def test_holds_for_late_frames_come_out_of_a_pacing_budget() -> None:
     """Every frame due and late for 20 s (a loop running behind all the while): only HOLDS_BURST holds, then
     one per 1 / HOLDS_PER_S seconds, so held packets put at most ~0.5 % of intervals off the grid."""
+    from types import SimpleNamespace
+
     from bridge.media.call_media import HOLDS_BURST, HOLDS_PER_S
     from bridge.media.media_clock import MediaClock
 
     now = [100.0]
-    media = CallMedia(bridge_settings(), None, "budget", clock=lambda: now[0])  # type: ignore[arg-type]
+    engine = SimpleNamespace(frames_sent=0)  # all CallMedia reads of the session here
+    media = CallMedia(bridge_settings(), engine, "budget", clock=lambda: now[0])  # type: ignore[arg-type]
     clock = MediaClock()
     clock.acquire()
     media._clock_acquired = clock
@@ -400,7 +403,7 @@ async def test_holds_for_late_frames_come_out_of_a_pacing_budget() -> None:
             now[0] += 0.080
             media._last_frame_at = now[0] - 0.080
             media._next_engine_seq = seq
-            media._in_sent_seq = seq  # the engine has the input: the frame is due
+            engine.frames_sent = seq + 1  # the engine has the input: the frame is due
             media._out.next_slot = seq * 4 + media._slot_offset
             if media._frame_due_now(now[0]):
                 media._hold_for_frame(now[0])

@@ -105,27 +105,73 @@ def _slot_list(_ctx: click.Context, _param: click.Parameter, value: str) -> list
     return slots
 
 
+def _dtype_list(_ctx: click.Context, _param: click.Parameter, value: str) -> list[str]:
+    from engine.moshi.bench import DTYPES
+
+    names = [x.strip() for x in value.split(",") if x.strip()]
+    bad = [n for n in names if n not in DTYPES]
+    if not names or bad:
+        raise click.BadParameter(f"comma-separated, from {', '.join(DTYPES)}")
+    return names
+
+
 @click.command("engine")
 @click.option("--model", "model_ref", default="tiny", show_default=True,
-              help="'tiny' (random weights, written to a temp dir) or a weights directory.")
+              help="'tiny' (random weights, written to a temp dir), 'random:SHAPE' (moshi-7b, personaplex-7b: "
+                   "random weights built in memory) or a weights directory.")
 @click.option("--slots", default="1,4,16", show_default=True, callback=_slot_list)
-@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp8"]), default="fp32", show_default=True)
+@click.option("--dtype", "dtypes", default="fp32", show_default=True, callback=_dtype_list,
+              help="Comma-separated: fp32, bf16, fp8 (FP8 temporal transformer).")
 @click.option("--ticks", type=click.IntRange(min=1), default=30, show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True,
-              help="Untimed ticks first.")
+              help="Untimed ticks first (CUDA graphs are captured here).")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print {\"results\": [...]} instead of a table.")
-def bench_engine(model_ref: str, slots: list[int], dtype: str, ticks: int, warmup: int, device: str,
+@click.option("--json", "as_json", is_flag=True, help="Print {\"results\": [...], \"summary\": {...}}.")
+def bench_engine(model_ref: str, slots: list[int], dtypes: list[str], ticks: int, warmup: int, device: str,
                  as_json: bool) -> None:
-    """Per-tick p50/p99 by batch size, real-time factor, state memory per slot, batching efficiency."""
-    from engine.moshi.bench import format_table, run_bench
+    """Per-tick p50/p99 by batch size and dtype, real-time factor, memory, batching efficiency."""
+    from engine.moshi.bench import format_table, run_bench, stderr_progress, summarize
     from engine.moshi.loader import ModelError
 
     try:
-        results = run_bench(model_ref, slots, dtype, ticks, warmup=warmup, device=device)
-    except ModelError as exc:
+        results = run_bench(model_ref, slots, dtypes, ticks, warmup=warmup, device=device,
+                            progress=stderr_progress)
+    except (ModelError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
-        click.echo(json.dumps({"results": [r.as_dict() for r in results]}))
+        click.echo(json.dumps({"results": [r.as_dict() for r in results], "summary": summarize(results)}))
     else:
         click.echo(format_table(results))
+        click.echo(json.dumps(summarize(results)))
+
+
+@click.group("engine")
+def engine() -> None:
+    """The model engine: self-test (and memory planning)."""
+
+
+@engine.command("selftest")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--model", "model_ref", default="tiny", show_default=True,
+              help="'tiny', 'random:SHAPE' or a weights directory.")
+@click.option("--dtype", "dtypes", default=None, callback=lambda c, p, v: _dtype_list(c, p, v) if v else None,
+              help="Comma-separated dtypes (default: fp32,fp8 on CPU; bf16,fp8 on CUDA).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (\"ok\" is the last key).")
+def selftest(device: str, model_ref: str, dtypes: list[str] | None, as_json: bool) -> None:
+    """Batched vs single-stream agreement, per-slot isolation and reset under CUDA graphs, finite idle slots."""
+    from engine.moshi.selftest import run_selftest
+
+    report = run_selftest(device=device, model=model_ref, dtypes=dtypes)
+    if as_json:
+        click.echo(json.dumps(report))
+    else:
+        for run in report["runs"]:
+            if "error" in run:
+                click.echo(f"{run['dtype']}: ERROR {run['error']}")
+                continue
+            for name, check in run["checks"].items():
+                detail = {k: v for k, v in check.items() if k != "ok"}
+                click.echo(f"{run['dtype']:>5} {name:<12} {'ok' if check['ok'] else 'FAIL'}  {detail}")
+        click.echo(f"ok: {report['ok']}")
+    if not report["ok"]:
+        sys.exit(1)

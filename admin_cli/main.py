@@ -46,6 +46,7 @@ class LazyGroup(click.Group):
         "config": "admin_cli.state_cmds:config",
         # engine models (issue: batched engine)
         "model": "admin_cli.engine_cmds:model",
+        "engine": "admin_cli.engine_cmds:engine",
     },
 )
 def cli() -> None:

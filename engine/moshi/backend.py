@@ -74,6 +74,7 @@ class MoshiBackend:
         # slot -> (1 + dep_q,) int64 tokens of its last step (text, audio); -2 = not generated yet
         self.last_tokens: dict[int, np.ndarray] = {}
         self.last_start_ms = 0.0
+        self.phase_ms: dict[str, list[float]] | None = None  # the benchmark sets it to time encode/lm/decode
         self._stack = ExitStack()  # the streaming contexts, closed by close(); grad is off per call
         self._stack.enter_context(mimi.streaming(num_slots))
         self._stack.enter_context(self.lm_gen.streaming(num_slots))
@@ -207,12 +208,16 @@ class MoshiBackend:
         pcm = np.zeros((self.num_slots, 1, FRAME_SAMPLES), dtype=np.float32)
         for slot in slots:
             pcm[slot, 0] = np.clip(frames[slot], -1.0, 1.0)
+        phases = self.phase_ms
+        t0 = self._mark(phases, None, "")
         with torch.no_grad():
             self.mimi.set_exec_mask(active)
             codes = self.mimi.encode(torch.from_numpy(pcm).to(self.device))
+            t0 = self._mark(phases, t0, "encode")
             self.lm_gen.set_exec_mask(active)
             tokens = self.lm_gen.step(codes)
             assert tokens is not None  # support_out_of_sync: never None
+            t0 = self._mark(phases, t0, "lm")
             audio = tokens[:, 1:, :]
             ready = active & (audio >= 0).all(dim=2).all(dim=1)
             out_pcm: np.ndarray | None = None
@@ -220,6 +225,7 @@ class MoshiBackend:
                 self.mimi.set_exec_mask(ready)
                 decoded = self.mimi.decode(torch.where(audio >= 0, audio, torch.zeros_like(audio)))
                 out_pcm = decoded[:, 0, :].float().cpu().numpy()
+            self._mark(phases, t0, "decode")
         tok = tokens[:, :, 0].cpu().numpy()
         ready_np = ready.cpu().numpy()
         result: dict[int, StepOutput] = {}
@@ -228,6 +234,17 @@ class MoshiBackend:
             pcm_out = out_pcm[slot].astype(np.float32) if out_pcm is not None and ready_np[slot] else _SILENCE
             result[slot] = StepOutput(pcm=pcm_out, text=self._text(int(tok[slot, 0])))
         return result
+
+    def _mark(self, phases: dict[str, list[float]] | None, t0: float | None, name: str) -> float | None:
+        """Phase timing for the benchmark only (``phase_ms`` set): synchronizes the device, so it costs."""
+        if phases is None:
+            return None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        if t0 is not None:
+            phases.setdefault(name, []).append((now - t0) * 1e3)
+        return now
 
     def _text(self, token: int) -> str:
         if self.tokenizer is None or token < 0 or token in (0, self.pad_id) or token >= self._vocab:

@@ -113,7 +113,7 @@ def _need(directory: Path, name: str) -> Path:
     return path
 
 
-def _num_codebooks(config: dict[str, Any]) -> int:
+def num_codebooks(config: dict[str, Any]) -> int:
     return int(max(config["dep_q"], config["n_q"] - config["dep_q"]))
 
 
@@ -125,7 +125,7 @@ def _expected_tensors(files: ModelFiles) -> tuple[dict[str, tuple[int, ...]], di
     lm = loaders.get_moshi_lm(None, lm_kwargs=files.config, device="meta", dtype=torch.bfloat16)
     with torch.device("meta"):
         mimi = loaders.get_mimi(None, mimi_config=files.mimi_config, device="meta",
-                                num_codebooks=_num_codebooks(files.config))
+                                num_codebooks=num_codebooks(files.config))
     lm_shapes = {k: tuple(v.shape) for k, v in lm.state_dict().items()}
     mimi_shapes = {k: tuple(v.shape) for k, v in mimi.state_dict().items()}
     return lm_shapes, mimi_shapes
@@ -246,7 +246,7 @@ def available_memory(device: torch.device) -> int | None:
 class LoadedModel:
     lm: LMModel
     mimi: MimiModel
-    tokenizer: sentencepiece.SentencePieceProcessor
+    tokenizer: sentencepiece.SentencePieceProcessor | None  # None for random-weight shapes
     files: ModelFiles
 
 
@@ -271,7 +271,7 @@ def load_model(model: str | Path, device: str | torch.device = "cpu", dtype: tor
     try:
         lm = loaders.get_moshi_lm(files.lm_weights, lm_kwargs=files.config, device=device, dtype=dtype)
         mimi = loaders.get_mimi(files.mimi_weights, files.mimi_config, device=device,
-                                num_codebooks=_num_codebooks(files.config))
+                                num_codebooks=num_codebooks(files.config))
     except torch.OutOfMemoryError:
         raise ModelError(f"out of memory loading {files.directory}: needs {needed:,} bytes "
                          f"({needed / 2**30:.2f} GiB) on {device}") from None

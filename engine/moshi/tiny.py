@@ -77,7 +77,7 @@ def _train_tokenizer(path: Path) -> None:
     path.with_suffix(".vocab").unlink(missing_ok=True)
 
 
-def _randomize_codebooks(mimi: Any, torch: Any) -> None:
+def randomize_codebooks(mimi: Any, torch: Any) -> None:
     """A fresh Mimi's codebooks are all zero (k-means fills them in training), so every frame would get
     code 0 and the LM would never see its input: give them random centroids, marked initialized."""
     with torch.no_grad():
@@ -99,7 +99,7 @@ def write_tiny_model(directory: str | Path, seed: int = 1234) -> Path:
     torch.manual_seed(seed)
     lm = loaders.get_moshi_lm(None, lm_kwargs=TINY_LM_CONFIG, device="cpu", dtype=torch.float32)
     mimi = loaders.get_mimi(None, mimi_config=TINY_MIMI_CONFIG, device="cpu", num_codebooks=8)
-    _randomize_codebooks(mimi, torch)
+    randomize_codebooks(mimi, torch)
     save_file({k: v.contiguous() for k, v in lm.state_dict().items()}, str(out / LM_FILE))
     save_file({k: v.contiguous() for k, v in mimi.state_dict().items()}, str(out / MIMI_FILE))
     (out / MIMI_CONFIG_FILE).write_text(json.dumps(TINY_MIMI_CONFIG, indent=1))

@@ -151,7 +151,7 @@ def test_bench_cli_json(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, [
         "bench", "engine", "--slots", "1,2", "--ticks", "2", "--warmup", "1", "--json"])
     assert result.exit_code == 0, result.output
-    rows = json.loads(result.output)["results"]
+    rows = json.loads(result.stdout)["results"]
     assert [r["slots"] for r in rows] == [1, 2]
     for r in rows:
         assert r["tick_p50_ms"] > 0 and r["tick_p99_ms"] >= r["tick_p50_ms"]

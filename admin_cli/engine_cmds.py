@@ -37,9 +37,8 @@ def pull(repo: str, revision: str | None, target: Path | None) -> None:
         path = Path(snapshot_download(repo, revision=revision, local_dir=target))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as exc:
         raise click.ClickException(f"cannot download {repo}: {exc}") from None
-    if target is not None:
-        write_manifest(path)  # local dirs have no blob hashes: record what arrived
-    click.echo(f"{repo} -> {path}")
+    manifest = write_manifest(path)  # sizes and sha256 of what arrived: checked on every engine start
+    click.echo(f"{repo} -> {path} (manifest {manifest.name})")
 
 
 def _installed() -> list[tuple[str, Path, int]]:

@@ -27,13 +27,14 @@ from typing import Any
 import click
 import numpy as np
 
-from bridge.config import BridgeSettings, EngineSettings
+from bridge.config import BridgeSettings
 from bridge.engine_client import EngineSession
 from bridge.media.assets import load_speech_8k
 from bridge.media.call_media import CallMedia
 from bridge.media.metrics import Histogram, MediaStats, merge_histograms
 from bridge.media.simleg import SimLeg
 from bridge.startup import freeze_startup_heap
+from engine.config import EngineSettings
 
 DEFAULT_WAV = "aziza-demo-out.wav"
 # The echo engine steps each frame as it comes: batching buys an echo nothing, and a window would add

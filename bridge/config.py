@@ -1,4 +1,7 @@
-"""The appliance's one configuration, shared by aziza-bridge, aziza-engine and aziza-admin.
+"""The appliance's one configuration file, as aziza-bridge and aziza-admin read it.
+
+The ``[engine]`` table of the same file is read by aziza-engine itself (``engine/config.py``): the bridge
+only talks to engines through their protocol and URLs (``bridge.engine_urls``).
 
 Sources, highest priority first:
   1. environment variables: ``AZIZA_<FIELD>`` for top-level fields (``AZIZA_DATABASE_URL``) and
@@ -26,28 +29,6 @@ from pydantic_settings import (
 )
 
 DEFAULT_CONFIG_PATH = "/etc/aziza/aziza.toml"
-
-
-class EngineSettings(BaseModel):
-    """aziza-engine: the model server (one per GPU)."""
-
-    host: str = "127.0.0.1"
-    port: int = 8998
-    # When set, the engine listens on this Unix socket instead of host:port.
-    unix_socket: str | None = None
-    backend: Literal["echo", "moshi"] = "echo"
-    num_slots: int = Field(default=10, ge=1)
-    # How long the scheduler waits for more slots' frames before stepping the batch.
-    batch_window_ms: float = Field(default=20.0, ge=0)
-    # Echo backend: output frame k is input frame k - echo_delay_frames (silence before).
-    echo_delay_frames: int = Field(default=0, ge=0)
-    # Moshi backend: a weights directory (config.json + safetensors) or a Hugging Face repo id in the cache.
-    model: str | None = None
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: Literal["auto", "bf16", "fp16", "fp32", "fp8"] = "auto"
-    cuda_graphs: bool = True
-    # Sessions that send nothing for this long are closed and their slot freed.
-    idle_timeout_s: float = Field(default=30.0, gt=0)
 
 
 class BridgeSettings(BaseModel):
@@ -125,7 +106,6 @@ class Settings(BaseSettings):
     data_dir: Path = Path("/var/lib/aziza")
     log_level: str = "INFO"
 
-    engine: EngineSettings = EngineSettings()
     bridge: BridgeSettings = BridgeSettings()
     ari: AriSettings = AriSettings()
     capacity: CapacitySettings = CapacitySettings()

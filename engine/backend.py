@@ -4,7 +4,8 @@ A backend owns a fixed number of slots allocated once (static shapes). The serve
 sessions and calls the backend from ONE worker thread, never concurrently:
 
     prepare_persona(p)          may be slow (prefix computed once and cached); call before start_slot
-    start_slot(slot, p)         reset that slot's streaming state only; load the persona prefix into it
+    start_slot(slot, p, seed)   reset that slot's streaming state only; load the persona prefix into it;
+                                seed its sampler; returns warnings (e.g. adapter unavailable: base weights)
     step({slot: pcm, ...})      one 80 ms tick for exactly the slots given (the others are frozen, not fed
                                 fake audio); returns one StepOutput per slot given
     end_slot(slot)              the slot is free; its state may be left as is until the next start_slot
@@ -43,7 +44,7 @@ class BatchBackend(Protocol):
 
     def prepare_persona(self, persona: PersonaParams) -> None: ...
 
-    def start_slot(self, slot: int, persona: PersonaParams) -> None: ...
+    def start_slot(self, slot: int, persona: PersonaParams, seed: int = 0) -> list[str]: ...
 
     def step(self, frames: dict[int, np.ndarray]) -> dict[int, StepOutput]: ...
 

@@ -55,8 +55,8 @@ class _TimedBackend:
     def prepare_persona(self, persona: PersonaParams) -> None:
         self.inner.prepare_persona(persona)
 
-    def start_slot(self, slot: int, persona: PersonaParams) -> None:
-        self.inner.start_slot(slot, persona)
+    def start_slot(self, slot: int, persona: PersonaParams, seed: int = 0) -> list[str]:
+        return self.inner.start_slot(slot, persona, seed)
 
     def step(self, frames: dict[int, np.ndarray]) -> dict[int, StepOutput]:
         t0 = time.perf_counter()
@@ -111,8 +111,8 @@ async def bench_scheduler(backend: BatchBackend, ticks: int = 300, warmup: int =
 
 
 async def bench_sessions(num_slots: int, seconds: float) -> str:
-    from bridge.config import EngineSettings
     from bridge.engine_client import EngineSession
+    from engine.config import EngineSettings
     from engine.protocol import AudioFrame, Lag
     from engine.server import run_engine
 

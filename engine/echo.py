@@ -40,10 +40,11 @@ class EchoBackend:
     def prepare_persona(self, persona: PersonaParams) -> None:
         """Nothing to precompute for an echo."""
 
-    def start_slot(self, slot: int, persona: PersonaParams) -> None:
+    def start_slot(self, slot: int, persona: PersonaParams, seed: int = 0) -> list[str]:
         self._check_slot(slot)
         self._fifos[slot] = self._fresh_fifo()
         self.steps_per_slot[slot] = 0
+        return []
 
     def step(self, frames: dict[int, np.ndarray]) -> dict[int, StepOutput]:
         for slot, pcm in frames.items():

@@ -53,6 +53,10 @@ class EngineMetrics:
         self.bad_messages = Counter("aziza_engine_bad_messages", "Control messages rejected", registry=r)
         self.lag_reports = Counter("aziza_engine_lag_reports", "lag messages sent to sessions", registry=r)
         self.lagging_sessions = Gauge("aziza_engine_lagging_sessions", "Sessions behind", registry=r)
+        self.input_gaps = Counter(
+            "aziza_engine_input_gap_frames", "Input frame numbers that did not arrive in order, by reason "
+            "(missing, late, overflow)", ["reason"], registry=r,
+        )
         self.backend_failures = Counter(
             "aziza_engine_backend_failures", "Backend calls that failed, by operation", ["op"], registry=r
         )

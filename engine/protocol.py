@@ -3,28 +3,39 @@
 Transport: one WebSocket per session, ``GET /session`` on the engine's aiohttp server (TCP on loopback by
 default, or a Unix socket). Sans-IO: this module only encodes and decodes messages.
 
-Control messages are JSON text frames with a ``type`` field:
+Control messages are JSON text frames with a ``type`` field, at most ``MAX_CONTROL_BYTES`` long and
+``MAX_JSON_DEPTH`` deep (both checked before the JSON parser runs); every field is type-checked and unknown
+fields are refused:
 
-  client -> engine  ``open``   {persona, call_id}            first message, exactly once
+  client -> engine  ``open``   {persona, call_id, seed}      first message, exactly once; seed optional
                     ``event``  {name, value}                 e.g. name="dtmf", value="5"
                     ``pause`` / ``resume``                   hold: no frames consumed or produced
                     ``close``                                 end the session, free the slot
-  engine -> client  ``ready``  {session_id, slot, generation, sample_rate, frame_samples}
+  engine -> client  ``ready``  {session_id, slot, generation, sample_rate, frame_samples, seed, warnings}
                     ``text``   {seq, text}                    agent text decoded with output frame ``seq``
+                    ``gap``    {first_seq, count, reason, filled}   input frames that did not come in order
                     ``error``  {code, message}               code in ERROR_CODES; "full" refuses an open
                     ``lag``    {behind_frames}                the session fell behind real time
                     ``closed`` {reason}
 
+A persona names its assets by id (``voice_prompt_id``, ``adapter_id``: file names under the engine's own
+data dir); a client never passes a file path.
+
 Audio is a binary frame: 1 byte kind (AUDIO), 4 bytes big-endian frame sequence number, then exactly
-FRAME_SAMPLES little-endian int16 samples at SAMPLE_RATE (80 ms of 24 kHz mono). The engine numbers its
-output frames from 0 per session; output frame k is the model's answer to the tick that consumed input k.
+FRAME_SAMPLES little-endian int16 samples at SAMPLE_RATE (80 ms of 24 kHz mono). The client numbers its
+input frames (any start, +1 per frame, modulo 2**32); the engine's output frame ``n`` is the model's
+answer to input frame ``n``. Input that skips numbers opens a gap: the engine says so with ``gap``
+(``reason`` "missing"), steps up to ``filled`` of the missing frames as silence (their outputs carry their
+numbers) and skips the rest; a frame numbered before the last one taken is dropped (``reason`` "late"); a
+frame the engine dropped because the session fell behind is reported with ``reason`` "overflow".
 """
 
 from __future__ import annotations
 
 import json
+import re
 import struct
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Literal
 
 import numpy as np
@@ -35,16 +46,27 @@ FRAME_MS = 80
 AUDIO_KIND = 0x01
 _AUDIO_HEADER = struct.Struct(">BI")
 AUDIO_FRAME_BYTES = _AUDIO_HEADER.size + 2 * FRAME_SAMPLES
+SEQ_MOD = 1 << 32
+
+MAX_CONTROL_BYTES = 8192  # a persona's text prompt is the largest field
+MAX_JSON_DEPTH = 4  # {"type": "open", "persona": {...}} is depth 2
+MAX_TEXT_PROMPT = 4000
+MAX_NAME = 128
+MAX_EVENT_VALUE = 256
+# An asset id: a file name under the engine's data dir (no separators, no leading dot).
+ASSET_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 ERROR_CODES = (
     "full",  # no free slot: the open is refused
-    "bad_message",  # undecodable JSON / unknown type / wrong field types
+    "bad_message",  # undecodable JSON / unknown type / wrong field types / over a limit
     "bad_frame",  # binary frame of the wrong size or kind
     "protocol",  # a message out of order (audio before open, second open...)
     "unknown_persona",
     "internal",  # the backend failed; the session is closed, the engine lives on
     "idle_timeout",
+    "pause_timeout",  # held longer than the engine's pause_max_s
 )
+GAP_REASONS = ("missing", "late", "overflow")
 
 
 class ProtocolError(ValueError):
@@ -58,19 +80,26 @@ class ProtocolError(ValueError):
 
 @dataclass(frozen=True)
 class PersonaParams:
-    """What a session needs to know of its persona; resolved by the bridge from the database."""
+    """What a session needs to know of its persona; resolved by the bridge from the database.
+
+    Sampling fields left None take the engine's settings (Moshi's defaults); 0 temperature is greedy."""
 
     name: str = "default"
     language: str = "en"
     text_prompt: str = ""
-    voice_prompt_path: str | None = None
-    lora_path: str | None = None
+    voice_prompt_id: str | None = None  # a file under the engine's data_dir/voices/
+    adapter_id: str | None = None  # a LoRA adapter directory under the engine's data_dir/adapters/
+    temp: float | None = None
+    top_k: int | None = None
+    temp_text: float | None = None
+    top_k_text: int | None = None
 
 
 @dataclass(frozen=True)
 class Open:
     persona: PersonaParams = field(default_factory=PersonaParams)
     call_id: str | None = None
+    seed: int | None = None  # sampling seed; the engine picks one when absent and says which in ready
     type: Literal["open"] = "open"
 
 
@@ -103,6 +132,9 @@ class Ready:
     generation: int
     sample_rate: int = SAMPLE_RATE
     frame_samples: int = FRAME_SAMPLES
+    seed: int = 0
+    # e.g. "adapter 'sales-ru' unavailable (...): answering on the base weights"
+    warnings: tuple[str, ...] = ()
     type: Literal["ready"] = "ready"
 
 
@@ -111,6 +143,15 @@ class Text:
     seq: int
     text: str
     type: Literal["text"] = "text"
+
+
+@dataclass(frozen=True)
+class Gap:
+    first_seq: int
+    count: int
+    reason: str  # one of GAP_REASONS
+    filled: int = 0  # how many of them were stepped as silence (their output frames follow)
+    type: Literal["gap"] = "gap"
 
 
 @dataclass(frozen=True)
@@ -140,63 +181,174 @@ class AudioFrame:
     pcm: np.ndarray  # shape (FRAME_SAMPLES,), dtype int16
 
 
-ControlMessage = Open | Event | Pause | Resume | Close | Ready | Text | Error | Lag | Closed
+ControlMessage = Open | Event | Pause | Resume | Close | Ready | Text | Gap | Error | Lag | Closed
 
 _CLIENT_TYPES: dict[str, type] = {
     "open": Open, "event": Event, "pause": Pause, "resume": Resume, "close": Close,
 }
-_ENGINE_TYPES: dict[str, type] = {"ready": Ready, "text": Text, "error": Error, "lag": Lag, "closed": Closed}
+_ENGINE_TYPES: dict[str, type] = {
+    "ready": Ready, "text": Text, "gap": Gap, "error": Error, "lag": Lag, "closed": Closed,
+}
 
 
 def encode_control(msg: ControlMessage) -> str:
     return json.dumps(asdict(msg), separators=(",", ":"))
 
 
-def _decode(data: str | bytes, table: dict[str, type]) -> Any:
+def _json_depth(text: str) -> int:
+    """Nesting depth of JSON text, found without recursion (strings skipped): the parser recurses."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def _bad(message: str) -> ProtocolError:
+    return ProtocolError("bad_message", message)
+
+
+def _parse(data: str | bytes) -> dict[str, Any]:
+    if len(data) > MAX_CONTROL_BYTES:
+        raise _bad(f"control message of {len(data)} bytes (limit {MAX_CONTROL_BYTES})")
     try:
-        obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError("bad_message", f"not JSON: {exc}") from None
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+    except UnicodeDecodeError as exc:
+        raise _bad(f"not UTF-8: {exc}") from None
+    if _json_depth(text) > MAX_JSON_DEPTH:
+        raise _bad(f"JSON nested deeper than {MAX_JSON_DEPTH}")
+    try:
+        obj = json.loads(text)
+    except ValueError as exc:
+        raise _bad(f"not JSON: {exc}") from None
     if not isinstance(obj, dict):
-        raise ProtocolError("bad_message", "control message must be a JSON object")
+        raise _bad("control message must be a JSON object")
+    return obj
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return (isinstance(v, int | float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+
+# field name -> (check, what it must be)
+_RULES: dict[str, tuple[Any, str]] = {
+    "seq": (lambda v: _is_int(v) and 0 <= v < SEQ_MOD, "an integer in [0, 2**32)"),
+    "first_seq": (lambda v: _is_int(v) and 0 <= v < SEQ_MOD, "an integer in [0, 2**32)"),
+    "count": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "filled": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "slot": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "generation": (_is_int, "an integer"),
+    "behind_frames": (_is_int, "an integer"),
+    "sample_rate": (_is_int, "an integer"),
+    "frame_samples": (_is_int, "an integer"),
+    "seed": (lambda v: v is None or (_is_int(v) and 0 <= v < 1 << 63), "null or an integer in [0, 2**63)"),
+    "name": (lambda v: isinstance(v, str) and len(v) <= MAX_NAME, f"a string of at most {MAX_NAME} chars"),
+    "value": (lambda v: isinstance(v, str) and len(v) <= MAX_EVENT_VALUE,
+              f"a string of at most {MAX_EVENT_VALUE} chars"),
+    "call_id": (lambda v: v is None or (isinstance(v, str) and len(v) <= MAX_NAME),
+                f"null or a string of at most {MAX_NAME} chars"),
+    "reason": (lambda v: isinstance(v, str) and len(v) <= MAX_NAME, "a string"),
+    "code": (lambda v: isinstance(v, str) and len(v) <= MAX_NAME, "a string"),
+    "session_id": (lambda v: isinstance(v, str) and len(v) <= MAX_NAME, "a string"),
+    "text": (lambda v: isinstance(v, str), "a string"),
+    "message": (lambda v: isinstance(v, str), "a string"),
+    "warnings": (lambda v: isinstance(v, list) and all(isinstance(w, str) for w in v), "a list of strings"),
+}
+_PERSONA_RULES: dict[str, tuple[Any, str]] = {
+    "name": _RULES["name"],
+    "language": (lambda v: isinstance(v, str) and 0 < len(v) <= 16, "a language tag of 1-16 chars"),
+    "text_prompt": (lambda v: isinstance(v, str) and len(v) <= MAX_TEXT_PROMPT,
+                    f"a string of at most {MAX_TEXT_PROMPT} chars"),
+    "voice_prompt_id": (lambda v: v is None or (isinstance(v, str) and bool(ASSET_ID.match(v))),
+                        "null or an asset id (a file name: letters, digits, '.', '_', '-')"),
+    "adapter_id": (lambda v: v is None or (isinstance(v, str) and bool(ASSET_ID.match(v))),
+                   "null or an asset id (a directory name: letters, digits, '.', '_', '-')"),
+    "temp": (lambda v: v is None or (_is_number(v) and 0 <= v <= 10), "null or a number in [0, 10]"),
+    "temp_text": (lambda v: v is None or (_is_number(v) and 0 <= v <= 10), "null or a number in [0, 10]"),
+    "top_k": (lambda v: v is None or (_is_int(v) and 1 <= v <= 4096), "null or an integer in [1, 4096]"),
+    "top_k_text": (lambda v: v is None or (_is_int(v) and 1 <= v <= 4096), "null or an integer in [1, 4096]"),
+}
+
+
+def _check_fields(kind: str, obj: dict[str, Any], cls: type, rules: dict[str, tuple[Any, str]]) -> None:
+    allowed = {f.name for f in fields(cls)}
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        raise _bad(f"{kind}: unknown field {unknown[0][:40]!r}")
+    for name, value in obj.items():
+        rule = rules.get(name)
+        if rule is not None and not rule[0](value):
+            raise _bad(f"{kind}.{name} must be {rule[1]}")
+
+
+def persona_from_dict(obj: object) -> PersonaParams:
+    """A persona object from a client, every field type-checked; raises ProtocolError."""
+    if not isinstance(obj, dict):
+        raise _bad("persona must be an object")
+    _check_fields("persona", obj, PersonaParams, _PERSONA_RULES)
+    return PersonaParams(**obj)
+
+
+def _decode(data: str | bytes, table: dict[str, type]) -> Any:
+    obj = _parse(data)
     kind = obj.get("type")
     cls = table.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise ProtocolError("bad_message", f"unknown message type {kind!r}")
-    try:
-        if cls is Open:
-            persona = obj.get("persona") or {}
-            if not isinstance(persona, dict):
-                raise TypeError("persona must be an object")
-            call_id = obj.get("call_id")
-            if call_id is not None and not isinstance(call_id, str):
-                raise TypeError("call_id must be a string")
-            return Open(persona=PersonaParams(**persona), call_id=call_id)
-        fields = {k: v for k, v in obj.items() if k != "type"}
-        msg = cls(**fields)
-    except TypeError as exc:
-        raise ProtocolError("bad_message", f"bad fields for {kind!r}: {exc}") from None
-    _check_field_types(msg)
-    return msg
-
-
-def _check_field_types(msg: Any) -> None:
-    for name, expected in (("seq", int), ("slot", int), ("generation", int), ("behind_frames", int)):
-        if hasattr(msg, name) and not isinstance(getattr(msg, name), expected):
-            raise ProtocolError("bad_message", f"{name} must be an integer")
-    for name in ("name", "value", "text", "code", "message", "reason", "session_id"):
-        if hasattr(msg, name) and not isinstance(getattr(msg, name), str):
-            raise ProtocolError("bad_message", f"{name} must be a string")
+        shown = kind[:40] if isinstance(kind, str) else kind if isinstance(kind, int | float | bool) else "?"
+        raise _bad(f"unknown message type {shown!r}")
+    body = {k: v for k, v in obj.items() if k != "type"}
+    if cls is Open:
+        persona = body.pop("persona", None)
+        _check_fields("open", body, Open, _RULES)
+        return Open(persona=persona_from_dict(persona if persona is not None else {}), **body)
+    _check_fields(kind, body, cls, _RULES)
+    required = [f.name for f in fields(cls)
+                if f.default is MISSING and f.default_factory is MISSING and f.name not in body]
+    if required:
+        raise _bad(f"{kind}: missing field {required[0]!r}")
+    if "warnings" in body:
+        body["warnings"] = tuple(body["warnings"])
+    if cls is Gap and body.get("reason") not in GAP_REASONS:
+        raise _bad(f"gap.reason must be one of {', '.join(GAP_REASONS)}")
+    return cls(**body)
 
 
 def decode_client_control(data: str | bytes) -> Open | Event | Pause | Resume | Close:
-    """Decode a JSON message sent by a client; raises ProtocolError."""
+    """Decode a JSON message sent by a client; raises ProtocolError (never anything else)."""
     return _decode(data, _CLIENT_TYPES)
 
 
-def decode_engine_control(data: str | bytes) -> Ready | Text | Error | Lag | Closed:
-    """Decode a JSON message sent by the engine; raises ProtocolError."""
+def decode_engine_control(data: str | bytes) -> Ready | Text | Gap | Error | Lag | Closed:
+    """Decode a JSON message sent by the engine; raises ProtocolError (never anything else)."""
     return _decode(data, _ENGINE_TYPES)
+
+
+def clip_for_log(value: object, limit: int = 80) -> str:
+    """A client-supplied value as it may appear in a log line: repr, at most ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} chars)"
+
+
+def seq_after(seq: int, ref: int) -> int:
+    """``seq - ref`` on the 32-bit circle, in [-2**31, 2**31): > 0 when ``seq`` comes after ``ref``."""
+    return (seq - ref + (SEQ_MOD >> 1)) % SEQ_MOD - (SEQ_MOD >> 1)
 
 
 def encode_audio(seq: int, pcm: np.ndarray) -> bytes:
@@ -205,7 +357,7 @@ def encode_audio(seq: int, pcm: np.ndarray) -> bytes:
         raise ValueError(f"audio frame must have {FRAME_SAMPLES} samples, got shape {pcm.shape}")
     if pcm.dtype != np.int16:
         pcm = float_to_int16(pcm)
-    return _AUDIO_HEADER.pack(AUDIO_KIND, seq & 0xFFFFFFFF) + pcm.astype("<i2", copy=False).tobytes()
+    return _AUDIO_HEADER.pack(AUDIO_KIND, seq % SEQ_MOD) + pcm.astype("<i2", copy=False).tobytes()
 
 
 def decode_audio(data: bytes) -> AudioFrame:

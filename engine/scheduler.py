@@ -35,7 +35,7 @@ import numpy as np
 
 from engine.backend import BackendError, BatchBackend, PersonaParams, StepOutput
 from engine.metrics import EngineMetrics
-from engine.protocol import FRAME_MS
+from engine.protocol import FRAME_MS, FRAME_SAMPLES, SEQ_MOD, Gap, seq_after
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +90,23 @@ class SlotTable:
         return self.total - self.busy
 
 
+_SILENCE = np.zeros(FRAME_SAMPLES, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class _Queued:
+    arrival: float
+    seq: int  # the client's input frame number this frame answers
+    pcm: np.ndarray  # float32
+    filled: bool = False  # silence stepped in place of a missing input frame
+
+
 @dataclass
 class _SlotState:
     generation: int
-    queue: deque[tuple[float, np.ndarray]] = field(default_factory=deque)  # (arrival time, float32 pcm)
+    queue: deque[_Queued] = field(default_factory=deque)
     paused: bool = False
-    out_seq: int = 0
+    next_seq: int | None = None  # the input number expected next (None: the next frame anchors)
     dropped: int = 0
     lagging: bool = False
     last_lag_report: float = -math.inf
@@ -105,6 +116,7 @@ class _SlotState:
 class PushResult:
     dropped: int  # oldest frames dropped by this push (the session is behind)
     lag_frames: int | None  # report ``lag{behind_frames}`` to the session now, or None
+    gaps: tuple[Gap, ...] = ()  # input numbers that will get no (or a silence-fed) output: tell the client
 
 
 @dataclass(frozen=True)
@@ -113,14 +125,16 @@ class Batch:
     generations: dict[int, int]
     oldest_arrival: float
     taken_at: float
+    seqs: dict[int, tuple[int, bool]] = field(default_factory=dict)  # slot -> (input number, filled)
 
 
 @dataclass(frozen=True)
 class Delivery:
     slot: int
     generation: int
-    seq: int  # output sequence number of that session
+    seq: int  # the input frame number this output answers
     output: StepOutput
+    filled: bool = False  # the input was missing: the model heard silence
 
 
 @dataclass(frozen=True)
@@ -139,13 +153,17 @@ class BatchPlanner:
         window_s: float,
         max_queue_frames: int = DEFAULT_MAX_QUEUE_FRAMES,
         lag_report_interval_s: float = 1.0,
+        max_gap_fill: int = 0,
     ) -> None:
         if max_queue_frames < 1:
             raise ValueError("max_queue_frames must be >= 1")
+        if max_gap_fill < 0:
+            raise ValueError("max_gap_fill must be >= 0")
         self.num_slots = num_slots
         self.window_s = window_s
         self.max_queue_frames = max_queue_frames
         self.lag_report_interval_s = lag_report_interval_s
+        self.max_gap_fill = max_gap_fill
         self._slots: dict[int, _SlotState] = {}
 
     # -- sessions ----------------------------------------------------------------------------------------
@@ -165,22 +183,41 @@ class BatchPlanner:
         return state
 
     def set_paused(self, lease: SlotLease, paused: bool) -> None:
-        """Hold: a paused slot is never stepped; what it had queued is discarded (stale once resumed)."""
+        """Hold: a paused slot is never stepped; what it had queued is discarded (stale once resumed), and
+        numbering re-anchors on the first frame after the hold (a hold is not a loss)."""
         state = self._state(lease)
         state.paused = paused
         state.queue.clear()
         state.lagging = False
+        state.next_seq = None
 
-    def push(self, lease: SlotLease, pcm: np.ndarray, now: float) -> PushResult:
-        """Queue one input frame. Frames pushed while paused are discarded (hold consumes nothing)."""
+    def push(self, lease: SlotLease, pcm: np.ndarray, now: float, seq: int | None = None) -> PushResult:
+        """Queue input frame ``seq`` (None: the next number). Frames pushed while paused are discarded (hold
+        consumes nothing); a frame numbered before one already taken is dropped as late; numbers skipped
+        open a gap, up to ``max_gap_fill`` of them stepped as silence."""
         state = self._state(lease)
         if state.paused:
             return PushResult(dropped=0, lag_frames=None)
-        state.queue.append((now, pcm))
+        if seq is None:
+            seq = state.next_seq if state.next_seq is not None else 0
+        seq %= SEQ_MOD
+        gaps: list[Gap] = []
+        if state.next_seq is not None:
+            ahead = seq_after(seq, state.next_seq)
+            if ahead < 0:
+                return PushResult(dropped=0, lag_frames=None, gaps=(Gap(seq, 1, "late"),))
+            if ahead > 0:
+                fill = ahead if ahead <= self.max_gap_fill else 0
+                gaps.append(Gap(state.next_seq, ahead, "missing", filled=fill))
+                for k in range(fill):
+                    state.queue.append(_Queued(now, (state.next_seq + k) % SEQ_MOD, _SILENCE, filled=True))
+        state.queue.append(_Queued(now, seq, pcm))
+        state.next_seq = (seq + 1) % SEQ_MOD
         dropped = 0
         while len(state.queue) > self.max_queue_frames:
-            state.queue.popleft()
+            lost = state.queue.popleft()
             dropped += 1
+            _extend_gap(gaps, lost.seq)
         state.dropped += dropped
         lag: int | None = None
         if len(state.queue) >= self.max_queue_frames:
@@ -188,7 +225,7 @@ class BatchPlanner:
             if now - state.last_lag_report >= self.lag_report_interval_s:
                 state.last_lag_report = now
                 lag = len(state.queue) - 1 + dropped
-        return PushResult(dropped=dropped, lag_frames=lag)
+        return PushResult(dropped=dropped, lag_frames=lag, gaps=tuple(gaps))
 
     # -- scheduling --------------------------------------------------------------------------------------
 
@@ -200,7 +237,7 @@ class BatchPlanner:
         ready = self._ready()
         if not ready:
             return None
-        oldest = min(self._slots[slot].queue[0][0] for slot in ready)
+        oldest = min(self._slots[slot].queue[0].arrival for slot in ready)
         active = sum(1 for s in self._slots.values() if not s.paused)
         if len(ready) == active:
             return min(now, oldest)
@@ -213,16 +250,18 @@ class BatchPlanner:
             return None
         frames: dict[int, np.ndarray] = {}
         generations: dict[int, int] = {}
+        seqs: dict[int, tuple[int, bool]] = {}
         oldest = math.inf
         for slot in sorted(ready):
             state = self._slots[slot]
-            arrival, pcm = state.queue.popleft()
-            oldest = min(oldest, arrival)
-            frames[slot] = pcm
+            item = state.queue.popleft()
+            oldest = min(oldest, item.arrival)
+            frames[slot] = item.pcm
             generations[slot] = state.generation
+            seqs[slot] = (item.seq, item.filled)
             if len(state.queue) <= 1:
                 state.lagging = False
-        return Batch(frames=frames, generations=generations, oldest_arrival=oldest, taken_at=now)
+        return Batch(frames=frames, generations=generations, oldest_arrival=oldest, taken_at=now, seqs=seqs)
 
     def complete(self, batch: Batch, outputs: dict[int, StepOutput]) -> BatchResult:
         """Match a step's outputs to sessions; outputs for a slot now held by another call are discarded."""
@@ -238,8 +277,8 @@ class BatchPlanner:
             if out is None:
                 failed.append(SlotLease(slot, generation))
                 continue
-            deliveries.append(Delivery(slot, generation, state.out_seq, out))
-            state.out_seq += 1
+            seq, filled = batch.seqs[slot]
+            deliveries.append(Delivery(slot, generation, seq, out, filled))
         return BatchResult(deliveries, failed, stale)
 
     def fail_all(self, batch: Batch) -> list[SlotLease]:
@@ -259,6 +298,15 @@ class BatchPlanner:
 
     def queued(self, lease: SlotLease) -> int:
         return len(self._state(lease).queue)
+
+
+def _extend_gap(gaps: list[Gap], seq: int) -> None:
+    """Record input ``seq`` dropped for overflow, merging runs of consecutive numbers into one gap."""
+    last = gaps[-1] if gaps else None
+    if last is not None and last.reason == "overflow" and (last.first_seq + last.count) % SEQ_MOD == seq:
+        gaps[-1] = Gap(last.first_seq, last.count + 1, "overflow")
+    else:
+        gaps.append(Gap(seq, 1, "overflow"))
 
 
 class SessionSink(Protocol):
@@ -300,13 +348,15 @@ class FrameScheduler:
         metrics: EngineMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
         inline_backend: bool = False,
+        max_gap_fill: int = 0,
     ) -> None:
         self.backend = backend
         # A backend whose calls take microseconds (echo) runs on the loop: the worker thread's two hand-offs
         # per tick (GIL switches, a self-pipe wake-up) cost more than the step, and jitter under CPU load.
         self.inline_backend = inline_backend
         self.table = SlotTable(backend.num_slots)
-        self.planner = BatchPlanner(backend.num_slots, batch_window_s, max_queue_frames)
+        self.planner = BatchPlanner(backend.num_slots, batch_window_s, max_queue_frames,
+                                    max_gap_fill=max_gap_fill)
         self.metrics = metrics or EngineMetrics(backend.num_slots)
         self._clock = clock
         self._sinks: dict[int, tuple[int, SessionSink]] = {}
@@ -315,6 +365,7 @@ class FrameScheduler:
         self._task: asyncio.Task[None] | None = None
         self.ticks = 0
         self.step_seconds_total = 0.0
+        self.start_warnings: dict[int, list[str]] = {}  # slot -> warnings of its current call's start
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -344,9 +395,10 @@ class FrameScheduler:
 
     # -- sessions ----------------------------------------------------------------------------------------
 
-    async def open_session(self, persona: PersonaParams, sink: SessionSink) -> SlotLease:
-        """Acquire a slot, prepare the persona and start the slot (worker thread). Raises SlotsFull (table
-        unchanged) or OpenFailed (slot released again)."""
+    async def open_session(self, persona: PersonaParams, sink: SessionSink, seed: int = 0) -> SlotLease:
+        """Acquire a slot, prepare the persona and start the slot (worker thread) with sampling ``seed``.
+        Raises SlotsFull (table unchanged) or OpenFailed (slot released again). What the start warned
+        about (e.g. an adapter that could not load) is in ``start_warnings[lease.slot]``."""
         lease = self.table.acquire()  # SlotsFull propagates before anything changed
         self.metrics.slots_busy.set(self.table.busy)
         try:
@@ -358,7 +410,8 @@ class FrameScheduler:
                 code = "unknown_persona" if persona_problem else "internal"
                 raise OpenFailed(code, f"persona {persona.name!r} could not be prepared: {exc}") from exc
             try:
-                await self._in_worker(self.backend.start_slot, lease.slot, persona)
+                warnings = await self._in_worker(self.backend.start_slot, lease.slot, persona, seed)
+                self.start_warnings[lease.slot] = list(warnings or ())
             except Exception as exc:
                 self.metrics.backend_failures.labels("start_slot").inc()
                 raise OpenFailed("internal", f"slot {lease.slot} failed to start: {exc}") from exc
@@ -377,6 +430,7 @@ class FrameScheduler:
             return
         self.planner.detach(lease)
         self._sinks.pop(lease.slot, None)
+        self.start_warnings.pop(lease.slot, None)
         self.table.release(lease)
         self.metrics.slots_busy.set(self.table.busy)
         self.metrics.lagging_sessions.set(self.planner.lagging)
@@ -388,8 +442,8 @@ class FrameScheduler:
             self.metrics.backend_failures.labels("end_slot").inc()
             log.exception("end_slot(%d) failed", lease.slot)
 
-    def push(self, lease: SlotLease, pcm: np.ndarray) -> PushResult:
-        result = self.planner.push(lease, pcm, self._clock())
+    def push(self, lease: SlotLease, pcm: np.ndarray, seq: int | None = None) -> PushResult:
+        result = self.planner.push(lease, pcm, self._clock(), seq)
         self.metrics.frames_in.inc()
         if result.dropped:
             self.metrics.input_dropped.inc(result.dropped)
@@ -458,7 +512,8 @@ class FrameScheduler:
                 self._fail(SlotLease(slot, batch.generations[slot]), f"backend rejected the frame: {exc}")
             batch = Batch({s: f for s, f in batch.frames.items() if s not in bad},
                           {s: g for s, g in batch.generations.items() if s not in bad},
-                          batch.oldest_arrival, batch.taken_at)
+                          batch.oldest_arrival, batch.taken_at,
+                          {s: q for s, q in batch.seqs.items() if s not in bad})
             await self._step(batch)
             return
         elapsed = self._clock() - started

@@ -19,25 +19,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 
-from bridge.config import EngineSettings, get_settings
-from bridge.startup import freeze_startup_heap
+from engine.assets import DEFAULT_DATA_DIR, AssetStore
 from engine.backend import BatchBackend
+from engine.config import ConfigFileError, EngineSettings, get_engine_config
 from engine.metrics import EngineMetrics
 from engine.protocol import (
     Close,
     Closed,
     Error,
     Event,
+    Gap,
     Lag,
     Open,
     Pause,
@@ -45,6 +49,7 @@ from engine.protocol import (
     Ready,
     Resume,
     Text,
+    clip_for_log,
     decode_audio,
     decode_client_control,
     encode_audio,
@@ -64,7 +69,7 @@ SCHEDULER_KEY = web.AppKey("scheduler", FrameScheduler)
 SETTINGS_KEY = web.AppKey("settings", EngineSettings)
 
 
-def build_backend(settings: EngineSettings) -> BatchBackend:
+def build_backend(settings: EngineSettings, data_dir: Path | None = None) -> BatchBackend:
     if settings.backend == "echo":
         from engine.echo import EchoBackend
 
@@ -72,7 +77,7 @@ def build_backend(settings: EngineSettings) -> BatchBackend:
     if settings.backend == "moshi":
         from engine.moshi.backend import build_backend as build_moshi  # heavy: import only when asked
 
-        backend: BatchBackend = build_moshi(settings)
+        backend: BatchBackend = build_moshi(settings, AssetStore(data_dir or DEFAULT_DATA_DIR))
         return backend
     raise ValueError(f"unknown engine backend {settings.backend!r}")
 
@@ -112,7 +117,7 @@ class _Session:
     def on_failed(self, message: str) -> None:
         self.end(_End("internal", Error("internal", message)))
 
-    def send(self, msg: Error | Lag | Closed) -> None:
+    def send(self, msg: Error | Lag | Gap | Closed) -> None:
         self.outbox.put_nowait(encode_control(msg))
 
     def end(self, end: _End) -> None:
@@ -200,8 +205,9 @@ async def session_handler(request: web.Request) -> web.WebSocketResponse:
             await scheduler.close_session(lease)
 
     session = _Session(ws, metrics, release)
+    seed = first.seed if first.seed is not None else secrets.randbits(63)
     try:
-        lease = await scheduler.open_session(first.persona, session)
+        lease = await scheduler.open_session(first.persona, session, seed)
     except SlotsFull as exc:
         metrics.sessions_refused.labels("full").inc()
         return await _refuse(ws, "full", str(exc))
@@ -216,13 +222,16 @@ async def session_handler(request: web.Request) -> web.WebSocketResponse:
     sessions = request.app[SESSIONS_KEY].live
     sessions.add(session)
     metrics.sessions_opened.inc()
-    log.info("session %s open: slot %d gen %d persona %r call %s", session.id, lease.slot,
-             lease.generation, first.persona.name, first.call_id)
+    warnings = tuple(scheduler.start_warnings.get(lease.slot, ()))
+    log.info("session %s open: slot %d gen %d persona %s call %s seed %d%s", session.id, lease.slot,
+             lease.generation, clip_for_log(first.persona.name), clip_for_log(first.call_id), seed,
+             "".join(f"; warning: {w}" for w in warnings))
     try:
-        await ws.send_str(encode_control(Ready(session.id, lease.slot, lease.generation)))
+        await ws.send_str(encode_control(Ready(session.id, lease.slot, lease.generation, seed=seed,
+                                               warnings=warnings)))
         async with asyncio.TaskGroup() as tg:
             tg.create_task(session.writer(), name=f"engine-writer-{session.id}")
-            tg.create_task(_reader(session, scheduler, lease, settings.idle_timeout_s),
+            tg.create_task(_reader(session, scheduler, lease, settings),
                            name=f"engine-reader-{session.id}")
     except Exception:  # one session's bug must never reach the other sessions or the server
         log.exception("session %s failed", session.id)
@@ -236,17 +245,21 @@ async def session_handler(request: web.Request) -> web.WebSocketResponse:
 
 
 async def _reader(
-    session: _Session, scheduler: FrameScheduler, lease: SlotLease, idle_timeout_s: float
+    session: _Session, scheduler: FrameScheduler, lease: SlotLease, settings: EngineSettings
 ) -> None:
     ws, metrics = session.ws, session.metrics
+    idle_timeout_s, pause_max_s = settings.idle_timeout_s, settings.pause_max_s
     paused = False
-    last_frame = time.monotonic()
+    last_frame = time.monotonic()  # or the moment of the pause, while paused
     while True:
-        timeout = None if paused else max(0.0, idle_timeout_s - (time.monotonic() - last_frame))
+        limit = pause_max_s if paused else idle_timeout_s
         try:
-            msg = await ws.receive(timeout=timeout)
+            msg = await ws.receive(timeout=max(0.0, limit - (time.monotonic() - last_frame)))
         except TimeoutError:
-            session.end(_End("idle_timeout", Error("idle_timeout", f"no audio for {idle_timeout_s:g} s")))
+            if paused:
+                session.end(_End("pause_timeout", Error("pause_timeout", f"paused for {pause_max_s:g} s")))
+            else:
+                session.end(_End("idle_timeout", Error("idle_timeout", f"no audio for {idle_timeout_s:g} s")))
             return
         if msg.type == aiohttp.WSMsgType.BINARY:
             try:
@@ -255,11 +268,16 @@ async def _reader(
                 metrics.bad_frames.inc()
                 session.send(Error(exc.code, exc.message))
                 continue
+            if paused:
+                continue  # a hold consumes nothing; frames sent during it do not end the pause
             last_frame = time.monotonic()
             try:
-                pushed = scheduler.push(lease, int16_to_float(frame.pcm))
+                pushed = scheduler.push(lease, int16_to_float(frame.pcm), frame.seq)
             except KeyError:
                 continue  # the backend failed this slot; the writer is ending the session
+            for gap in pushed.gaps:
+                metrics.input_gaps.labels(gap.reason).inc(gap.count)
+                session.send(gap)
             if pushed.lag_frames is not None:
                 log.warning("session %s is %d frames behind (%d dropped so far)", session.id,
                             pushed.lag_frames, scheduler.planner.dropped(lease))
@@ -282,10 +300,11 @@ async def _reader(
             elif isinstance(ctl, Event):
                 try:
                     if not await scheduler.send_event(lease, ctl.name, ctl.value):
-                        log.info("session %s event %s=%r (backend takes no events)", session.id, ctl.name,
-                                 ctl.value)
+                        log.info("session %s event %s=%s (backend takes no events)", session.id,
+                                 clip_for_log(ctl.name, 32), clip_for_log(ctl.value, 32))
                 except Exception as exc:
-                    log.warning("session %s: backend on_event failed: %s", session.id, exc)
+                    log.warning("session %s: backend on_event failed: %s", session.id,
+                                clip_for_log(str(exc), 200))
             else:  # a second open
                 session.send(Error("protocol", f"unexpected {ctl.type!r} in an open session"))
         elif msg.type == aiohttp.WSMsgType.ERROR and isinstance(ws.exception(), aiohttp.WebSocketError):
@@ -300,10 +319,12 @@ async def _reader(
 
 async def health_handler(request: web.Request) -> web.Response:
     scheduler = request.app[SCHEDULER_KEY]
+    backend_health = getattr(scheduler.backend, "health", None)
     return web.json_response({
         "status": "ok",
         "backend": scheduler.backend.name,
-        "slots": {"total": scheduler.table.total, "busy": scheduler.busy},
+        "slots": {"total": scheduler.table.total, "busy": scheduler.busy, "free": scheduler.table.free},
+        **({"model": backend_health()} if backend_health is not None else {}),
         "sessions": len(request.app[SESSIONS_KEY].live),
         "ticks": scheduler.ticks,
         "lagging_sessions": scheduler.lagging,
@@ -316,17 +337,20 @@ async def metrics_handler(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
-def create_app(settings: EngineSettings, backend: BatchBackend | None = None) -> web.Application:
-    """The engine's aiohttp app. ``backend`` defaults to the one ``settings.backend`` names."""
+def create_app(settings: EngineSettings, backend: BatchBackend | None = None,
+               data_dir: Path | None = None) -> web.Application:
+    """The engine's aiohttp app. ``backend`` defaults to the one ``settings.backend`` names; persona assets
+    (voice prompts, adapters) are looked up under ``data_dir``."""
     app = web.Application()
     inline = backend is None and settings.backend == "echo"
-    backend = backend if backend is not None else build_backend(settings)
+    backend = backend if backend is not None else build_backend(settings, data_dir)
     app[SETTINGS_KEY] = settings
     app[SESSIONS_KEY] = _LiveSessions()
 
     async def scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
         scheduler = FrameScheduler(backend, batch_window_s=settings.batch_window_ms / 1000.0,
-                                   metrics=EngineMetrics(backend.num_slots), inline_backend=inline)
+                                   metrics=EngineMetrics(backend.num_slots), inline_backend=inline,
+                                   max_gap_fill=settings.max_gap_fill_frames)
         app[SCHEDULER_KEY] = scheduler
         await scheduler.start()
         yield
@@ -346,10 +370,11 @@ def create_app(settings: EngineSettings, backend: BatchBackend | None = None) ->
 
 
 @contextlib.asynccontextmanager
-async def run_engine(settings: EngineSettings, backend: BatchBackend | None = None) -> AsyncIterator[str]:
+async def run_engine(settings: EngineSettings, backend: BatchBackend | None = None,
+                     data_dir: Path | None = None) -> AsyncIterator[str]:
     """Run an engine in this event loop; yields its session URL (``ws://host:port/session`` with the real
     port when ``settings.port`` is 0, or ``unix://PATH``). Tests, demos and benchmarks use it."""
-    app = create_app(settings, backend)
+    app = create_app(settings, backend, data_dir)
     runner = web.AppRunner(app, shutdown_timeout=2.0)
     await runner.setup()
     try:
@@ -380,31 +405,42 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-timeout-s", type=float)
     p.add_argument("--model", help="moshi backend: weights directory or cached Hugging Face repo id")
     p.add_argument("--device", help="moshi backend: auto | cpu | cuda | cuda:N")
+    p.add_argument("--instance", type=int, help="aziza-engine@N: listen on port + N, use GPU N")
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = _parser()
     args = parser.parse_args(argv)
-    base = get_settings()
+    try:
+        base = get_engine_config()
+    except (ConfigFileError, ValidationError) as exc:
+        parser.error(str(exc).splitlines()[0] if isinstance(exc, ConfigFileError) else _errors(exc))
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     try:
-        settings = EngineSettings.model_validate({**base.engine.model_dump(), **overrides})
+        settings = EngineSettings.model_validate({**base.engine.model_dump(), **overrides}).for_instance()
     except ValidationError as exc:
-        parser.error("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+        parser.error(_errors(exc))
     logging.basicConfig(level=base.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        app = create_app(settings)
+        app = create_app(settings, data_dir=base.data_dir)
     except Exception as exc:  # no weights, bad model dir...: one clear line, not a traceback
         raise SystemExit(f"aziza-engine: cannot start the {settings.backend} backend: {exc}") from None
     log.info("aziza-engine: backend %s, %d slots, window %.0f ms", settings.backend, settings.num_slots,
              settings.batch_window_ms)
-    freeze_startup_heap()  # collections walking the startup heap would stall the tick loop every call hears
+    # Move the startup heap (torch, numpy, aiohttp...) out of the collector's reach: full collections
+    # walking it would stall the tick loop for tens of ms, which every call hears.
+    gc.collect()
+    gc.freeze()
     # run_app turns SIGTERM/SIGINT into a graceful shutdown: on_shutdown tells sessions, cleanup stops ticks.
     if settings.unix_socket:
         web.run_app(app, path=settings.unix_socket, shutdown_timeout=5.0, print=None)
     else:
         web.run_app(app, host=settings.host, port=settings.port, shutdown_timeout=5.0, print=None)
+
+
+def _errors(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc']))}={e.get('input')!r}: {e['msg']}" for e in exc.errors())
 
 
 if __name__ == "__main__":

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import os
 import uuid
+
+# One torch/OpenMP thread per test process: OpenMP's spinning workers collapse on a busy 2-core machine
+# (a persona test measured 63 s with 2 threads beside another process, 5 s with 1).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 from collections.abc import AsyncIterator, Iterator
 
 import psycopg

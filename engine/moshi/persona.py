@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from engine.moshi.state_copy import RowSnapshot
 from engine.protocol import FRAME_SAMPLES, SAMPLE_RATE, PersonaParams
 
 if TYPE_CHECKING:
@@ -50,13 +51,14 @@ class PromptPlan:
         return int(self.text_tokens.shape[0])
 
 
-def persona_key(persona: PersonaParams) -> tuple[str, str, str]:
-    """What the prefix depends on (not the display name: two personas with one prompt share a prefix)."""
-    return (persona.text_prompt, persona.voice_prompt_path or "", persona.lora_path or "")
+def persona_key(persona: PersonaParams, adapter_id: str | None) -> tuple[str, str, str]:
+    """What the prefix depends on: the prompt, the voice and the adapter actually in use (not the display
+    name: two personas with one prompt share a prefix)."""
+    return (persona.text_prompt, persona.voice_prompt_id or "", adapter_id or "")
 
 
 def has_prompt(persona: PersonaParams) -> bool:
-    return bool(persona.text_prompt.strip() or persona.voice_prompt_path)
+    return bool(persona.text_prompt.strip() or persona.voice_prompt_id)
 
 
 def read_voice_prompt(path: str) -> np.ndarray:
@@ -88,12 +90,15 @@ def _frames(pcm: np.ndarray) -> np.ndarray:
     return out.reshape(n, FRAME_SAMPLES)
 
 
-def build_plan(persona: PersonaParams, tokenizer: sentencepiece.SentencePieceProcessor,
-               pad_id: int) -> PromptPlan:
-    voice = _frames(read_voice_prompt(persona.voice_prompt_path)) if persona.voice_prompt_path else \
-        np.zeros((0, FRAME_SAMPLES), np.float32)
+def build_plan(persona: PersonaParams, tokenizer: sentencepiece.SentencePieceProcessor | None,
+               pad_id: int, voice_path: str | None) -> PromptPlan:
+    """The prompt's frames; ``voice_path`` is the persona's voice prompt resolved by the engine."""
+    voice = _frames(read_voice_prompt(voice_path)) if voice_path else np.zeros((0, FRAME_SAMPLES), np.float32)
+    if persona.text_prompt.strip() and tokenizer is None:
+        raise PersonaError("a text prompt needs the model's tokenizer")
     text_ids: list[int] = []
     if persona.text_prompt.strip():
+        assert tokenizer is not None
         text_ids = list(tokenizer.encode(f"<system> {persona.text_prompt.strip()} <system>"))
     n_voice, n_text = voice.shape[0], len(text_ids)
     total = n_voice + SILENCE_FRAMES + n_text + SILENCE_FRAMES
@@ -150,14 +155,20 @@ def forced_step(lm_gen: LMGen, user_codes: torch.Tensor, replace: torch.Tensor |
 
 @dataclass
 class PersonaPrefix:
-    """The B=1 streaming states after the prompt: what ``start_slot`` copies into a slot."""
+    """The streaming state of one stream after the prompt, as tensors only (``RowSnapshot``: no State
+    objects, no CUDA graphs, only the KV positions the prompt wrote): what ``start_slot`` copies into a
+    slot."""
 
     key: tuple[str, str, str]
     frames: int
-    mimi_state: dict[str, Any]
-    gen_state: dict[str, Any]
-    lm_state: dict[str, Any]
+    mimi: RowSnapshot
+    gen: RowSnapshot
+    lm: RowSnapshot
     build_ms: float
+
+    @property
+    def nbytes(self) -> int:
+        return self.mimi.nbytes + self.gen.nbytes + self.lm.nbytes
 
 
 def encode_agent_codes(mimi: MimiModel, plan: PromptPlan, device: torch.device) -> torch.Tensor:

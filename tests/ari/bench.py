@@ -51,7 +51,7 @@ async def bench_call_cycle(calls: int, standin_media: bool) -> dict[str, Any]:
     engine_ctx: Any = None
     deps = sd.deps()
     if not standin_media:
-        from bridge.config import EngineSettings
+        from engine.config import EngineSettings
         from engine.server import run_engine
 
         engine_ctx = run_engine(EngineSettings(port=0, num_slots=calls + 1))

@@ -11,7 +11,8 @@ import sys
 
 import aiohttp
 
-from bridge.config import EngineSettings, Settings
+from bridge.config import Settings
+from engine.config import EngineSettings
 from engine.server import run_engine
 from tests.ari.fake_asterisk import FakeAsterisk
 from tests.ari.harness import eventually

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bridge.config import EngineSettings
 from bridge.wiring import engine_opener, media_factory
+from engine.config import EngineSettings
 from engine.server import run_engine
 from tests.ari.harness import eventually, fake_and_bridge
 from tests.ari.standins import standin_deps

@@ -13,11 +13,12 @@ import aiohttp
 import redis.asyncio as aioredis
 
 from bridge.app import BridgeService
-from bridge.config import EngineSettings, Settings
+from bridge.config import Settings
 from bridge.state import repo
 from bridge.state.live import LiveCalls
 from bridge.state.models import Persona
 from bridge.wiring import production_deps
+from engine.config import EngineSettings
 from engine.server import run_engine
 from tests.ari.fake_asterisk import FakeAsterisk
 from tests.ari.harness import bridge_settings, eventually

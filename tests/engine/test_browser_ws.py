@@ -15,8 +15,9 @@ import pytest
 from aiohttp import web
 
 from bridge.browser_ws import PcmFramer, browser_routes
-from bridge.config import BridgeSettings, EngineSettings, Settings
+from bridge.config import BridgeSettings, Settings
 from engine.backend import PersonaParams, StepOutput
+from engine.config import EngineSettings
 from engine.echo import EchoBackend
 from engine.protocol import FRAME_SAMPLES
 from engine.server import run_engine

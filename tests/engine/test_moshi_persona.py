@@ -12,6 +12,7 @@ import pytest
 os.environ["NO_TORCH_COMPILE"] = "1"
 pytest.importorskip("moshi")
 
+from engine.assets import AssetStore
 from engine.backend import BackendError
 from engine.moshi.backend import MoshiBackend
 from engine.moshi.loader import load_model
@@ -26,8 +27,15 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def voice_wav(tmp_path_factory: pytest.TempPathFactory) -> str:
-    path = tmp_path_factory.mktemp("voice") / "voice.wav"
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def voice_wav(data_dir: Path) -> str:
+    """A voice prompt stored as the admin CLI stores them; returns its asset id."""
+    (data_dir / "voices").mkdir(exist_ok=True)
+    path = data_dir / "voices" / "voice.wav"
     rng = np.random.default_rng(3)
     t = np.arange(16_000) / 16_000  # 1 s at 16 kHz: exercises the resampler too
     pcm = (0.3 * np.sin(2 * np.pi * 220 * t) + rng.normal(0, 0.02, t.size)) * 32767
@@ -36,7 +44,7 @@ def voice_wav(tmp_path_factory: pytest.TempPathFactory) -> str:
         wav.setsampwidth(2)
         wav.setframerate(16_000)
         wav.writeframes(pcm.astype("<i2").tobytes())
-    return str(path)
+    return path.name
 
 
 def frames(seed: int, n: int) -> list[np.ndarray]:
@@ -63,12 +71,14 @@ def drive(backend: MoshiBackend, persona: PersonaParams) -> tuple[list[np.ndarra
     return toks0, toks1, start_ms
 
 
-def test_cached_prefix_equals_live_prompt(tiny_dir: Path, voice_wav: str) -> None:
+def test_cached_prefix_equals_live_prompt(tiny_dir: Path, voice_wav: str, data_dir: Path) -> None:
     persona = PersonaParams(name="clinic", text_prompt="You are a helpful assistant.",
-                            voice_prompt_path=voice_wav)
+                            voice_prompt_id=voice_wav)
     cached_model, live_model = load_model(tiny_dir), load_model(tiny_dir)
-    cached = MoshiBackend(cached_model.lm, cached_model.mimi, cached_model.tokenizer, 3)
-    live = MoshiBackend(live_model.lm, live_model.mimi, live_model.tokenizer, 3, use_prefix_cache=False)
+    assets = AssetStore(data_dir)
+    cached = MoshiBackend(cached_model.lm, cached_model.mimi, cached_model.tokenizer, 3, assets=assets)
+    live = MoshiBackend(live_model.lm, live_model.mimi, live_model.tokenizer, 3, use_prefix_cache=False,
+                        assets=assets)
     try:
         cached.prepare_persona(persona)
         c0, c1, cached_ms = drive(cached, persona)
@@ -105,7 +115,7 @@ def test_prompt_changes_the_call_and_is_built_once(tiny_dir: Path) -> None:
 
 def test_plan_layout(tiny_dir: Path) -> None:
     model = load_model(tiny_dir)
-    plan = build_plan(PersonaParams(text_prompt="Hello there"), model.tokenizer, pad_id=3)
+    plan = build_plan(PersonaParams(text_prompt="Hello there"), model.tokenizer, pad_id=3, voice_path=None)
     ids = model.tokenizer.encode("<system> Hello there <system>")
     assert plan.frames == 2 * SILENCE_FRAMES + len(ids)
     assert list(plan.text_tokens[SILENCE_FRAMES: SILENCE_FRAMES + len(ids)]) == ids
@@ -115,19 +125,19 @@ def test_plan_layout(tiny_dir: Path) -> None:
 
 def test_bad_voice_prompt_is_a_backend_error_and_others_continue(tiny_dir: Path, tmp_path: Path) -> None:
     model = load_model(tiny_dir)
-    backend = MoshiBackend(model.lm, model.mimi, model.tokenizer, 2)
-    garbage = tmp_path / "garbage.wav"
-    garbage.write_bytes(b"RIFF not really a wav")
+    (tmp_path / "voices").mkdir()
+    (tmp_path / "voices" / "garbage.wav").write_bytes(b"RIFF not really a wav")
+    (tmp_path / "elsewhere.wav").write_bytes(b"RIFF")
+    (tmp_path / "voices" / "link.wav").symlink_to(tmp_path / "elsewhere.wav")
+    backend = MoshiBackend(model.lm, model.mimi, model.tokenizer, 2, assets=AssetStore(tmp_path))
     try:
         backend.start_slot(0, PersonaParams())
         backend.step({0: frames(5, 1)[0]})
-        for path in (str(garbage), str(tmp_path / "missing.wav")):
-            with pytest.raises(BackendError, match="voice prompt"):
-                backend.prepare_persona(PersonaParams(voice_prompt_path=path))
-            with pytest.raises(BackendError, match="voice prompt"):
-                backend.start_slot(1, PersonaParams(voice_prompt_path=path))
-        with pytest.raises(BackendError, match="LoRA"):
-            backend.start_slot(1, PersonaParams(lora_path="/some/adapter.safetensors"))
+        for voice_id in ("garbage.wav", "missing.wav", "link.wav"):
+            with pytest.raises(BackendError, match="voice prompt|outside"):
+                backend.prepare_persona(PersonaParams(voice_prompt_id=voice_id))
+            with pytest.raises(BackendError, match="voice prompt|outside"):
+                backend.start_slot(1, PersonaParams(voice_prompt_id=voice_id))
         out = backend.step({0: frames(5, 2)[1]})
         assert out[0].pcm.shape == (FRAME_SAMPLES,) and np.isfinite(out[0].pcm).all()
     finally:

@@ -12,9 +12,9 @@ import pytest
 os.environ["NO_TORCH_COMPILE"] = "1"
 pytest.importorskip("moshi")
 
-from bridge.config import EngineSettings
 from bridge.engine_client import EngineFull, EngineRefused, EngineSession
 from engine.backend import PersonaParams
+from engine.config import EngineSettings
 from engine.moshi.loader import ModelError
 from engine.moshi.tiny import write_tiny_model
 from engine.protocol import FRAME_SAMPLES, AudioFrame
@@ -60,9 +60,9 @@ async def test_two_calls_and_a_full_house_through_the_engine(tiny_dir: Path) -> 
 
 async def test_bad_voice_prompt_refuses_that_call_only(tiny_dir: Path, tmp_path: Path) -> None:
     settings = EngineSettings(port=0, backend="moshi", model=str(tiny_dir), device="cpu", num_slots=2)
-    async with run_engine(settings) as url:
+    async with run_engine(settings, data_dir=tmp_path) as url:
         good = await EngineSession.open(url, call_id="good", timeout=30)
-        bad_persona = PersonaParams(voice_prompt_path=str(tmp_path / "missing.wav"))
+        bad_persona = PersonaParams(voice_prompt_id="missing.wav")
         with pytest.raises(EngineRefused) as refused:
             await EngineSession.open(url, bad_persona, call_id="bad", timeout=30)
         assert refused.value.code == "unknown_persona" and "voice prompt" in str(refused.value)

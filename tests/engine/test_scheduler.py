@@ -262,11 +262,12 @@ class FlakyBackend(EchoBackend):
         if persona.name == "bad":
             raise BackendError("no such voice prompt")
 
-    def start_slot(self, slot: int, persona: PersonaParams) -> None:
+    def start_slot(self, slot: int, persona: PersonaParams, seed: int = 0) -> list[str]:
         super().start_slot(slot, persona)
         self.doomed.discard(slot)
         if persona.name == "boom":
             self.doomed.add(slot)
+        return []
 
     def step(self, frames: dict[int, np.ndarray]) -> dict[int, StepOutput]:
         out = super().step(frames)
@@ -378,9 +379,9 @@ class ExclusiveBackend(EchoBackend):
         time.sleep(0.001)  # widen the window in which an overlap would be caught
         self._busy.release()
 
-    def start_slot(self, slot: int, persona: PersonaParams) -> None:
+    def start_slot(self, slot: int, persona: PersonaParams, seed: int = 0) -> list[str]:
         self._enter()
-        super().start_slot(slot, persona)
+        return super().start_slot(slot, persona)
 
     def step(self, frames: dict[int, np.ndarray]) -> dict[int, StepOutput]:
         self._enter()

@@ -17,9 +17,9 @@ import aiohttp
 import numpy as np
 import pytest
 
-from bridge.config import EngineSettings
 from bridge.engine_client import EngineFull, EngineSession
 from engine.backend import PersonaParams, StepOutput
+from engine.config import EngineSettings
 from engine.echo import EchoBackend
 from engine.protocol import (
     FRAME_SAMPLES,
@@ -125,7 +125,7 @@ async def test_eleventh_session_with_ten_slots_is_full(http: aiohttp.ClientSessi
         with pytest.raises(EngineFull):
             await EngineSession.open(url, call_id="c10")
         h = await health(http, url)
-        assert h["slots"] == {"total": 10, "busy": 10} and h["sessions"] == 10
+        assert h["slots"] == {"total": 10, "busy": 10, "free": 0} and h["sessions"] == 10
         await sessions[3].close()
         await until(lambda: _busy_is(http, url, 9))
         again = await EngineSession.open(url, call_id="again")
@@ -241,8 +241,8 @@ async def test_paused_session_is_not_idle_and_consumes_nothing(http: aiohttp.Cli
         await ws.send_str(encode_control(Resume()))
         frame = pcm(5)
         await ws.send_bytes(encode_audio(4, frame))
-        seq, out = await recv_audio(ws)  # no output was produced while paused: the next one is seq 1
-        assert seq == 1
+        seq, out = await recv_audio(ws)  # output n answers input n; nothing was produced while paused
+        assert seq == 4
         np.testing.assert_array_equal(out, frame)
         assert backend.steps_per_slot[slot] == 2
         await ws.close()
@@ -256,9 +256,9 @@ class BoomBackend(EchoBackend):
         self.personas: dict[int, str] = {}
         self.events: list[tuple[int, str, str]] = []
 
-    def start_slot(self, slot: int, persona: PersonaParams) -> None:
-        super().start_slot(slot, persona)
+    def start_slot(self, slot: int, persona: PersonaParams, seed: int = 0) -> list[str]:
         self.personas[slot] = persona.name
+        return super().start_slot(slot, persona)
 
     def step(self, frames: dict[int, np.ndarray]) -> dict[int, StepOutput]:
         out = super().step(frames)
@@ -316,9 +316,10 @@ async def test_shutdown_tells_every_session(http: aiohttp.ClientSession) -> None
 
 async def test_console_script_stops_gracefully_on_sigterm(tmp_path: Path) -> None:
     sock = tmp_path / "e.sock"
+    (tmp_path / "aziza.toml").write_text("")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "engine.server", "--unix-socket", str(sock), "--slots", "2",
-        "--echo-delay-frames", "1", cwd=ROOT, env={**os.environ, "AZIZA_CONFIG": "/nonexistent"},
+        "--echo-delay-frames", "1", cwd=ROOT, env={**os.environ, "AZIZA_CONFIG": str(tmp_path / "aziza.toml")},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
     try:
@@ -360,21 +361,31 @@ async def test_falling_behind_is_reported_on_the_wire(http: aiohttp.ClientSessio
         for i in range(7):  # 560 ms of audio at once, while every step takes 200 ms
             await ws.send_bytes(encode_audio(i, pcm(i)))
         lag = None
+        gaps: list[dict[str, Any]] = []
         seqs: list[int] = []
         async with asyncio.timeout(10):
             while len(seqs) < 3 or lag is None:
                 msg = await ws.receive()
                 if msg.type == aiohttp.WSMsgType.TEXT:
-                    lag = json.loads(msg.data)
+                    body = json.loads(msg.data)
+                    if body["type"] == "gap":
+                        gaps.append(body)
+                    else:
+                        lag = body
                 else:
                     seqs.append(decode_audio(msg.data).seq)
         assert lag["type"] == "lag" and lag["behind_frames"] >= 3
+        # The frames dropped for being behind are named, and output n still answers input n.
+        lost = [g["first_seq"] + k for g in gaps for k in range(g["count"])]
+        assert gaps and all(g["reason"] == "overflow" for g in gaps)
+        assert not set(lost) & set(seqs) and seqs == sorted(seqs)
         assert (await health(http, url))["ticks"] >= 1
         async with http.get(http_base(url) + "/metrics") as r:
             text = await r.text()
         dropped = next(float(line.split()[1]) for line in text.splitlines()
                        if line.startswith("aziza_engine_input_frames_dropped_total "))
         assert dropped in (2.0, 3.0)  # 7 frames: at most 4 queued, plus 1 if the first step already took one
+        assert len(lost) == dropped
         assert "aziza_engine_step_overruns_total" in text
         await ws.close()
 
@@ -422,7 +433,7 @@ async def test_random_garbage_in_one_session_never_disturbs_another(http: aiohtt
             else:
                 frame = pcm(100 + i)
                 sent.append(frame)
-                await victim.send_bytes(encode_audio(i, frame))
+                await victim.send_bytes(encode_audio(len(sent) - 1, frame))
                 seq, out = await recv_audio(victim)
                 assert seq == len(sent) - 1
                 if len(sent) > 1:

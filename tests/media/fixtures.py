@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from bridge.config import BridgeSettings, EngineSettings
+from bridge.config import BridgeSettings
 from bridge.engine_client import EngineSession
 from bridge.media.assets import load_speech_8k
 from bridge.media.call_media import CallMedia
 from bridge.media.simleg import SimLeg
+from engine.config import EngineSettings
 from engine.server import run_engine
 from tests.http_server import serve_on_loopback
 

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from aiohttp import WSMsgType, web
 
-from bridge.config import EngineSettings
 from bridge.engine_client import EngineSession
 from bridge.media.call_media import GRID_RANGE_S, LATE_GRACE_S, CallMedia, MediaBindError
 from bridge.media.rtp import RtpPacket, build_rtp
 from bridge.media.simleg import GARBAGE_KINDS, SimLeg
 from engine.backend import StepOutput
+from engine.config import EngineSettings
 from engine.echo import EchoBackend
 from engine.protocol import Ready, decode_audio, encode_audio, encode_control
 from engine.server import run_engine

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from bridge.config import EngineSettings
 from bridge.engine_client import (
     EngineFull,
     EngineProtocolError,
@@ -18,6 +17,7 @@ from bridge.engine_client import (
     EngineSession,
     EngineUnavailable,
 )
+from engine.config import EngineSettings
 from engine.protocol import AudioFrame, Closed, Error, PersonaParams, Ready, encode_control
 from engine.server import run_engine
 from tests.media.fixtures import fake_engine

@@ -116,8 +116,8 @@ def _dtype_list(_ctx: click.Context, _param: click.Parameter, value: str) -> lis
 
 @click.command("engine")
 @click.option("--model", "model_ref", default="tiny", show_default=True,
-              help="'tiny' (random weights, written to a temp dir), 'random:SHAPE' (moshi-7b, personaplex-7b: "
-                   "random weights built in memory) or a weights directory.")
+              help="'tiny' (random weights, written to a temp dir), 'random:SHAPE' (moshi-7b, "
+                   "personaplex-7b: random weights built in memory) or a weights directory.")
 @click.option("--slots", default="1,4,16", show_default=True, callback=_slot_list)
 @click.option("--dtype", "dtypes", default="fp32", show_default=True, callback=_dtype_list,
               help="Comma-separated: fp32, bf16, fp8 (FP8 temporal transformer).")
@@ -157,7 +157,7 @@ def engine() -> None:
               help="Comma-separated dtypes (default: fp32,fp8 on CPU; bf16,fp8 on CUDA).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (\"ok\" is the last key).")
 def selftest(device: str, model_ref: str, dtypes: list[str] | None, as_json: bool) -> None:
-    """Batched vs single-stream agreement, per-slot isolation and reset under CUDA graphs, finite idle slots."""
+    """Batched vs single-stream agreement, isolation and reset under CUDA graphs, finite idle slots."""
     from engine.moshi.selftest import run_selftest
 
     report = run_selftest(device=device, model=model_ref, dtypes=dtypes)
@@ -174,3 +174,73 @@ def selftest(device: str, model_ref: str, dtypes: list[str] | None, as_json: boo
         click.echo(f"ok: {report['ok']}")
     if not report["ok"]:
         sys.exit(1)
+
+
+@engine.command("plan")
+@click.option("--gpu-memory", required=True,
+              help="Device memory, e.g. 80GiB (H100), 141GB or 143771MiB (H200).")
+@click.option("--shape", default=None,
+              help="A named shape (moshi-7b, personaplex-7b, tiny) instead of --model.")
+@click.option("--model", "model_ref", default=None,
+              help="A weights directory or cached repo id (its config).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32", "fp8"]), default="bf16",
+              show_default=True)
+@click.option("--kv-dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32", "fp8"]), default="auto",
+              show_default=True)
+@click.option("--adapters", type=click.IntRange(min=0), default=None,
+              help="Resident LoRA adapters (default: engine.max_adapters).")
+@click.option("--json", "as_json", is_flag=True)
+def plan(gpu_memory: str, shape: str | None, model_ref: str | None, dtype: str, kv_dtype: str,
+         adapters: int | None, as_json: bool) -> None:
+    """Bytes of weights, per-slot state, activations and fixed parts, and the slots that fit."""
+    from engine.config import EngineConfigError, load_engine_config
+    from engine.moshi.plan import parse_bytes, plan_memory
+
+    try:
+        device_bytes = parse_bytes(gpu_memory)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--gpu-memory") from None
+    if (shape is None) == (model_ref is None):
+        raise click.UsageError("give exactly one of --shape and --model")
+    if shape is not None:
+        from engine.moshi.shapes import get_shape
+
+        try:
+            named = get_shape(shape)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--shape") from None
+        lm_config, mimi_config = named.lm_config, named.mimi_config
+    else:
+        from engine.moshi.loader import ModelError, model_files
+
+        try:
+            files = model_files(str(model_ref))
+        except ModelError as exc:
+            raise click.ClickException(str(exc)) from None
+        lm_config, mimi_config = files.config, files.mimi_config
+    try:
+        settings = load_engine_config().engine
+    except EngineConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        result = plan_memory(lm_config, mimi_config, device_bytes, dtype=dtype, kv_dtype=kv_dtype,
+                             max_adapters=settings.max_adapters if adapters is None else adapters,
+                             lora_max_rank=settings.lora_max_rank, lora_targets=settings.lora_targets,
+                             max_prefixes=settings.max_prefixes,
+                             reserve_bytes=settings.memory_reserve_mb << 20, max_top_k=settings.max_top_k)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    data = {"shape": shape, "model": model_ref, **result.as_dict()}
+    if as_json:
+        click.echo(json.dumps(data))
+        return
+    gib = 2**30
+    click.echo(f"device {device_bytes / gib:.1f} GiB, dtype {result.dtype}, KV {result.kv_dtype}")
+    for label, value in (("weights", result.weight_bytes), ("adapter pages", result.adapter_bytes),
+                         ("prefix cache", result.prefix_cache_bytes), ("reserve", result.reserve_bytes)):
+        click.echo(f"  {label:<22} {value / gib:9.3f} GiB")
+    click.echo(f"  {'state per slot':<22} {result.state_bytes_per_slot / 2**20:9.1f} MiB "
+               f"(KV {result.kv_bytes_per_slot / 2**20:.1f} MiB)")
+    click.echo(f"  {'activations per slot':<22} {result.activation_bytes_per_slot / 2**20:9.1f} MiB "
+               f"({result.graph_sets} CUDA-graph set(s) + eager)")
+    click.echo(f"slots that fit: {result.slots}")

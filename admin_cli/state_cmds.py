@@ -110,6 +110,14 @@ def _voice(path: str | None, name: str) -> str | None:
     return str(store_voice_prompt(Path(path), _settings().data_dir, name))
 
 
+def _install_adapter(path: str | None, persona: str) -> str | None:
+    if path is None:
+        return None
+    from admin_cli.adapters import install_adapter  # torch: only when an adapter is given
+
+    return install_adapter(path, persona)
+
+
 def _forget_voice(conn: psycopg.Connection[dict[str, Any]], path: str | None) -> None:
     """Remove a stored voice prompt that no persona uses any more (only inside data_dir/voices)."""
     if path is None:
@@ -131,7 +139,9 @@ def _forget_voice(conn: psycopg.Connection[dict[str, Any]], path: str | None) ->
     "--text-prompt-file", type=click.File("r", encoding="utf-8"), help="Read the instructions from a file."
 )
 @click.option("--voice-prompt", type=click.Path(dir_okay=False), help="WAV: mono, 16-bit, >= 16 kHz, 1-30 s.")
-@click.option("--lora", "lora_adapter", default=None, help="LoRA adapter reference (path or name).")
+@click.option("--lora", "lora_adapter", default=None, type=click.Path(file_okay=False),
+              help="A LoRA adapter directory (docs/adapters.md): checked against engine.model, then "
+                   "installed.")
 @click.option("--default", "make_default", is_flag=True, help="Make it the default persona.")
 @database_option
 @_state_errors
@@ -157,8 +167,9 @@ def persona_create(
     with _db(database_url) as conn:
         if any(p.name == name for p in repo.list_personas(conn)):
             raise click.ClickException(f"persona {name!r} already exists")
+        adapter_id = _install_adapter(lora_adapter, name)  # refused with one line before anything is stored
         voice = _voice(voice_prompt, name)
-        created = repo.create_persona(conn, name, language, text_prompt, voice, lora_adapter, make_default)
+        created = repo.create_persona(conn, name, language, text_prompt, voice, adapter_id, make_default)
     click.echo(f"created persona {created.name}" + (" (default)" if created.is_default else ""))
 
 
@@ -207,7 +218,8 @@ def persona_show(name: str, as_json: bool, database_url: str | None) -> None:
 @click.option("--text-prompt", default=None)
 @click.option("--voice-prompt", type=click.Path(dir_okay=False), default=None)
 @click.option("--no-voice-prompt", is_flag=True, help="Remove the voice prompt.")
-@click.option("--lora", "lora_adapter", default=None)
+@click.option("--lora", "lora_adapter", default=None, type=click.Path(file_okay=False),
+              help="A LoRA adapter directory: checked against engine.model, then installed.")
 @click.option("--no-lora", is_flag=True, help="Remove the LoRA adapter.")
 @database_option
 @_state_errors
@@ -224,7 +236,10 @@ def persona_update(
     """Change persona NAME."""
     kwargs: dict[str, Any] = {"language": language, "text_prompt": text_prompt}
     with _db(database_url) as conn:
-        old_voice = repo.get_persona(conn, name).voice_prompt_path  # not found: error before copying
+        old = repo.get_persona(conn, name)  # not found: error before copying
+        old_voice, old_adapter = old.voice_prompt_path, old.lora_adapter
+        if lora_adapter is not None:
+            lora_adapter = _install_adapter(lora_adapter, name)
         if voice_prompt is not None:
             kwargs["voice_prompt_path"] = _voice(voice_prompt, name)
         elif no_voice_prompt:
@@ -236,6 +251,10 @@ def persona_update(
         repo.update_persona(conn, name, **kwargs)
         if "voice_prompt_path" in kwargs and kwargs["voice_prompt_path"] != old_voice:
             _forget_voice(conn, old_voice)
+        if "lora_adapter" in kwargs and kwargs["lora_adapter"] != old_adapter:
+            from admin_cli.adapters import forget_adapter
+
+            forget_adapter(old_adapter, any(p.lora_adapter == old_adapter for p in repo.list_personas(conn)))
     click.echo(f"updated persona {name}")
 
 

@@ -250,6 +250,12 @@ class Call:
         except EngineRefused as exc:
             await self._refuse(info, exc.reason, "congestion")
         ctl.deps.sink.started(info)
+        ready = getattr(self.engine, "ready", None)
+        if ready is not None:  # the engine's seed (replay) and warnings go on the call record
+            ctl.deps.sink.event(self.id, "engine", {"url": getattr(self.engine, "url", None),
+                                                    "seed": ready.seed, "warnings": list(ready.warnings)})
+            for warning in ready.warnings:
+                log.warning("call %s: engine: %s", self.id, warning)
         await ari.answer(self.id)
         self.timeline["answered"] = self._clock()
         assert self.engine is not None

@@ -45,6 +45,13 @@ class BridgeSettings(BaseModel):
     # Inbound codec Asterisk is asked to send (the return path is always ulaw).
     inbound_format: Literal["ulaw", "slin16"] = "ulaw"
     engine_url: str = "ws://127.0.0.1:8998/session"
+    # More engines (one per GPU: aziza-engine@N listens on port 8998 + N). When set, calls go to the engine
+    # with the most free slots among engine_urls; engine_url is then not used.
+    engine_urls: list[str] = []
+
+    def engines(self) -> list[str]:
+        """The engine session URLs calls are placed on."""
+        return list(self.engine_urls) or [self.engine_url]
     http_host: str = "127.0.0.1"
     http_port: int = 8089
     # Seconds of silence (no RTP) after which a call is considered dead media.

@@ -30,6 +30,7 @@ from engine.protocol import (
     Closed,
     Error,
     Event,
+    Gap,
     Lag,
     Open,
     Pause,
@@ -46,7 +47,7 @@ from engine.protocol import (
 
 log = logging.getLogger(__name__)
 
-EngineMessage = AudioFrame | Text | Lag | Closed | Error
+EngineMessage = AudioFrame | Text | Gap | Lag | Closed | Error
 
 # How long close() waits for the engine's ``closed`` before dropping the socket anyway.
 _CLOSE_GRACE_S = 1.0
@@ -99,6 +100,7 @@ class EngineSession:
         self._http = http
         self._ws = ws
         self.ready = ready
+        self.url: str | None = None  # the engine this session is on
         self._next_seq = 0
         self._closed_reason: str | None = None
         self._backlog: asyncio.Future[Any] | None = None  # flow-control wait of a send_frame_nowait
@@ -138,7 +140,9 @@ class EngineSession:
         except BaseException:
             await http.close()
             raise
-        return cls(http, ws, ready)
+        session = cls(http, ws, ready)
+        session.url = url
+        return session
 
     @staticmethod
     async def _await_ready(ws: aiohttp.ClientWebSocketResponse, url: str) -> Ready:

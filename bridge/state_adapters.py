@@ -105,6 +105,11 @@ class StateSink:
 
     def event(self, call_id: str, kind: str, data: dict[str, Any]) -> None:
         self.recorder.record_event(call_id, kind, data)
+        if kind == "engine":  # also on the call's own row: seed (replay) and warnings
+            seed = data.get("seed")
+            warnings = data.get("warnings") or []
+            self.recorder.record_engine(call_id, data.get("url"), seed if isinstance(seed, int) else None,
+                                        [str(w) for w in warnings] if isinstance(warnings, list) else [])
         fields = self._live_fields.get(call_id)
         if fields is not None and kind in ("hold", "unhold"):
             fields["state"] = "held" if kind == "hold" else "active"

@@ -7,7 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
 
@@ -23,17 +23,23 @@ from bridge.config import BridgeSettings, Settings
 from bridge.control_api import HealthProbe
 from engine.protocol import PersonaParams
 
+if TYPE_CHECKING:
+    from bridge.engine_pool import EnginePool
+
 log = logging.getLogger(__name__)
 
 
-def engine_opener(url: str, *, timeout_s: float = 5.0) -> EngineOpener:
-    """Open an engine session per call; a full or unreachable engine becomes ``EngineRefused``
-    so the call is refused (congestion) before it is answered."""
-    from bridge.engine_client import EngineError, EngineFull, EngineSession
+def engine_opener(engines: str | EnginePool, *, timeout_s: float = 5.0) -> EngineOpener:
+    """Open an engine session per call (on the pool's best engine); every engine full or unreachable
+    becomes ``EngineRefused`` so the call is refused (congestion) before it is answered."""
+    from bridge.engine_client import EngineError, EngineFull
+    from bridge.engine_pool import EnginePool
+
+    pool = engines if isinstance(engines, EnginePool) else EnginePool([engines], open_timeout_s=timeout_s)
 
     async def open_engine(persona: PersonaParams, call_id: str) -> EngineLink:
         try:
-            return await EngineSession.open(url, persona, call_id, timeout=timeout_s)
+            return await pool.open(persona, call_id)
         except EngineFull as exc:
             raise EngineRefused("engine_full", str(exc)) from exc
         except EngineError as exc:
@@ -65,14 +71,15 @@ class Wired:
 @contextlib.asynccontextmanager
 async def production_deps(settings: Settings) -> AsyncIterator[Wired]:
     """Everything a production bridge needs, opened and closed in order."""
+    from bridge.engine_pool import EnginePool
     from bridge.state_adapters import open_state
 
-    async with open_state(settings) as state:
+    async with open_state(settings) as state, EnginePool(settings.bridge.engines()).running() as pool:
         deps = CallDeps(
             routes=state.routes,
             capacity=state.capacity,
             sink=state.sink,
-            open_engine=engine_opener(settings.bridge.engine_url),
+            open_engine=engine_opener(pool),
             make_media=media_factory(settings.bridge),
         )
         routes: list[web.RouteDef] = []

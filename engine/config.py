@@ -24,7 +24,11 @@ from pydantic_settings import (
 DEFAULT_CONFIG_PATH = "/etc/aziza/aziza.toml"
 
 
-class ConfigFileError(RuntimeError):
+class EngineConfigError(RuntimeError):
+    """The configuration cannot be read: a missing ``AZIZA_CONFIG`` file or an invalid value."""
+
+
+class ConfigFileError(EngineConfigError):
     """``AZIZA_CONFIG`` names a file that does not exist."""
 
 
@@ -52,9 +56,10 @@ class EngineSettings(BaseModel):
     idle_timeout_s: float = Field(default=30.0, gt=0)
     # A paused (held) session is closed after this long: a hold must not keep a slot forever.
     pause_max_s: float = Field(default=900.0, gt=0)
-    # Missing input frames (sequence gap) up to this many are stepped as silence, keeping the model's
-    # time aligned with the caller's; a longer gap is a discontinuity (reported, not stepped).
-    max_gap_fill_frames: int = Field(default=25, ge=0)
+    # Missing input frames (a numbering gap) up to this many are stepped as silence, keeping the model's
+    # time aligned with the caller's at the cost of that much added latency for the rest of the call; a
+    # longer gap is reported and not stepped. 0: never add latency (every gap is reported only).
+    max_gap_fill_frames: int = Field(default=0, ge=0)
     # Sampling, Moshi's defaults; a persona may override each. temp 0 = greedy.
     temp: float = Field(default=0.8, ge=0)
     top_k: int = Field(default=250, ge=1)
@@ -124,4 +129,18 @@ def config_path() -> str:
 
 @lru_cache(maxsize=1)
 def get_engine_config() -> EngineConfig:
-    return EngineConfig()
+    """Read once per process (the engine); see ``load_engine_config``."""
+    return load_engine_config()
+
+
+def load_engine_config() -> EngineConfig:
+    """Read now (the admin CLI, whose environment tests change); EngineConfigError names the field, its
+    value and the rule when invalid."""
+    from pydantic import ValidationError
+
+    try:
+        return EngineConfig()
+    except ValidationError as exc:
+        raise EngineConfigError("; ".join(
+            f"engine config {'.'.join(map(str, e['loc']))}={e.get('input')!r}: {e['msg']}"
+            for e in exc.errors())) from None

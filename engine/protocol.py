@@ -318,7 +318,7 @@ def _decode(data: str | bytes, table: dict[str, type]) -> Any:
         persona = body.pop("persona", None)
         _check_fields("open", body, Open, _RULES)
         return Open(persona=persona_from_dict(persona if persona is not None else {}), **body)
-    _check_fields(kind, body, cls, _RULES)
+    _check_fields(str(kind), body, cls, _RULES)
     required = [f.name for f in fields(cls)
                 if f.default is MISSING and f.default_factory is MISSING and f.name not in body]
     if required:

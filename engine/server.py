@@ -34,7 +34,7 @@ from pydantic import ValidationError
 
 from engine.assets import DEFAULT_DATA_DIR, AssetStore
 from engine.backend import BatchBackend
-from engine.config import ConfigFileError, EngineSettings, get_engine_config
+from engine.config import EngineConfigError, EngineSettings, get_engine_config
 from engine.metrics import EngineMetrics
 from engine.protocol import (
     Close,
@@ -414,8 +414,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         base = get_engine_config()
-    except (ConfigFileError, ValidationError) as exc:
-        parser.error(str(exc).splitlines()[0] if isinstance(exc, ConfigFileError) else _errors(exc))
+    except EngineConfigError as exc:
+        parser.error(str(exc))
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     try:
         settings = EngineSettings.model_validate({**base.engine.model_dump(), **overrides}).for_instance()

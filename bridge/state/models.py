@@ -158,6 +158,9 @@ class CallRecord:
     latency_summary: dict[str, Any] | None
     transcript: str | None
     dtmf_digits: str
+    engine_url: str | None = None
+    engine_seed: int | None = None  # the sampling seed: replays the call on the same engine and inputs
+    warnings: list[str] = field(default_factory=list)
     events: list[CallEventRecord] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -177,5 +180,8 @@ class CallRecord:
             "latency_summary": self.latency_summary,
             "transcript": self.transcript,
             "dtmf_digits": self.dtmf_digits,
+            "engine_url": self.engine_url,
+            "engine_seed": self.engine_seed,
+            "warnings": list(self.warnings),
             "events": [{"at": e.at.isoformat(), "kind": e.kind, "data": e.data} for e in self.events],
         }

@@ -71,6 +71,11 @@ _UPSERT_REFUSED = (
     "VALUES (%s, %s, %s, %s, %s, %s, %s, true) ON CONFLICT (id) DO UPDATE SET refused = true, "
     "ended_at = EXCLUDED.ended_at, end_cause = EXCLUDED.end_cause"
 )
+_UPSERT_ENGINE = (
+    "INSERT INTO calls (id, started_at, engine_url, engine_seed, warnings) VALUES (%s, %s, %s, %s, %s) "
+    "ON CONFLICT (id) DO UPDATE SET engine_url = EXCLUDED.engine_url, engine_seed = EXCLUDED.engine_seed, "
+    "warnings = EXCLUDED.warnings"
+)
 _INSERT_EVENT = (
     "INSERT INTO call_events (id, call_id, at, kind, data) VALUES (%s, %s, %s, %s, %s) "
     "ON CONFLICT (id) DO NOTHING"
@@ -152,6 +157,12 @@ class CallRecorder:
     ) -> None:
         at = self._now()
         self._put(_UPSERT_REFUSED, (call_id, did, caller, persona, at, at, cause), call_id, "refused")
+
+    def record_engine(
+        self, call_id: str, engine_url: str | None, seed: int | None, warnings: list[str]
+    ) -> None:
+        """The engine session a call got: where, its sampling seed, and the engine's warnings."""
+        self._put(_UPSERT_ENGINE, (call_id, self._now(), engine_url, seed, list(warnings)), call_id, "engine")
 
     def record_event(self, call_id: str, kind: str, data: dict[str, Any] | None = None) -> None:
         params = (uuid.uuid4(), call_id, self._now(), kind, Jsonb(data or {}, dumps=_dumps))

@@ -263,7 +263,7 @@ def remove_did(conn: psycopg.Connection[dict[str, Any]], number: str) -> None:
 
 _CALL_COLUMNS = (
     "id, did, caller, persona, started_at, answered_at, ended_at, end_cause, refused, latency_summary, "
-    "transcript, dtmf_digits"
+    "transcript, dtmf_digits, engine_url, engine_seed, warnings"
 )
 
 

@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Literal
 
 import psycopg
@@ -35,12 +36,13 @@ class Route:
 
 
 def persona_params(persona: Persona) -> PersonaParams:
+    """What the engine gets: asset ids (file names under the shared data_dir), never paths."""
     return PersonaParams(
         name=persona.name,
         language=persona.language,
         text_prompt=persona.text_prompt,
-        voice_prompt_path=persona.voice_prompt_path,
-        lora_path=persona.lora_adapter,
+        voice_prompt_id=Path(persona.voice_prompt_path).name if persona.voice_prompt_path else None,
+        adapter_id=persona.lora_adapter,
     )
 
 

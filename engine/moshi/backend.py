@@ -100,8 +100,8 @@ class MoshiBackend:
         self.audio_delays = list(lm.delays[1: lm.dep_q + 1])
         self.pad_id = lm.text_padding_token_id
         self._vocab = tokenizer.vocab_size() if tokenizer is not None else 0
-        self._vocab_text = lm.text_linear.out_features
-        self._vocab_audio = lm.linears[0].out_features
+        self._vocab_text = int(lm.text_linear.out_features)
+        self._vocab_audio = int(lm.linears[0].out_features)  # type: ignore[arg-type]
         self._prefixes: OrderedDict[tuple[str, str, str], prompts.PersonaPrefix] = OrderedDict()
         self.max_prefixes = max(1, max_prefixes)
         # slot -> (1 + dep_q,) int64 tokens of its last step (text, audio); -2 = not generated yet
@@ -384,6 +384,8 @@ class MoshiBackend:
         self._prefixes.clear()
         self._graphs.clear()
         self._stack.close()
+        if self.bank is not None:
+            self.bank.close()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -424,7 +426,8 @@ def build_backend(settings: EngineSettings, assets: AssetStore | None = None) ->
         quantize_lm_fp8(loaded.lm)
     kv_fp8 = settings.kv_dtype == "fp8"
     adapters = AdapterOptions(pages=settings.max_adapters, max_rank=settings.lora_max_rank,
-                              targets=tuple(settings.lora_targets), cache_bytes=settings.adapter_cache_mb << 20,
+                              targets=tuple(settings.lora_targets),
+                              cache_bytes=settings.adapter_cache_mb << 20,
                               base=base_identity(files.config, loaded.lm_sha256))
     return MoshiBackend(loaded.lm, loaded.mimi, loaded.tokenizer, settings.num_slots,
                         sampling=sampling_from(settings), max_top_k=settings.max_top_k,

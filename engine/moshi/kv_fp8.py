@@ -35,8 +35,9 @@ class Fp8RingKVCache(RingKVCache):
     """``RingKVCache`` with e4m3 storage; ``dtype`` is the compute dtype attention gets back."""
 
     def __init__(self, batch_size: int, num_heads: int, dim_per_head: int, capacity: int,
-                 respect_exec_mask: bool = True, device: torch.device = torch.device("cuda"),
+                 respect_exec_mask: bool = True, device: torch.device | str = "cuda",
                  dtype: torch.dtype = torch.bfloat16) -> None:
+        device = torch.device(device)
         super().__init__(batch_size, num_heads, dim_per_head, capacity, respect_exec_mask, device=device,
                          dtype=torch.uint8)
         self.compute_dtype = dtype
@@ -51,9 +52,9 @@ class Fp8RingKVCache(RingKVCache):
         self.scale[0].scatter_(2, where, ks)
         self.scale[1].scatter_(2, where, vs)
         stored = super().complete(kq, vq, exec_mask)
-        keys = stored.keys.view(torch.float8_e4m3fn).to(self.compute_dtype) * self.scale[0].to(self.compute_dtype)
-        values = stored.values.view(torch.float8_e4m3fn).to(self.compute_dtype) * self.scale[1].to(
-            self.compute_dtype)
+        dtype = self.compute_dtype
+        keys = stored.keys.view(torch.float8_e4m3fn).to(dtype) * self.scale[0].to(dtype)
+        values = stored.values.view(torch.float8_e4m3fn).to(dtype) * self.scale[1].to(dtype)
         return KVCacheResult(keys, values, stored.positions)
 
 

@@ -288,7 +288,8 @@ def _check_sizes(files: ModelFiles, manifest: dict[str, dict[str, Any]] | None, 
                                        f"(truncated or padded)")
 
 
-def _check_hashes(files: ModelFiles, manifest: dict[str, dict[str, Any]] | None, report: VerifyReport) -> None:
+def _check_hashes(files: ModelFiles, manifest: dict[str, dict[str, Any]] | None,
+                  report: VerifyReport) -> None:
     """Against the manifest if there is one; in a HF cache, LFS blobs are named by their sha256."""
     for path in (files.lm_weights, files.mimi_weights, files.tokenizer):
         entry = (manifest or {}).get(path.name, {})

@@ -169,7 +169,8 @@ def check_adapter(adapter: Adapter, module_shapes: dict[str, tuple[int, int]], b
                            f"rank <= {max_rank} (engine.lora_max_rank)")
     for module, (a, b) in adapter.weights.items():
         if module not in module_shapes:
-            raise AdapterError(f"adapter {adapter.adapter_id!r}: {module} is not a linear layer of this model")
+            raise AdapterError(f"adapter {adapter.adapter_id!r}: {module} is not a linear layer of this "
+                               "model")
         if not any(fnmatch.fnmatchcase(module, pattern) for pattern in targets):
             raise AdapterError(f"adapter {adapter.adapter_id!r}: {module} is outside the modules this engine "
                                f"adapts ({', '.join(targets)}: engine.lora_targets)")
@@ -221,11 +222,11 @@ def write_adapter(directory: Path, weights: dict[str, tuple[torch.Tensor, torch.
 # -- serving -------------------------------------------------------------------------------------------
 
 
-class MultiLoRALinear(nn.Linear):
+class MultiLoRALinear(nn.Module):
     """A linear layer (plain or FP8) plus ``pages`` low-rank adapters, selected per batch row.
 
-    Subclasses ``nn.Linear`` (without its parameters) because moshi's attention reads ``in_proj.weight`` to
-    size its KV cache; ``weight`` is the base layer's."""
+    Deliberately not an ``nn.Linear``: moshi's gating multiplies by ``linear_in.weight`` directly when its
+    layers are ``nn.Linear``, which would skip the adapter; as any other module it is called."""
 
     lora_a: torch.Tensor
     lora_b: torch.Tensor
@@ -233,7 +234,8 @@ class MultiLoRALinear(nn.Linear):
     def __init__(self, base: nn.Module, bank: AdapterBank) -> None:
         nn.Module.__init__(self)
         self.base = base
-        self.in_features, self.out_features = base.in_features, base.out_features  # type: ignore[assignment]
+        self.in_features: int = int(base.in_features)  # type: ignore[arg-type]
+        self.out_features: int = int(base.out_features)  # type: ignore[arg-type]
         device, dtype = _device_dtype(base)
         width = bank.pages * bank.max_rank
         self.register_buffer("lora_a", torch.zeros(width, self.in_features, device=device, dtype=dtype))
@@ -241,12 +243,15 @@ class MultiLoRALinear(nn.Linear):
         self.bank = bank
 
     @property
-    def weight(self) -> torch.Tensor:  # type: ignore[override]
-        return self.base.weight  # type: ignore[return-value,union-attr]
+    def weight(self) -> torch.Tensor:
+        return self.base.weight  # type: ignore[return-value]
 
     @property
-    def bias(self) -> Any:  # type: ignore[override]
+    def bias(self) -> Any:
         return getattr(self.base, "bias", None)
+
+    def extra_repr(self) -> str:
+        return f"pages={self.lora_a.shape[0] // max(1, self.bank.max_rank)}, max_rank={self.bank.max_rank}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -256,6 +261,11 @@ class MultiLoRALinear(nn.Linear):
         h = F.linear(x.to(self.lora_a.dtype), self.lora_a)
         h = h * mask.view(mask.shape[0], *([1] * (h.dim() - 2)), mask.shape[1]).to(h.dtype)
         return y + F.linear(h, self.lora_b).to(y.dtype)
+
+
+class MultiLoRAAttentionLinear(MultiLoRALinear, nn.Linear):  # type: ignore[override]
+    """For moshi's attention projections, which must be ``nn.Linear`` (the KV cache takes its dtype from
+    ``in_proj.weight``) and are always called as modules."""
 
 
 @dataclass
@@ -285,15 +295,27 @@ class AdapterBank:
         self._host: OrderedDict[str, Adapter] = OrderedDict()
         self.failed: dict[str, str] = {}  # adapter id -> why it could not be used (for /health)
         self.modules: dict[str, MultiLoRALinear] = {}
+        self._root = lm
         self.shapes = linear_shapes(lm)
         if pages > 0:
             for name, module in list(lm.named_modules()):
                 for child_name, child in list(module.named_children()):
                     full = f"{name}.{child_name}" if name else child_name
                     if is_linear(child) and any(fnmatch.fnmatchcase(full, p) for p in targets):
-                        wrapped = MultiLoRALinear(child, self)
+                        attention = name.endswith(("in_projs", "out_projs"))
+                        cls = MultiLoRAAttentionLinear if attention else MultiLoRALinear
+                        wrapped = cls(child, self)
                         setattr(module, child_name, wrapped)
                         self.modules[full] = wrapped
+
+    def close(self) -> None:
+        """Put the original layers back (the model can serve another backend)."""
+        for full, wrapped in self.modules.items():
+            parent_name, _, child_name = full.rpartition(".")
+            parent = self._root.get_submodule(parent_name) if parent_name else self._root
+            setattr(parent, child_name, wrapped.base)
+        self.modules.clear()
+        self.enabled = False
 
     def mask_for(self, rows: int) -> torch.Tensor:
         return self.side_mask if self._side else self.mask

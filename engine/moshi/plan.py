@@ -143,7 +143,7 @@ def plan_memory(lm_config: dict[str, Any], mimi_config: dict[str, Any] | None, d
         from engine.moshi.kv_fp8 import use_fp8_kv
 
         use_fp8_kv(lm)
-    elif kv == "fp32" and compute != torch.float32 or kv in ("bf16", "fp16") and compute == torch.float32:
+    elif (kv == "fp32" and compute != torch.float32) or (kv in ("bf16", "fp16") and compute == torch.float32):
         raise ValueError(f"kv_dtype {kv} needs dtype {kv} (the KV cache follows the compute dtype)")
     one, kv_one = _state_bytes(lm, mimi, 1)
     two, kv_two = _state_bytes(lm, mimi, 2)
@@ -210,7 +210,8 @@ def check_fits(lm_config: dict[str, Any], mimi_config: dict[str, Any] | None, se
         gib = 2**30
         raise PlanError(
             f"num_slots={settings.num_slots} does not fit {device} ({total / gib:.1f} GiB): weights "
-            f"{plan.weight_bytes / gib:.2f} GiB + fixed {(plan.fixed_bytes - plan.weight_bytes) / gib:.2f} GiB "
+            f"{plan.weight_bytes / gib:.2f} GiB + fixed "
+            f"{(plan.fixed_bytes - plan.weight_bytes) / gib:.2f} GiB "
             f"+ {plan.per_slot_bytes / gib:.3f} GiB per slot -> at most {plan.slots} slots "
             f"(dtype {plan.dtype}, kv_dtype {plan.kv_dtype}; `aziza-admin engine plan` shows the parts)")
     return plan

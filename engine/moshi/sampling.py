@@ -52,7 +52,8 @@ class SlotSampler:
     def start(self, row: int, seed: int, params: SamplingParams) -> None:
         """A new call in ``row``: its own generator, seeded; its temperatures and top-k."""
         if params.top_k > self.max_top_k or params.top_k_text > self.max_top_k:
-            raise ValueError(f"top_k {max(params.top_k, params.top_k_text)} exceeds max_top_k {self.max_top_k}")
+            top = max(params.top_k, params.top_k_text)
+            raise ValueError(f"top_k {top} exceeds max_top_k {self.max_top_k}")
         gen = torch.Generator(device="cpu")
         gen.manual_seed(seed)
         self._generators[row], self._params[row], self.seeds[row] = gen, params, seed

@@ -182,7 +182,8 @@ def check_dtype(model: str, dtype_name: str, device: torch.device) -> dict[str, 
             "ok": all(c["ok"] for c in checks.values())}
 
 
-def run_selftest(device: str = "auto", model: str = "tiny", dtypes: list[str] | None = None) -> dict[str, Any]:
+def run_selftest(device: str = "auto", model: str = "tiny",
+                 dtypes: list[str] | None = None) -> dict[str, Any]:
     dev = resolve_device(device)
     names = dtypes or (["bf16", "fp8"] if dev.type == "cuda" else ["fp32", "fp8"])
     runs = []

@@ -134,9 +134,9 @@ def test_bad_voice_prompt_is_a_backend_error_and_others_continue(tiny_dir: Path,
         backend.start_slot(0, PersonaParams())
         backend.step({0: frames(5, 1)[0]})
         for voice_id in ("garbage.wav", "missing.wav", "link.wav"):
-            with pytest.raises(BackendError, match="voice prompt|outside"):
+            with pytest.raises(BackendError, match=r"voice prompt|outside"):
                 backend.prepare_persona(PersonaParams(voice_prompt_id=voice_id))
-            with pytest.raises(BackendError, match="voice prompt|outside"):
+            with pytest.raises(BackendError, match=r"voice prompt|outside"):
                 backend.start_slot(1, PersonaParams(voice_prompt_id=voice_id))
         out = backend.step({0: frames(5, 2)[1]})
         assert out[0].pcm.shape == (FRAME_SAMPLES,) and np.isfinite(out[0].pcm).all()

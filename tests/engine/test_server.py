@@ -319,7 +319,8 @@ async def test_console_script_stops_gracefully_on_sigterm(tmp_path: Path) -> Non
     (tmp_path / "aziza.toml").write_text("")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "engine.server", "--unix-socket", str(sock), "--slots", "2",
-        "--echo-delay-frames", "1", cwd=ROOT, env={**os.environ, "AZIZA_CONFIG": str(tmp_path / "aziza.toml")},
+        "--echo-delay-frames", "1", cwd=ROOT,
+        env={**os.environ, "AZIZA_CONFIG": str(tmp_path / "aziza.toml")},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
     try:

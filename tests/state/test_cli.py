@@ -163,8 +163,9 @@ def test_unmigrated_database_says_to_migrate(fresh_database_url: str, tmp_path: 
     env = {"AZIZA_CONFIG": str(tmp_path / "absent.toml"), "AZIZA_DATABASE_URL": fresh_database_url}
     fails(CliRunner().invoke(cli, ["persona", "list"], env=env), "aziza-admin db migrate")
     status = json.loads(ok(CliRunner().invoke(cli, ["db", "status", "--json"], env=env)))
-    assert status["version"] == 0 and [p["version"] for p in status["pending"]] == [1]
-    assert "applied 0001_initial" in ok(CliRunner().invoke(cli, ["db", "migrate"], env=env))
+    assert status["version"] == 0 and [p["version"] for p in status["pending"]] == [1, 2]
+    migrated = ok(CliRunner().invoke(cli, ["db", "migrate"], env=env))
+    assert "applied 0001_initial" in migrated and "applied 0002_engine_session" in migrated
     assert "up to date" in ok(CliRunner().invoke(cli, ["db", "migrate"], env=env))
 
 

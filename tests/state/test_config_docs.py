@@ -7,13 +7,15 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from bridge.config import Settings
+from engine.config import EngineConfig
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
 
 def _fields() -> list[tuple[str, str, object]]:
     found = []
-    for name, field in Settings.model_fields.items():
+    fields = {**Settings.model_fields, **EngineConfig.model_fields}  # one file: the bridge's and the engine's
+    for name, field in fields.items():
         sub = field.annotation
         if isinstance(sub, type) and issubclass(sub, BaseModel):
             for inner, inner_field in sub.model_fields.items():

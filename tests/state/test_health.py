@@ -15,8 +15,9 @@ from bridge.state.records import CallRecorder
 
 
 async def test_health_reports_each_part(state_settings: Settings, unused_tcp_port: int) -> None:
+    engine_url = f"ws://127.0.0.1:{unused_tcp_port}/session"
     settings = state_settings.model_copy(
-        update={"engine": state_settings.engine.model_copy(update={"port": unused_tcp_port})}
+        update={"bridge": state_settings.bridge.model_copy(update={"engine_url": engine_url})}
     )
     down = await check_health(settings, timeout_s=1.0)
     assert down["database"]["up"] and down["database"]["pending"] == [] and down["redis"]["up"]
@@ -36,6 +37,7 @@ async def test_health_reports_each_part(state_settings: Settings, unused_tcp_por
     try:
         up = await check_health(settings, recorder=recorder, timeout_s=1.0)
         assert up["ok"] is True and up["engine"]["detail"] == {"slots_free": 10}
+        assert up["engine"]["url"] == engine_url  # the configured engine is probed, not a fixed port
         assert up["records"]["queue_depth"] == 0
     finally:
         await runner.cleanup()

@@ -21,7 +21,7 @@ class FakeClock:
 def seed(url: str) -> None:
     with repo.connect(url) as conn:
         repo.create_persona(conn, "fallback", "en", "Default persona.")
-        repo.create_persona(conn, "support", "ru", "Помогай.", lora_adapter="/var/lib/aziza/lora/ru")
+        repo.create_persona(conn, "support", "ru", "Помогай.", lora_adapter="ru-adapter")
         repo.add_did(
             conn, "+15550001234", "support", transfer_target="sip:op@pbx", dtmf_actions={"9": "hangup"}
         )
@@ -35,7 +35,7 @@ async def test_resolve_db_cache_default(migrated_fresh_database_url: str) -> Non
         resolver = RouteResolver(db, cache_ttl_s=60, clock=clock)
         route = await resolver.resolve("+15550001234")
         assert route.source == "db" and route.persona.name == "support" and route.persona.language == "ru"
-        assert route.persona.lora_path == "/var/lib/aziza/lora/ru" and route.transfer_target == "sip:op@pbx"
+        assert route.persona.adapter_id == "ru-adapter" and route.transfer_target == "sip:op@pbx"
         assert route.dtmf_actions == {"9": "hangup"}
 
         with repo.connect(migrated_fresh_database_url) as conn:

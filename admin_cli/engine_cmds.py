@@ -104,6 +104,15 @@ def _slot_list(_ctx: click.Context, _param: click.Parameter, value: str) -> list
     return slots
 
 
+def _choice_list(value: str, allowed: tuple[str, ...] | None, param: click.Parameter) -> list[str]:
+    items = [x.strip() for x in value.split(",") if x.strip()]
+    bad = [x for x in items if (x not in allowed if allowed else not x.isdigit())]
+    if not items or bad:
+        what = f"from {', '.join(allowed)}" if allowed else "non-negative integers"
+        raise click.BadParameter(f"comma-separated, {what}", param=param)
+    return items
+
+
 def _dtype_list(_ctx: click.Context, _param: click.Parameter, value: str) -> list[str]:
     from engine.moshi.bench import DTYPES
 
@@ -124,24 +133,34 @@ def _dtype_list(_ctx: click.Context, _param: click.Parameter, value: str) -> lis
 @click.option("--ticks", type=click.IntRange(min=1), default=30, show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True,
               help="Untimed ticks first (CUDA graphs are captured here).")
+@click.option("--kv-dtype", "kv_dtypes", default="auto", show_default=True,
+              callback=lambda c, p, v: _choice_list(v, ("auto", "fp8"), p),
+              help="Comma-separated: auto (the compute dtype), fp8 (e4m3 KV cache).")
+@click.option("--adapters", "adapter_counts", default="0", show_default=True,
+              callback=lambda c, p, v: [int(x) for x in _choice_list(v, None, p)],
+              help="Comma-separated counts of distinct rank-16 LoRA adapters in the batch (0 = none).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print {\"results\": [...], \"summary\": {...}}.")
-def bench_engine(model_ref: str, slots: list[int], dtypes: list[str], ticks: int, warmup: int, device: str,
-                 as_json: bool) -> None:
-    """Per-tick p50/p99 by batch size and dtype, real-time factor, memory, batching efficiency."""
-    from engine.moshi.bench import format_table, run_bench, stderr_progress, summarize
+def bench_engine(model_ref: str, slots: list[int], dtypes: list[str], kv_dtypes: list[str],
+                 adapter_counts: list[int], ticks: int, warmup: int, device: str, as_json: bool) -> None:
+    """Per-tick p50/p99 by batch size, dtype, KV dtype and adapters; real-time factor, memory, batching
+    efficiency, adapter load and prefix-cache start times, FP8 KV token agreement."""
+    from engine.moshi.bench import format_table, fp8_kv_agreement, run_bench, stderr_progress, summarize
     from engine.moshi.loader import ModelError
 
     try:
         results = run_bench(model_ref, slots, dtypes, ticks, warmup=warmup, device=device,
-                            progress=stderr_progress)
+                            progress=stderr_progress, kv_dtypes=kv_dtypes, adapter_counts=adapter_counts)
+        summary = summarize(results)
+        if "fp8" in kv_dtypes:
+            summary["fp8_kv_agreement"] = fp8_kv_agreement(model_ref, device)
     except (ModelError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
-        click.echo(json.dumps({"results": [r.as_dict() for r in results], "summary": summarize(results)}))
+        click.echo(json.dumps({"results": [r.as_dict() for r in results], "summary": summary}))
     else:
         click.echo(format_table(results))
-        click.echo(json.dumps(summarize(results)))
+        click.echo(json.dumps(summary))
 
 
 @click.group("engine")

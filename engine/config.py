@@ -87,11 +87,15 @@ class EngineSettings(BaseModel):
                 raise ValueError(f"{name}={getattr(self, name)} exceeds max_top_k={self.max_top_k}")
         return self
 
-    def for_instance(self) -> EngineSettings:
-        """The settings of instance N: port + N, device cuda:N (unless the device is pinned otherwise)."""
+    def for_instance(self, visible_devices: str | None = None) -> EngineSettings:
+        """The settings of instance N: port + N, and GPU N — ``cuda:0`` when ``CUDA_VISIBLE_DEVICES``
+        (``visible_devices``) already shows this process only its own GPU, as ``aziza-engine@N`` does."""
         if self.instance is None:
             return self
-        device = self.device if self.device not in ("auto", "cuda") else f"cuda:{self.instance}"
+        device = self.device
+        if device in ("auto", "cuda"):
+            only_one = visible_devices is not None and "," not in visible_devices.strip(",")
+            device = "cuda:0" if only_one else f"cuda:{self.instance}"
         return self.model_copy(update={"port": self.port + self.instance if self.port else 0,
                                        "device": device})
 

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import secrets
 import time
 import uuid
@@ -128,6 +129,8 @@ class _Session:
             while True:
                 item = await self.outbox.get()
                 if isinstance(item, _End):
+                    # The slot is free before the client hears ``closed``: it may reopen at once.
+                    await self._release()
                     if item.reason is not None:
                         self.end_reason = item.reason
                         if item.error is not None:
@@ -418,7 +421,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(exc))
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     try:
-        settings = EngineSettings.model_validate({**base.engine.model_dump(), **overrides}).for_instance()
+        settings = EngineSettings.model_validate({**base.engine.model_dump(), **overrides}).for_instance(
+            os.environ.get("CUDA_VISIBLE_DEVICES"))
     except ValidationError as exc:
         parser.error(_errors(exc))
     logging.basicConfig(level=base.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

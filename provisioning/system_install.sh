@@ -94,7 +94,8 @@ log "applying database migrations"
 runuser -u aziza -- env AZIZA_CONFIG="$ETC/aziza.toml" "$VENV/bin/aziza-admin" db migrate
 
 log "installing systemd units"
-install -o root -g root -m 0644 systemd/aziza-engine.service systemd/aziza-bridge.service systemd/aziza.target \
+install -o root -g root -m 0644 systemd/aziza-engine.service systemd/aziza-engine@.service \
+  systemd/aziza-bridge.service systemd/aziza.target \
   /etc/systemd/system/
 systemctl daemon-reload
 systemctl enable aziza.target aziza-engine.service aziza-bridge.service

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-UNITS = ("aziza.target", "aziza-engine.service", "aziza-bridge.service")
+UNITS = ("aziza.target", "aziza-engine.service", "aziza-bridge.service", "aziza-engine@.service")
 
 
 def _unit(name: str) -> configparser.ConfigParser:
@@ -27,27 +27,42 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     # verify insists that ExecStart binaries exist: check copies pointing at one that does, keeping
     # everything else (directives, dependencies, hardening) as written.
     exe = shutil.which("true") or "/bin/true"
+    checked = []
     for name in UNITS:
         text = (ROOT / "systemd" / name).read_text()
         assert name.endswith(".target") or "/opt/aziza/venv/bin/" in text
+        name = name.replace("@.", "@0.")  # a template is verified as one of its instances
+        checked.append(name)
         (tmp_path / name).write_text(
             text.replace("/opt/aziza/venv/bin/aziza-admin", exe)
             .replace("/opt/aziza/venv/bin/aziza-engine", exe)
             .replace("/opt/aziza/venv/bin/aziza-bridge", exe)
         )
     result = subprocess.run(
-        [analyze, "verify", "--man=no", *(str(tmp_path / n) for n in UNITS)],
+        [analyze, "verify", "--man=no", *(str(tmp_path / n) for n in checked)],
         capture_output=True,
         text=True,
         timeout=60,
     )
     # Unknown keys or bad values only print warnings with exit status 0: any output about our files fails.
-    ours = [line for line in result.stderr.splitlines() if any(n in line for n in UNITS)]
+    ours = [line for line in result.stderr.splitlines() if any(n in line for n in checked)]
     assert result.returncode == 0 and ours == [], result.stderr
 
 
+def test_engine_template_pins_one_gpu_per_instance() -> None:
+    from engine.config import EngineSettings
+
+    service = _unit("aziza-engine@.service")["Service"]
+    assert service["Environment"] == "CUDA_VISIBLE_DEVICES=%i"
+    assert service["ExecStart"].endswith("aziza-engine --instance %i")
+    two = EngineSettings(instance=2).for_instance("2")
+    assert (two.port, two.device) == (9000, "cuda:0")  # only its own GPU is visible to it
+    assert EngineSettings(instance=3).for_instance(None).device == "cuda:3"
+    assert EngineSettings(instance=1, device="cpu").for_instance("1").device == "cpu"
+
+
 def test_units_run_as_aziza_with_hardening_and_dependencies() -> None:
-    for name in ("aziza-engine.service", "aziza-bridge.service"):
+    for name in ("aziza-engine.service", "aziza-engine@.service", "aziza-bridge.service"):
         unit = _unit(name)
         service = unit["Service"]
         assert service["User"] == "aziza" and service["EnvironmentFile"] == "-/etc/aziza/aziza.env"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import psycopg
@@ -15,6 +16,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from bridge.config import Settings
+from bridge.redact import mask_text, mask_url, url_passwords
 from bridge.state import migrate
 from bridge.state.leases import CapacityLeases, CapacityUnavailable
 from bridge.state.records import CallRecorder
@@ -39,7 +41,7 @@ async def _check_database(settings: Settings, timeout_s: float) -> dict[str, Any
                     cur = await conn.execute("SELECT version FROM schema_migrations ORDER BY version")
                     versions = [r[0] for r in await cur.fetchall()]
     except (psycopg.Error, OSError, TimeoutError) as exc:
-        return {"up": False, "error": _one_line(exc)}
+        return {"up": False, "error": mask_text(_one_line(exc), url_passwords(settings.database_url))}
     known = [m.version for m in migrate.discover()]
     pending = [v for v in known if v not in versions]
     return {"up": True, "version": max(versions, default=0), "pending": pending, "ok": not pending}
@@ -56,19 +58,28 @@ async def _check_redis(settings: Settings, timeout_s: float) -> tuple[dict[str, 
             in_use = await leases.in_use()
         return {"up": True}, {"slots": settings.capacity.slots, "in_use": in_use}
     except (RedisError, CapacityUnavailable, OSError, TimeoutError) as exc:
-        return {"up": False, "error": _one_line(exc)}, {"slots": settings.capacity.slots, "in_use": None}
+        error = mask_text(_one_line(exc), url_passwords(settings.redis_url))
+        return {"up": False, "error": error}, {"slots": settings.capacity.slots, "in_use": None}
     finally:
         await client.aclose()
 
 
+def engine_health_url(engine_url: str) -> tuple[str, str | None]:
+    """The engine's ``/health`` for the session URL the bridge uses (``bridge.engine_url``):
+    (HTTP URL, Unix socket path or None). ``ws://h:p/session`` → ``http://h:p/health``."""
+    parts = urlsplit(engine_url)
+    if parts.scheme == "unix":
+        return "http://localhost/health", (parts.netloc + parts.path) if parts.netloc else parts.path
+    scheme = "https" if parts.scheme in ("wss", "https") else "http"
+    return urlunsplit((scheme, parts.netloc, "/health", "", "")), None
+
+
 async def _check_engine(settings: Settings, timeout_s: float) -> dict[str, Any]:
-    engine = settings.engine
-    if engine.unix_socket:
-        connector: aiohttp.BaseConnector = aiohttp.UnixConnector(path=engine.unix_socket)
-        url = "http://localhost/health"
-    else:
-        connector = aiohttp.TCPConnector()
-        url = f"http://{engine.host}:{engine.port}/health"
+    url, socket_path = engine_health_url(settings.bridge.engine_url)
+    shown = mask_url(url if socket_path is None else f"unix://{socket_path}")
+    connector: aiohttp.BaseConnector = (
+        aiohttp.UnixConnector(path=socket_path) if socket_path is not None else aiohttp.TCPConnector()
+    )
     try:
         async with (
             aiohttp.ClientSession(
@@ -77,9 +88,10 @@ async def _check_engine(settings: Settings, timeout_s: float) -> dict[str, Any]:
             session.get(url) as resp,
         ):
             body: Any = await resp.json(content_type=None) if resp.status == 200 else None
-            return {"up": resp.status == 200, "url": url, "status": resp.status, "detail": body}
+            return {"up": resp.status == 200, "url": shown, "status": resp.status, "detail": body}
     except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
-        return {"up": False, "url": url, "error": _one_line(exc)}
+        error = mask_text(_one_line(exc), url_passwords(settings.bridge.engine_url))
+        return {"up": False, "url": shown, "error": error}
 
 
 async def check_health(

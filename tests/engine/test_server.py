@@ -33,6 +33,7 @@ from engine.protocol import (
     encode_control,
 )
 from engine.server import run_engine
+from tests.state.fixtures import empty_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -318,7 +319,7 @@ async def test_console_script_stops_gracefully_on_sigterm(tmp_path: Path) -> Non
     sock = tmp_path / "e.sock"
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "engine.server", "--unix-socket", str(sock), "--slots", "2",
-        "--echo-delay-frames", "1", cwd=ROOT, env={**os.environ, "AZIZA_CONFIG": "/nonexistent"},
+        "--echo-delay-frames", "1", cwd=ROOT, env={**os.environ, "AZIZA_CONFIG": empty_config(tmp_path)},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
     try:

@@ -10,6 +10,7 @@ Redis leases and live state).
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,13 +24,17 @@ import redis.asyncio as aioredis
 from bridge.app import BridgeService
 from bridge.call_deps import CallDeps
 from bridge.config import Settings
+from bridge.state.live import LiveCalls
+from bridge.state.models import Persona
 from bridge.state_adapters import open_state
+from bridge.talk_token import sign, talk_key
 from tests.ari.fake_asterisk import FakeAsterisk
 from tests.ari.harness import bridge_settings, control_headers, eventually, fake_and_bridge
 from tests.ari.standins import StandinDeps, standin_deps
-from tests.state.fixtures import RedisServer, migrated_database_url, own_redis, state_settings
+from tests.ari.test_e2e_state import _row_when, production_bridge
+from tests.state.fixtures import RedisServer, migrated_database_url, own_redis, seeded_persona, state_settings
 
-__all__ = ["migrated_database_url", "own_redis", "state_settings"]  # fixtures used below
+__all__ = ["migrated_database_url", "own_redis", "seeded_persona", "state_settings"]  # fixtures used below
 
 DID = "+15550001234"
 ATTACKER = "sip:attacker@evil.example"
@@ -208,6 +213,12 @@ async def _leases_in_use(redis_url: str, prefix: str) -> int:
         await client.aclose()
 
 
+async def _until_no_leases(state: Settings) -> None:
+    async with asyncio.timeout(10):
+        while await _leases_in_use(state.redis_url, state.redis_prefix):  # noqa: ASYNC110 (Redis state)
+            await asyncio.sleep(0.05)
+
+
 async def test_calls_survive_a_loop_stall_longer_than_the_lease_ttl(state_settings: Settings) -> None:
     """The soak's 31-s loss, scaled down: with the CPU loaded, renewals reached Redis after the leases had
     expired. No renewal failed (so no warning), each found its lease gone, and the call was ended as
@@ -251,3 +262,78 @@ async def test_twenty_live_calls_survive_two_redis_restarts_one_empty(
         await eventually(lambda: callers[0] not in svc.controller.calls, what="one call gone")
         later = await fake.originate_call(DID)
         await eventually(lambda: fake.channel(later).answered, within_s=10, what="admitted under N")
+
+
+# -- the browser channel, as production wires it ---------------------------------------------------------
+
+
+def _talk_url(svc: BridgeService, persona: str, *, token: str | None = None) -> str:
+    """A talk link's WebSocket URL. ``persona=`` is what the old endpoint trusted; now only the signed
+    token counts (it is kept so each attack also ran against the old code)."""
+    key = talk_key(control_headers()["Authorization"].removeprefix("Bearer "))
+    token = sign(key, persona, 60) if token is None else token
+    return svc.http_url.replace("http://", "ws://") + f"/ws/talk?token={token}&persona={persona}"
+
+
+async def _talk_first_message(url: str, origin: str | None) -> tuple[int | None, dict[str, Any]]:
+    """(HTTP status if the handshake was refused, else None; the first JSON message or {})."""
+    headers = {"Origin": origin} if origin else {}
+    async with aiohttp.ClientSession() as http:
+        try:
+            ws = await http.ws_connect(url, headers=headers)
+        except aiohttp.WSServerHandshakeError as exc:
+            return exc.status, {}
+        try:
+            msg = await ws.receive(timeout=10)
+            return None, json.loads(msg.data) if msg.type == aiohttp.WSMsgType.TEXT else {}
+        finally:
+            await ws.close()
+
+
+async def test_browser_talks_need_a_link_an_allowed_origin_and_a_real_persona(
+    state_settings: Settings, seeded_persona: Persona
+) -> None:
+    async with production_bridge(state_settings, slots=2) as (_, svc):
+        own = svc.http_url
+        status, first = await _talk_first_message(_talk_url(svc, seeded_persona.name, token=""), own)
+        assert status is None and first["code"] == "bad_token"
+        status, first = await _talk_first_message(_talk_url(svc, seeded_persona.name), "http://evil.example")
+        assert status == 403 and first == {}
+        status, first = await _talk_first_message(_talk_url(svc, "ghost-persona"), own)
+        assert first["code"] == "unknown_persona"
+        status, first = await _talk_first_message(_talk_url(svc, seeded_persona.name), own)
+        assert first["type"] == "ready" and first["persona"] == seeded_persona.name
+        await _until_no_leases(state_settings)  # the talk ended with its socket: its lease is given back
+
+
+async def test_a_browser_talk_takes_a_lease_and_is_a_call_in_live_state_and_records(
+    state_settings: Settings, seeded_persona: Persona
+) -> None:
+    """Before: a talk took an engine slot and no capacity lease (1 busy in the engine, 0 in capacity), so
+    browsers could starve phone calls, and no record or live entry showed it."""
+    async with production_bridge(state_settings, slots=1) as (fake, svc), aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(_talk_url(svc, seeded_persona.name), headers={"Origin": svc.http_url})
+        ready = json.loads((await ws.receive(timeout=10)).data)
+        assert ready["type"] == "ready"
+        assert await _leases_in_use(state_settings.redis_url, state_settings.redis_prefix) == 1
+        call_id = ready["call_id"]
+        refused = await fake.originate_call(DID)  # the one slot is the talk's: a phone call is refused
+        await eventually(lambda: fake.channel(refused).hangup_reason == "busy", within_s=10, what="busy")
+        redis = aioredis.from_url(state_settings.redis_url)
+        try:
+            live = LiveCalls(redis, state_settings.redis_prefix)
+            rows: list[dict[str, str]] = []
+            async with asyncio.timeout(10):
+                while not any(r.get("state") == "active" for r in rows):
+                    rows = await live.list_live()
+                    await asyncio.sleep(0.05)
+        finally:
+            await redis.aclose()
+        assert rows[0]["call_id"] == call_id and rows[0]["caller"] == "browser"
+        assert rows[0]["persona"] == seeded_persona.name
+        await ws.send_str('{"type": "close"}')
+        await ws.close()
+        row = await _row_when(state_settings.database_url, call_id, "ended_at")
+        assert row["caller"] == "browser" and row["persona"] == seeded_persona.name and row["did"] is None
+        assert row["end_cause"] == "browser_close" and row["answered_at"] is not None
+        await _until_no_leases(state_settings)

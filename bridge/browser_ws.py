@@ -276,12 +276,14 @@ async def _take_slot(
         engine = await EngineSession.open(engine_url, persona, call_id=info.call_id)
     except BaseException as exc:
         await deps.capacity.release(lease)
+        if isinstance(exc, EngineError):  # the detail (engine address, its words) is the operator's
+            log.warning("talk %s: engine refused or unavailable: %s", info.call_id, exc)
         if isinstance(exc, EngineFull):
-            raise _Refused("full", exc.message, "engine_full") from None
+            raise _Refused("full", "every engine slot is taken; try again later", "engine_full") from None
         if isinstance(exc, EngineRefused):
-            raise _Refused(exc.code, exc.message, "engine_unavailable") from None
+            raise _Refused(exc.code, "the engine refused the session", "engine_unavailable") from None
         if isinstance(exc, EngineError):
-            raise _Refused("engine_unavailable", str(exc), "engine_unavailable") from None
+            raise _Refused("engine_unavailable", "the engine is unavailable", "engine_unavailable") from None
         raise
     return lease, engine
 

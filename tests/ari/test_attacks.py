@@ -337,3 +337,32 @@ async def test_a_browser_talk_takes_a_lease_and_is_a_call_in_live_state_and_reco
         assert row["caller"] == "browser" and row["persona"] == seeded_persona.name and row["did"] is None
         assert row["end_cause"] == "browser_close" and row["answered_at"] is not None
         await _until_no_leases(state_settings)
+
+
+async def test_an_absurdly_nested_ari_event_is_dropped_and_counted() -> None:
+    sd = standin_deps()
+    async with fake_and_bridge(sd.deps()) as (fake, svc):
+        caller = await _active_call(fake)
+        await fake.emit_raw("[" * 100_000 + "]" * 100_000)  # RecursionError in json.loads
+        await fake.send_dtmf(caller, "#")
+        await eventually(lambda: caller in sd.sink.ended_calls, what="events still handled")
+        assert svc.stream.stats.bad_messages == 1 and fake.ws_connects == 1
+
+
+async def test_nested_json_in_a_browser_talk_is_an_error_and_the_talk_goes_on(
+    state_settings: Settings, seeded_persona: Persona
+) -> None:
+    """Before: ``json.loads`` raised RecursionError, which only ValueError was caught for: talk torn down."""
+    async with production_bridge(state_settings, slots=1) as (_, svc), aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(_talk_url(svc, seeded_persona.name), headers={"Origin": svc.http_url})
+        assert json.loads((await ws.receive(timeout=10)).data)["type"] == "ready"
+        for nested in ("[" * 100_000 + "]" * 100_000, "[" * 1000 + "]" * 1000):
+            await ws.send_str(nested)
+            reply = await ws.receive(timeout=10)
+            assert reply.type == aiohttp.WSMsgType.TEXT, reply
+            assert json.loads(reply.data)["code"] == "bad_message"
+        await ws.send_bytes(bytes(2 * 1920))  # one 80 ms frame: the echo engine answers it
+        while (msg := await ws.receive(timeout=10)).type == aiohttp.WSMsgType.TEXT:
+            assert json.loads(msg.data)["type"] in ("lag", "text")
+        assert msg.type == aiohttp.WSMsgType.BINARY and len(msg.data) == 2 * 1920
+        await ws.close()

@@ -322,6 +322,11 @@ def _describe(exc: ValidationError, environ: Mapping[str, str]) -> list[str]:
     return lines
 
 
+def _hint(name: str, candidates: list[str]) -> str:
+    guess = difflib.get_close_matches(name, candidates, n=1)
+    return f" (did you mean {guess[0]}?)" if guess else ""
+
+
 def config_warnings(environ: Mapping[str, str] | None = None) -> list[str]:
     """Unknown AZIZA_* variables and unknown keys in the TOML file, each with a guess at what was meant."""
     environ = os.environ if environ is None else environ
@@ -329,11 +334,9 @@ def config_warnings(environ: Mapping[str, str] | None = None) -> list[str]:
     warnings = []
     for name in sorted(environ):
         upper = name.upper()
-        if not upper.startswith(ENV_PREFIX) or upper in known or upper in OTHER_AZIZA_VARIABLES:
-            continue
-        guess = difflib.get_close_matches(upper, [*known, *OTHER_AZIZA_VARIABLES], n=1)
-        hint = f" (did you mean {guess[0]}?)" if guess else ""
-        warnings.append(f"unknown variable {name} is ignored{hint}")
+        if upper.startswith(ENV_PREFIX) and upper not in known and upper not in OTHER_AZIZA_VARIABLES:
+            hint = _hint(upper, [*known, *OTHER_AZIZA_VARIABLES])
+            warnings.append(f"unknown variable {name} is ignored{hint}")
     try:
         path = config_path(environ)
         data = tomllib.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
@@ -343,15 +346,13 @@ def config_warnings(environ: Mapping[str, str] | None = None) -> list[str]:
     for key, value in data.items():
         sub = sections.get(key)
         if key not in sections:
-            guess = difflib.get_close_matches(key, list(sections), n=1)
-            hint = f" (did you mean {guess[0]}?)" if guess else ""
-            warnings.append(f"{path}: unknown key {key} is ignored{hint}")
+            warnings.append(f"{path}: unknown key {key} is ignored{_hint(key, list(sections))}")
         elif isinstance(sub, type) and issubclass(sub, BaseModel) and isinstance(value, dict):
-            for inner in value:
-                if inner not in sub.model_fields:
-                    guess = difflib.get_close_matches(inner, list(sub.model_fields), n=1)
-                    hint = f" (did you mean {guess[0]}?)" if guess else ""
-                    warnings.append(f"{path}: unknown key [{key}] {inner} is ignored{hint}")
+            fields = list(sub.model_fields)
+            warnings.extend(
+                f"{path}: unknown key [{key}] {inner} is ignored{_hint(inner, fields)}"
+                for inner in value if inner not in sub.model_fields
+            )
     return warnings
 
 

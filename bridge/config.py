@@ -43,7 +43,7 @@ OTHER_AZIZA_VARIABLES = frozenset({
     "AZIZA_CONFIG",  # this module: the TOML file
     "AZIZA_ASTERISK_TEMPLATES",  # provision asterisk: template directory
     "AZIZA_VENV", "AZIZA_DB_NAME", "AZIZA_DB_USER", "AZIZA_NO_START",  # provisioning scripts
-    "AZIZA_TEST_PG_ADMIN_URL", "AZIZA_TEST_REDIS_URL", "AZIZA_ARI_DOCS",  # the test suite
+    "AZIZA_TEST_PG_ADMIN_URL", "AZIZA_TEST_REDIS_URL", "AZIZA_TEST_FUZZ_CASES", "AZIZA_ARI_DOCS",  # tests
 })
 PortNumber = Field(ge=0, le=65535)  # 0: an ephemeral port (tests)
 

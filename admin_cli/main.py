@@ -44,6 +44,9 @@ class LazyGroup(click.Group):
         "health": "admin_cli.state_cmds:health",
         "provision": "admin_cli.state_cmds:provision",
         "config": "admin_cli.state_cmds:config",
+        # the running bridge (issue 11: authenticated control, browser links)
+        "talk-link": "admin_cli.call_control:talk_link",
+        "control-token": "admin_cli.call_control:control_token",
         # engine models (issue: batched engine)
         "model": "admin_cli.engine_cmds:model",
         "engine": "admin_cli.engine_cmds:engine",

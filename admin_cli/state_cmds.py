@@ -20,7 +20,8 @@ from typing import Any, TextIO, TypeVar
 import click
 import psycopg
 
-from bridge.config import Settings
+from admin_cli.settings import load_cli_settings
+from bridge.config import Settings, masked_dump
 from bridge.state import asterisk_render, migrate, repo
 from bridge.state.models import StateError, parse_dtmf_actions
 from bridge.state.voice import store_voice_prompt
@@ -34,10 +35,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _settings() -> Settings:
-    try:
-        return Settings()
-    except Exception as exc:  # pydantic ValidationError, TOML syntax errors: the config file is wrong
-        raise click.ClickException(f"configuration: {_one_line(exc)}") from None
+    return load_cli_settings()
 
 
 def database_option(func: F) -> F:
@@ -568,10 +566,17 @@ def config() -> None:
 @config.command("show")
 @click.option("--show-secrets", is_flag=True, help="Print passwords too.")
 def config_show(show_secrets: bool) -> None:
-    """Print the effective settings (env + config file + defaults) as JSON."""
-    data = _settings().model_dump(mode="json")
-    if not show_secrets:
-        data["ari"]["password"] = "********"
+    """Print the effective settings (env + config file + defaults) as JSON, secrets masked."""
+    from bridge.redact import mask_value
+    from engine.config import EngineConfigError, load_engine_config
+
+    settings = _settings()
+    data = settings.model_dump(mode="json") if show_secrets else masked_dump(settings)
+    try:  # the [engine] table, as aziza-engine reads it
+        engine = load_engine_config().engine.model_dump(mode="json")
+    except EngineConfigError as exc:
+        raise click.ClickException(f"configuration: {exc}") from None
+    data["engine"] = engine if show_secrets else mask_value("", engine)
     _print_json(data)
 
 

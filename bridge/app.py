@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -19,9 +20,11 @@ from aiohttp import web
 
 from bridge.ari.client import AriClient, EventStream
 from bridge.call_deps import CallDeps
-from bridge.config import Settings, get_settings
-from bridge.control_api import HealthProbe, control_routes
+from bridge.config import ConfigError, Settings, get_settings
+from bridge.control_api import HealthProbe, control_routes, guard_middleware
 from bridge.controller import CallController
+from bridge.http_guard import BROWSER_PATHS, TokenSource, allowed_hosts
+from bridge.redact import mask_url
 from bridge.startup import freeze_startup_heap
 
 log = logging.getLogger("aziza.bridge")
@@ -44,6 +47,7 @@ class BridgeService:
             self.ari, self.controller.handle_event, on_connected=self._on_connected, heartbeat_s=heartbeat_s
         )
         self._health_probe = health_probe
+        self.control_tokens = TokenSource(settings.bridge.control_token_file)
         self._extra_routes = list(extra_routes)
         self._runner: web.AppRunner | None = None
         self._main: asyncio.Task[None] | None = None
@@ -55,7 +59,12 @@ class BridgeService:
         self.reconciles += 1
 
     async def start(self) -> None:
-        app = web.Application()
+        b = self.settings.bridge
+        hosts = allowed_hosts(b.http_host, b.public_url, b.allowed_hosts)
+        _, token_problem = self.control_tokens.current()
+        if token_problem is not None:
+            log.error("control API disabled until the token file is readable: %s", token_problem)
+        app = web.Application(middlewares=[guard_middleware(hosts, self.control_tokens, BROWSER_PATHS)])
         app.add_routes(
             control_routes(
                 self.controller,
@@ -77,7 +86,7 @@ class BridgeService:
         self.http_url = f"http://{self.settings.bridge.http_host}:{port}"
         self._main = asyncio.create_task(self._run(), name="bridge-main")
         await self.controller.wait_running()
-        log.info("aziza-bridge up: HTTP %s, ARI %s app %s", self.http_url, self.settings.ari.url,
+        log.info("aziza-bridge up: HTTP %s, ARI %s app %s", self.http_url, mask_url(self.settings.ari.url),
                  self.settings.ari.app)
 
     async def _run(self) -> None:
@@ -129,10 +138,15 @@ async def running_bridge(settings: Settings, deps: CallDeps, **kwargs: Any) -> A
 
 
 def main() -> None:
-    settings = get_settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    # Logging first, so configuration warnings (unknown AZIZA_* variables) are formatted like the rest.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = get_settings()
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"aziza-bridge: configuration: {problem}", file=sys.stderr)
+        raise SystemExit(2) from None
+    logging.getLogger().setLevel(settings.log_level.upper())
     asyncio.run(serve(settings))
 
 

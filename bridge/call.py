@@ -2,10 +2,12 @@
 
 A ``Call`` owns one ``asyncio.TaskGroup`` holding: event processing (this call's ARI events, in
 order), the setup-then-media task (``CallMedia.run``, which owns the engine receive loop) and the
-lease renewal loop. Whatever ends the call — caller hang-up, our hang-up, transfer, engine death,
-media timeout, an ARI error — goes through ``end(reason)``; ``run`` then cancels the group and
-tears everything down exactly once (media socket, engine session, bridge, media channel, caller
-channel when it is still ours, lease, call record), bounded by ``TEARDOWN_TIMEOUT_S``.
+goodbye watchdog. Its capacity lease is renewed by the capacity gate (one task for all calls), and a
+lease Redis loses is put back, never a reason to end the call. Whatever ends the call — caller hang-up,
+our hang-up, transfer, engine death, media timeout, an ARI error — goes through ``end(reason)``; ``run``
+then cancels the group and tears everything down exactly once (media socket, engine session, bridge,
+media channel, caller channel when it is still ours, lease, call record), bounded by
+``TEARDOWN_TIMEOUT_S``.
 """
 
 from __future__ import annotations
@@ -184,6 +186,13 @@ class Call:
             log.info("call %s ending: %s", self.id, reason)
         self._ended.set()
 
+    def _claim_end_reason(self, reason: str) -> None:
+        """Fix why the call ends without ending it yet (setup still has a request to finish)."""
+        if self.end_reason is None:
+            self.end_reason = reason
+            self.timeline["end_requested"] = self._clock()
+            log.info("call %s ending: %s", self.id, reason)
+
     async def run(self) -> None:
         """The call's whole life. Never raises (except CancelledError on shutdown, after teardown)."""
         try:
@@ -191,7 +200,6 @@ class Call:
                 tasks = [
                     tg.create_task(self._guard(self._process_events), name=f"call-{self.id}-events"),
                     tg.create_task(self._guard(self._setup_and_run), name=f"call-{self.id}-media"),
-                    tg.create_task(self._guard(self._renew_lease), name=f"call-{self.id}-lease"),
                     tg.create_task(self._guard(self._goodbye_watchdog), name=f"call-{self.id}-goodbye"),
                 ]
                 await self._ended.wait()
@@ -304,6 +312,9 @@ class Call:
     async def _refuse(self, info: CallInfo, reason: str, hangup_reason: str) -> None:
         """Refuse BEFORE answering: the caller hears busy (486) or congestion (503)."""
         self.refused = True
+        # Claim the end reason before the DELETE: its ChannelHangupRequest can be handled before the
+        # DELETE's own answer, and would otherwise record our refusal as "caller_hangup".
+        self._claim_end_reason(f"refused:{reason}")
         self.ctl.deps.sink.refused(info, reason)
         try:
             await self.ctl.ari.hangup(self.id, reason=hangup_reason)
@@ -311,24 +322,6 @@ class Call:
             pass
         self._caller_gone = True
         raise _SetupAbort(f"refused:{reason}")
-
-    async def _renew_lease(self) -> None:
-        every = self.ctl.settings.capacity.renew_every_s
-        while not self._ended.is_set():
-            await asyncio.sleep(every)
-            if self.lease is None:
-                continue
-            try:
-                ok = await self.ctl.deps.capacity.renew(self.lease)
-            except Exception as exc:  # Redis blip: try again next round; the TTL covers a few misses
-                _reraise_if_cancelling()
-                log.warning("call %s: lease renew failed: %s", self.id, exc)
-                continue
-            if not ok:  # expired (long Redis outage) and maybe re-granted: we are over capacity
-                log.error("call %s: capacity lease lost", self.id)
-                self.ctl.metrics.lease_lost.inc()
-                self.end("capacity_lease_lost")
-                return
 
     # ---- events --------------------------------------------------------------------------------
 

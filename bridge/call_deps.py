@@ -41,11 +41,11 @@ class RouteSource(Protocol):
 
 
 class CapacityGate(Protocol):
-    """One slot per live call (Redis leases in production)."""
+    """One slot per live call (Redis leases in production). Admission may refuse (None: full; an exception:
+    cannot tell); once granted, a lease is the gate's to keep alive until ``release``: a live call is
+    never ended over its lease."""
 
     async def acquire(self, call_id: str) -> object | None: ...
-
-    async def renew(self, lease: object) -> bool: ...
 
     async def release(self, lease: object) -> None: ...
 

@@ -1,13 +1,14 @@
 """The bridge's HTTP control surface: /health, /metrics, live calls and per-call control.
 
-``aziza-admin calls hold|unhold|transfer|hangup ID`` are thin clients of these routes. Errors are
-JSON ``{"error": ...}`` with 404 (unknown call), 409 (call in the wrong state), 400 (bad input) or
-502 (Asterisk refused/unreachable), so the CLI can print one clear line.
+``aziza-admin calls hold|unhold|transfer|hangup ID`` are thin clients of these routes. Every request
+passes :func:`guard_middleware` first (``bridge/http_guard.py``: 421 foreign Host, 403 Origin, 401 token,
+415 content type). Errors are JSON ``{"error": ...}`` with 404 (unknown call), 409 (call in the wrong
+state), 400 (bad input, bad JSON at any depth) or 502 (Asterisk refused/unreachable), so the CLI can
+print one clear line.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -17,8 +18,31 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from bridge.ari.errors import AriError
 from bridge.call import Call, CallStateError
 from bridge.controller import CallController, UnknownCall
+from bridge.http_guard import TokenSource, check_control, check_host
+from bridge.safe_json import BadJson, parse_json_object
 
 HealthProbe = Callable[[], Awaitable[dict[str, Any]]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MAX_CONTROL_BODY = 64 * 1024
+
+
+def guard_middleware(
+    allowed_hosts: frozenset[str], tokens: TokenSource, browser_paths: frozenset[str]
+) -> Any:
+    """Host check for every route; Origin, token and content-type checks for all but the browser
+    channel's (which checks its own Origin allowlist and signed talk token)."""
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        refusal = check_host(request.headers, allowed_hosts)
+        if refusal is None and request.path not in browser_paths:
+            token, problem = tokens.current()
+            refusal = check_control(request.method, request.headers, token, problem)
+        if refusal is not None:
+            return _err(refusal.status, refusal.message)
+        return await handler(request)
+
+    return guard
 
 
 def control_routes(
@@ -53,13 +77,13 @@ def control_routes(
                 call = controller.get(call_id)
                 body: dict[str, Any] = {}
                 if request.can_read_body:
+                    if (request.content_length or 0) > MAX_CONTROL_BODY:
+                        return _err(413, f"body over {MAX_CONTROL_BODY} bytes")
+                    raw = await request.content.read(MAX_CONTROL_BODY + 1)
                     try:
-                        raw = await request.json()
-                    except (ValueError, json.JSONDecodeError):
-                        return _err(400, "body is not JSON")
-                    if not isinstance(raw, dict):
-                        return _err(400, "body must be a JSON object")
-                    body = raw
+                        body = parse_json_object(raw, max_bytes=MAX_CONTROL_BODY) if raw.strip() else {}
+                    except BadJson as exc:
+                        return _err(400, f"body: {exc}")
                 await action(call, body)
             except UnknownCall:
                 return _err(404, f"no live call {call_id}")

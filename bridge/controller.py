@@ -50,7 +50,6 @@ class ControllerMetrics:
             "aziza_call_teardown_seconds", "End requested to torn down", registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 3),
         )
-        self.lease_lost = Counter("aziza_capacity_lease_lost_total", "Lease renewals refused", registry=r)
         self.reconciles = Counter(
             "aziza_ari_reconcile_total", "Reconciliations after (re)connect", ["result"], registry=r
         )

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import numpy as np
 
+from bridge.redact import mask_url
 from engine.protocol import (
     AudioFrame,
     Close,
@@ -120,13 +121,14 @@ class EngineSession:
     ) -> EngineSession:
         """Connect, send ``open`` and wait for ``ready`` (all within ``timeout`` seconds)."""
         ws_url, connector = _connect_target(url)
+        shown = mask_url(url)  # errors and logs never carry a password in the URL
         http = aiohttp.ClientSession(connector=connector)
         try:
             async with asyncio.timeout(timeout):
                 try:
                     ws = await http.ws_connect(ws_url, autoping=True, heartbeat=None, max_msg_size=1 << 20)
                 except (aiohttp.ClientError, OSError) as exc:
-                    raise EngineUnavailable(f"cannot connect to the engine at {url}: {exc}") from exc
+                    raise EngineUnavailable(f"cannot connect to the engine at {shown}: {exc}") from exc
                 try:
                     opening = Open(persona=persona or PersonaParams(), call_id=call_id)
                     await ws.send_str(encode_control(opening))
@@ -136,7 +138,7 @@ class EngineSession:
                     raise
         except TimeoutError:
             await http.close()
-            raise EngineUnavailable(f"the engine at {url} did not answer within {timeout:.1f} s") from None
+            raise EngineUnavailable(f"the engine at {shown} did not answer within {timeout:.1f} s") from None
         except BaseException:
             await http.close()
             raise
@@ -148,7 +150,9 @@ class EngineSession:
     async def _await_ready(ws: aiohttp.ClientWebSocketResponse, url: str) -> Ready:
         msg = await ws.receive()
         if msg.type != aiohttp.WSMsgType.TEXT:
-            raise EngineUnavailable(f"the engine at {url} closed the session before ready ({msg.type.name})")
+            raise EngineUnavailable(
+                f"the engine at {mask_url(url)} closed the session before ready ({msg.type.name})"
+            )
         try:
             reply = decode_engine_control(msg.data)
         except ProtocolError as exc:

@@ -18,7 +18,7 @@ from bridge.config import Settings
 from bridge.control_api import HealthProbe
 from bridge.state.db import StateDB
 from bridge.state.health import check_health
-from bridge.state.leases import CapacityLeases, Lease
+from bridge.state.leases import CapacityLeases, Lease, LeaseKeeper
 from bridge.state.live import CallEvent, LiveCalls
 from bridge.state.records import CallRecorder, CallStart
 from bridge.state.routing import RouteResolver
@@ -41,19 +41,17 @@ class DbRoutes:
 
 
 class RedisCapacity:
-    """CapacityLeases as a CapacityGate (CapacityUnavailable propagates: the call is refused)."""
+    """A LeaseKeeper as a CapacityGate: admission by Redis lease (CapacityUnavailable propagates: the call
+    is refused), renewal by the keeper's one task for all calls, never ending a live call."""
 
-    def __init__(self, leases: CapacityLeases) -> None:
-        self.leases = leases
+    def __init__(self, keeper: LeaseKeeper) -> None:
+        self.keeper = keeper
 
     async def acquire(self, call_id: str) -> object | None:
-        return await self.leases.acquire(call_id)
-
-    async def renew(self, lease: object) -> bool:
-        return await self.leases.renew(cast(Lease, lease))
+        return await self.keeper.acquire(call_id)
 
     async def release(self, lease: object) -> None:
-        await self.leases.release(cast(Lease, lease))
+        await self.keeper.release(cast(Lease, lease))
 
 
 class StateSink:
@@ -84,7 +82,7 @@ class StateSink:
     # -- CallSink ----------------------------------------------------------------------------------------
 
     def started(self, info: CallInfo) -> None:
-        self.recorder.record_start(CallStart(info.call_id, info.did, info.caller, info.persona))
+        self.recorder.record_start(CallStart(info.call_id, info.did or None, info.caller, info.persona))
         self._live_fields[info.call_id] = {
             "did": info.did, "caller": info.caller, "persona": info.persona, "state": "setup",
             "started_at": time.time(),
@@ -93,7 +91,7 @@ class StateSink:
         self._enqueue("publish", info.call_id, {"kind": "start", "did": info.did, "caller": info.caller})
 
     def refused(self, info: CallInfo, reason: str) -> None:
-        self.recorder.record_refused(info.call_id, info.did, info.caller, reason, info.persona)
+        self.recorder.record_refused(info.call_id, info.did or None, info.caller, reason, info.persona)
         self._enqueue("publish", info.call_id, {"kind": "refused", "reason": reason, "did": info.did})
 
     def answered(self, call_id: str) -> None:
@@ -183,6 +181,7 @@ class OpenState:
     capacity: RedisCapacity
     sink: StateSink
     health_probe: HealthProbe
+    db: StateDB  # persona lookups for the browser channel
 
 
 @contextlib.asynccontextmanager
@@ -198,17 +197,22 @@ async def open_state(settings: Settings) -> AsyncIterator[OpenState]:
     await recorder.start()
     cap = settings.capacity
     leases = CapacityLeases(redis, settings.redis_prefix, cap.slots, cap.lease_ttl_s, cap.renew_every_s)
+    keeper = LeaseKeeper(leases)
     sink = StateSink(recorder, LiveCalls(redis, settings.redis_prefix))
     writer = asyncio.create_task(sink.run(), name="live-state-writer")
+    renewer = asyncio.create_task(keeper.run(), name="lease-keeper")
 
     async def probe() -> dict[str, Any]:
         report = await check_health(settings, recorder)
         report["live_state"] = {"dropped": sink.live_dropped, "errors": sink.live_errors}
+        report["leases"] = keeper.snapshot()
         return report
 
     try:
-        yield OpenState(DbRoutes(RouteResolver(db)), RedisCapacity(leases), sink, probe)
+        yield OpenState(DbRoutes(RouteResolver(db)), RedisCapacity(keeper), sink, probe, db)
     finally:
+        renewer.cancel()
+        await asyncio.wait({renewer}, timeout=3.0)
         sink.stop()
         _, pending = await asyncio.wait({writer}, timeout=3.0)
         if pending:  # Redis hanging: give up on the last live-state writes, never on shutdown

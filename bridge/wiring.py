@@ -24,7 +24,9 @@ from bridge.control_api import HealthProbe
 from engine.protocol import PersonaParams
 
 if TYPE_CHECKING:
+    from bridge.browser_ws import TalkDeps
     from bridge.engine_pool import EnginePool
+    from bridge.state_adapters import OpenState
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +88,31 @@ async def production_deps(settings: Settings) -> AsyncIterator[Wired]:
         try:
             from bridge.browser_ws import browser_routes
 
-            routes = list(browser_routes(settings))
+            routes = list(browser_routes(settings, talk_deps(settings, state, pool)))
         except ImportError as exc:  # the browser channel is optional for phone calls
             log.warning("browser WebSocket routes unavailable: %s", exc)
         yield Wired(deps, health_probe=state.health_probe, routes=routes)
+
+
+def talk_deps(settings: Settings, state: OpenState, pool: EnginePool | None = None) -> TalkDeps:
+    """The browser channel admitted like a phone call: personas from PostgreSQL, the same capacity gate
+    and call records/live state, talk links checked with the key of the current control token."""
+    from bridge.browser_ws import PersonaUnknown, TalkDeps
+    from bridge.http_guard import TokenSource
+    from bridge.state.routing import persona_params
+    from bridge.talk_token import talk_key
+
+    tokens = TokenSource(settings.bridge.control_token_file)
+
+    async def persona(name: str) -> PersonaParams:
+        found = await state.db.persona_by_name(name)
+        if found is None:
+            raise PersonaUnknown(name)
+        return persona_params(found)
+
+    def key() -> bytes | None:
+        token, _ = tokens.current()
+        return talk_key(token) if token is not None else None
+
+    return TalkDeps(personas=persona, capacity=state.capacity, sink=state.sink, talk_key=key,
+                    open_engine=pool.open if pool is not None else None)

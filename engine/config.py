@@ -121,9 +121,9 @@ class EngineConfig(BaseSettings):
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=config_path()))
 
 
-def config_path() -> str:
+def config_path(environ: dict[str, str] | None = None) -> str:
     """The TOML file: ``AZIZA_CONFIG`` must name an existing file; the default path may be absent."""
-    path = os.environ.get("AZIZA_CONFIG")
+    path = (os.environ if environ is None else environ).get("AZIZA_CONFIG")
     if path is None:
         return DEFAULT_CONFIG_PATH
     if not Path(path).is_file():
@@ -148,3 +148,37 @@ def load_engine_config() -> EngineConfig:
         raise EngineConfigError("; ".join(
             f"engine config {'.'.join(map(str, e['loc']))}={e.get('input')!r}: {e['msg']}"
             for e in exc.errors())) from None
+
+
+ENGINE_ENV_PREFIX = "AZIZA_ENGINE__"
+
+
+def config_warnings(environ: dict[str, str] | None = None) -> list[str]:
+    """Unknown ``AZIZA_ENGINE__*`` variables and unknown keys of the ``[engine]`` table (the bridge checks
+    the rest of the file), each with a guess at what was meant. Not errors: a typo must not stop a restart."""
+    import difflib
+    import tomllib
+
+    environ = dict(os.environ) if environ is None else environ
+    fields = list(EngineSettings.model_fields)
+
+    def hint(name: str) -> str:
+        guess = difflib.get_close_matches(name, fields, n=1)
+        return f" (did you mean {guess[0]}?)" if guess else ""
+
+    warnings = []
+    for name in sorted(environ):
+        if name.upper().startswith(ENGINE_ENV_PREFIX):
+            field = name[len(ENGINE_ENV_PREFIX):].lower()
+            if field not in EngineSettings.model_fields:
+                warnings.append(f"unknown variable {name} is ignored{hint(field)}")
+    try:
+        path = Path(config_path(environ))
+        data = tomllib.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (ConfigFileError, OSError, tomllib.TOMLDecodeError):
+        return warnings
+    table = data.get("engine")
+    if isinstance(table, dict):
+        warnings += [f"{path}: unknown key [engine] {key} is ignored{hint(key)}"
+                     for key in table if key not in EngineSettings.model_fields]
+    return warnings

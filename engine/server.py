@@ -35,7 +35,7 @@ from pydantic import ValidationError
 
 from engine.assets import DEFAULT_DATA_DIR, AssetStore
 from engine.backend import BatchBackend
-from engine.config import EngineConfigError, EngineSettings, get_engine_config
+from engine.config import EngineConfigError, EngineSettings, config_warnings, get_engine_config
 from engine.metrics import EngineMetrics
 from engine.protocol import (
     Close,
@@ -426,6 +426,8 @@ def main(argv: list[str] | None = None) -> None:
     except ValidationError as exc:
         parser.error(_errors(exc))
     logging.basicConfig(level=base.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for warning in config_warnings():
+        log.warning("configuration: %s", warning)
     try:
         app = create_app(settings, data_dir=base.data_dir)
     except Exception as exc:  # no weights, bad model dir...: one clear line, not a traceback

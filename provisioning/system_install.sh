@@ -73,6 +73,13 @@ username = "aziza"
 password = "$(head -c 18 /dev/urandom | base64 | tr -d '/+=')"
 TOML
 fi
+if [ ! -f "$ETC/control.token" ]; then
+  # The control API's bearer token: the bridge (group aziza) and aziza-admin (root, group aziza) read it;
+  # it also keys browser talk links (aziza-admin talk-link). Rotate: aziza-admin control-token --rotate.
+  log "writing $ETC/control.token (control API token, root:aziza 0640)"
+  install -o root -g aziza -m 0640 /dev/null "$ETC/control.token"
+  head -c 32 /dev/urandom | base64 | tr -d '/+=\n' >"$ETC/control.token"
+fi
 if [ ! -f "$ETC/aziza.env" ]; then
   install -o root -g aziza -m 0640 /dev/null "$ETC/aziza.env"
   printf '# Environment for aziza-engine and aziza-bridge (AZIZA_* overrides aziza.toml).\n' >"$ETC/aziza.env"

@@ -130,7 +130,7 @@ class AriClient:
                     return None
                 try:
                     return json.loads(body)
-                except ValueError as exc:
+                except (ValueError, RecursionError) as exc:  # RecursionError: absurdly nested JSON
                     raise AriError(op.method, path, f"undecodable response body: {exc}", resp.status) from exc
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise AriUnavailable(op.method, path, f"{type(exc).__name__}: {exc}") from exc
@@ -233,7 +233,7 @@ def _list(data: Any) -> list[Any]:
 def _error_message(body: str) -> str:
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return body.strip()[:200] or "(no body)"
     if isinstance(data, dict) and isinstance(data.get("message"), str):
         return data["message"]
@@ -323,7 +323,7 @@ class EventStream:
     async def _deliver(self, text: str) -> None:
         try:
             event = parse_event(json.loads(text))
-        except (ValueError, AriEventError) as exc:
+        except (ValueError, RecursionError, AriEventError) as exc:  # RecursionError: absurd nesting
             self.stats.bad_messages += 1
             log.warning("ARI event dropped: %s", exc)
             return

@@ -66,6 +66,12 @@ class StateDB:
             return None
         return DidWithPersona(did_from_row(did_row), persona_from_row(persona_row))
 
+    async def persona_by_name(self, name: str) -> Persona | None:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(f"SELECT {PERSONA_COLUMNS} FROM personas p WHERE p.name = %s", (name,))
+            row = await cur.fetchone()
+        return persona_from_row(row) if row else None
+
     async def default_persona(self) -> Persona | None:
         async with self.pool.connection() as conn:
             cur = await conn.execute(f"SELECT {PERSONA_COLUMNS} FROM personas p WHERE p.is_default")

@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from bridge.config import Settings
+from bridge.redact import mask_text, mask_url, url_passwords
 from bridge.state import migrate
 from bridge.state.leases import CapacityLeases, CapacityUnavailable
 from bridge.state.records import CallRecorder
@@ -39,7 +40,7 @@ async def _check_database(settings: Settings, timeout_s: float) -> dict[str, Any
                     cur = await conn.execute("SELECT version FROM schema_migrations ORDER BY version")
                     versions = [r[0] for r in await cur.fetchall()]
     except (psycopg.Error, OSError, TimeoutError) as exc:
-        return {"up": False, "error": _one_line(exc)}
+        return {"up": False, "error": mask_text(_one_line(exc), url_passwords(settings.database_url))}
     known = [m.version for m in migrate.discover()]
     pending = [v for v in known if v not in versions]
     return {"up": True, "version": max(versions, default=0), "pending": pending, "ok": not pending}
@@ -56,23 +57,27 @@ async def _check_redis(settings: Settings, timeout_s: float) -> tuple[dict[str, 
             in_use = await leases.in_use()
         return {"up": True}, {"slots": settings.capacity.slots, "in_use": in_use}
     except (RedisError, CapacityUnavailable, OSError, TimeoutError) as exc:
-        return {"up": False, "error": _one_line(exc)}, {"slots": settings.capacity.slots, "in_use": None}
+        error = mask_text(_one_line(exc), url_passwords(settings.redis_url))
+        return {"up": False, "error": error}, {"slots": settings.capacity.slots, "in_use": None}
     finally:
         await client.aclose()
 
 
 async def _check_engine(settings: Settings, timeout_s: float) -> dict[str, Any]:
-    """Every configured engine's /health (the URLs calls are placed on); up when at least one answers."""
+    """Every configured engine's /health (the URLs calls are placed on: ``bridge.engine_urls`` or
+    ``bridge.engine_url``); up when at least one answers. URLs and errors are shown with secrets masked."""
     from bridge.engine_pool import fetch_health, health_url
 
     engines: list[dict[str, Any]] = []
     for engine_url in settings.bridge.engines():
-        url = health_url(engine_url)[0]
+        shown = mask_url(engine_url)
         try:
             body = await fetch_health(engine_url, timeout_s)
-            engines.append({"up": True, "url": engine_url, "detail": body})
+            engines.append({"up": True, "url": shown, "detail": body})
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
-            engines.append({"up": False, "url": engine_url, "health_url": url, "error": _one_line(exc)})
+            error = mask_text(_one_line(exc), url_passwords(engine_url))
+            engines.append({"up": False, "url": shown, "health_url": mask_url(health_url(engine_url)[0]),
+                            "error": error})
     up = any(e["up"] for e in engines)
     report: dict[str, Any] = {"up": up, "engines": engines}
     if len(engines) == 1:  # the single-engine shape older tools read

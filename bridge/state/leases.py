@@ -4,6 +4,12 @@ One sorted set per appliance, ``{prefix}:leases``: member = call id, score = exp
 clock (``TIME`` inside the scripts, so bridges with skewed clocks agree). Each script first drops expired
 members, so the slots of a bridge that died without releasing free themselves within the TTL, and
 "count, then add" happens atomically inside Redis: two bridges can never both take the last slot.
+
+Admission and renewal differ on purpose. Admission (``acquire``) refuses call N+1. Renewal never ends a
+live call: :class:`LeaseKeeper` renews all of a bridge's leases in one round trip and puts back any that
+Redis no longer has (Redis restarted empty, an outage longer than the TTL, a renewal that reached Redis
+after the TTL because the bridge's loop stalled). If that puts the house over N, admission refuses new
+calls until it is back under N; the calls already talking are never the ones to pay for Redis.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -53,6 +59,23 @@ redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 4)
 return expiry
 """
 )
+# Every lease this bridge holds, in one round trip: KEYS[1] leases; ARGV: ttl ms, call ids...
+# Members that are gone (Redis restarted empty, expired) are added back unconditionally: a live call keeps
+# its slot even if that puts the house over N. Returns {in use after, {ids that had to be re-added}}.
+_RENEW_ALL = (
+    _NOW_MS
+    + _PURGE
+    + """
+local expiry = now + tonumber(ARGV[1])
+local missing = {}
+for i = 2, #ARGV do
+  if not redis.call('ZSCORE', KEYS[1], ARGV[i]) then missing[#missing + 1] = ARGV[i] end
+  redis.call('ZADD', KEYS[1], expiry, ARGV[i])
+end
+if #ARGV > 1 then redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]) * 4) end
+return {redis.call('ZCARD', KEYS[1]), missing}
+"""
+)
 _IN_USE = _NOW_MS + _PURGE + "return redis.call('ZCARD', KEYS[1])"
 
 
@@ -64,12 +87,17 @@ class CapacityUnavailable(Exception):
 class Lease:
     call_id: str
     expires_at_ms: int
-    # Set when a renewal finds the lease gone (expired, e.g. after a long Redis outage): the call is over
-    # capacity and its owner should end it.
-    lost: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass(frozen=True)
+class RenewResult:
+    in_use: int
+    reregistered: list[str]
 
 
 class CapacityLeases:
+    """The Redis primitives. A bridge holds its leases through a :class:`LeaseKeeper`."""
+
     def __init__(
         self,
         redis: aioredis.Redis,
@@ -87,10 +115,12 @@ class CapacityLeases:
         self._redis = redis
         self.key = f"{prefix}:leases"
         self.slots = slots
+        self.ttl_s = ttl_s
         self._ttl_ms = max(1, int(ttl_s * 1000))
         self.renew_every_s = renew_every_s if renew_every_s is not None else ttl_s / 3
         self._acquire = redis.register_script(_ACQUIRE)
         self._renew = redis.register_script(_RENEW)
+        self._renew_all = redis.register_script(_RENEW_ALL)
         self._in_use = redis.register_script(_IN_USE)
 
     async def acquire(self, call_id: str) -> Lease | None:
@@ -104,23 +134,35 @@ class CapacityLeases:
         return Lease(call_id, int(expiry)) if int(granted) else None
 
     async def renew(self, lease: Lease) -> bool:
-        """Extend the lease; False if it was already gone (then ``lease.lost`` is set)."""
+        """Extend one lease if Redis still has it; False if it was gone (nothing is added back)."""
         try:
             expiry = int(await self._renew(keys=[self.key], args=[lease.call_id, self._ttl_ms]))
         except RedisError as exc:
             raise CapacityUnavailable(f"redis: {exc}") from exc
         if expiry == 0:
-            lease.lost.set()
             return False
         lease.expires_at_ms = expiry
         return True
 
+    async def renew_all(self, call_ids: list[str]) -> RenewResult:
+        """Extend every one of ``call_ids``, putting back those Redis no longer has (even over N)."""
+        try:
+            used, missing = await self._renew_all(keys=[self.key], args=[self._ttl_ms, *call_ids])
+        except RedisError as exc:
+            raise CapacityUnavailable(f"redis: {exc}") from exc
+        return RenewResult(int(used), [m.decode() if isinstance(m, bytes) else str(m) for m in missing])
+
     async def release(self, lease: Lease) -> None:
         """Give the slot back; a Redis error is logged (the TTL frees the slot anyway)."""
+        await self.release_ids([lease.call_id])
+
+    async def release_ids(self, call_ids: list[str]) -> None:
+        if not call_ids:
+            return
         try:
-            await self._redis.zrem(self.key, lease.call_id)
+            await self._redis.zrem(self.key, *call_ids)
         except RedisError as exc:
-            log.warning("lease release for %s failed (%s): it expires within the TTL", lease.call_id, exc)
+            log.warning("lease release for %s failed (%s): it expires within the TTL", call_ids, exc)
 
     async def in_use(self) -> int:
         try:
@@ -128,33 +170,148 @@ class CapacityLeases:
         except RedisError as exc:
             raise CapacityUnavailable(f"redis: {exc}") from exc
 
-    async def _renew_forever(self, lease: Lease) -> None:
-        while not lease.lost.is_set():
-            await asyncio.sleep(self.renew_every_s)
-            try:
-                if not await self.renew(lease):
-                    log.error("capacity lease of call %s lapsed", lease.call_id)
-                    return
-            except CapacityUnavailable as exc:
-                # redis-py can turn a cancellation into a connection error: never swallow our own cancel.
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise asyncio.CancelledError from exc
-                # Keep trying: a short Redis blip should not end a call; the lease survives until its TTL.
-                log.warning("lease renewal for %s failed: %s", lease.call_id, exc)
-
     @contextlib.asynccontextmanager
     async def hold(self, call_id: str) -> AsyncIterator[Lease | None]:
-        """``async with leases.hold(call_id) as lease:`` None when full, else renewed until the block ends."""
-        lease = await self.acquire(call_id)
+        """``async with leases.hold(call_id) as lease:`` None when full, else kept until the block ends."""
+        keeper = LeaseKeeper(self)
+        lease = await keeper.acquire(call_id)
         if lease is None:
             yield None
             return
-        renewer = asyncio.create_task(self._renew_forever(lease), name=f"lease-renew-{call_id}")
+        renewer = asyncio.create_task(keeper.run(), name=f"lease-keeper-{call_id}")
         try:
             yield lease
         finally:
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
-            await self.release(lease)
+            await keeper.release(lease)
+
+
+@dataclass
+class KeeperStats:
+    renewals: int = 0
+    renew_failures: int = 0
+    reregistered: int = 0  # leases Redis had lost and the keeper put back
+    in_use: int | None = None  # the house, as of the last successful renewal
+    over_capacity: bool = False
+    last_error: str | None = None
+
+
+class LeaseKeeper:
+    """This bridge's live leases, renewed together by one task (``run``), never given up for Redis.
+
+    * One round trip per renewal for all calls, so a loaded loop has one timer to serve, not one per call.
+    * A renewal that fails (Redis down or slow) is retried every ``retry_every_s`` (a warning each first
+      failure and then every 30th); calls go on. Each round trip is bounded by ``round_timeout_s``.
+    * A lease Redis no longer has is put back at the next successful round (re-registration): after Redis
+      restarts, within ``retry_every_s`` of it answering again. If the house is then over N, ``acquire``
+      refuses new calls (the script counts every member) until it is back under N.
+    """
+
+    def __init__(
+        self,
+        leases: CapacityLeases,
+        *,
+        retry_every_s: float = 1.0,
+        round_timeout_s: float | None = None,
+    ) -> None:
+        self.leases = leases
+        self.renew_every_s = leases.renew_every_s
+        self.retry_every_s = min(retry_every_s, leases.renew_every_s)
+        # A round that takes longer than a third of the TTL is treated as failed (and retried).
+        self.round_timeout_s = round_timeout_s if round_timeout_s is not None else max(0.1, leases.ttl_s / 3)
+        self.held: dict[str, Lease] = {}
+        self._in_flight: set[str] = set()
+        self._released_in_flight: set[str] = set()
+        self.stats = KeeperStats()
+        self.renewed = asyncio.Event()  # set after each successful round (tests and health wait on it)
+
+    @property
+    def slots(self) -> int:
+        return self.leases.slots
+
+    async def acquire(self, call_id: str) -> Lease | None:
+        """Admission: a lease, or None when the house is full (or over N). Raises CapacityUnavailable."""
+        lease = await self.leases.acquire(call_id)
+        if lease is not None:
+            self.held[call_id] = lease
+        return lease
+
+    async def release(self, lease: Lease) -> None:
+        self.held.pop(lease.call_id, None)
+        if lease.call_id in self._in_flight:
+            # A renewal already on its way may add it back after our ZREM: remove it again afterwards.
+            self._released_in_flight.add(lease.call_id)
+        await self.leases.release(lease)
+
+    async def renew_once(self) -> RenewResult | None:
+        """One renewal round for every held lease; None when Redis could not be asked."""
+        ids = list(self.held)
+        self._in_flight = set(ids)
+        try:
+            async with asyncio.timeout(self.round_timeout_s):
+                result = await self.leases.renew_all(ids)
+        except (CapacityUnavailable, TimeoutError) as exc:
+            _reraise_if_cancelling(exc)
+            self.stats.renew_failures += 1
+            self.stats.last_error = str(exc) or type(exc).__name__
+            if self.stats.renew_failures % 30 == 1:
+                log.warning(
+                    "capacity lease renewal failed (%d so far): %s; %d live call(s) go on and are "
+                    "re-registered when Redis answers", self.stats.renew_failures, self.stats.last_error,
+                    len(ids),
+                )
+            return None
+        finally:
+            self._in_flight = set()
+            stale, self._released_in_flight = self._released_in_flight, set()
+        if stale:
+            await self.leases.release_ids(sorted(stale))
+        self._note(result, len(ids))
+        return result
+
+    def _note(self, result: RenewResult, held: int) -> None:
+        st = self.stats
+        st.renewals += 1
+        st.in_use = result.in_use
+        if result.reregistered:
+            st.reregistered += len(result.reregistered)
+            log.warning(
+                "Redis had lost %d of this bridge's %d lease(s) (restarted, or an outage or stall longer "
+                "than the TTL); re-registered: house at %d of %d",
+                len(result.reregistered), held, result.in_use, self.slots,
+            )
+        over = result.in_use > self.slots
+        if over and not st.over_capacity:
+            log.warning("house over capacity (%d of %d): new calls are refused until it is under %d",
+                        result.in_use, self.slots, self.slots)
+        elif st.over_capacity and not over:
+            log.info("house back within capacity (%d of %d)", result.in_use, self.slots)
+        st.over_capacity = over
+        st.last_error = None
+        self.renewed.set()
+
+    async def run(self) -> None:
+        """Renew until cancelled: every ``renew_every_s``, or ``retry_every_s`` after a failed round."""
+        while True:
+            result = await self.renew_once() if self.held else _IDLE
+            await asyncio.sleep(self.renew_every_s if result is not None else self.retry_every_s)
+
+    def snapshot(self) -> dict[str, object]:
+        st = self.stats
+        return {
+            "held": len(self.held), "in_use": st.in_use, "slots": self.slots,
+            "over_capacity": st.over_capacity, "renewals": st.renewals,
+            "renew_failures": st.renew_failures, "reregistered": st.reregistered, "last_error": st.last_error,
+        }
+
+
+_IDLE = RenewResult(0, [])
+
+
+def _reraise_if_cancelling(exc: BaseException) -> None:
+    """redis-py can turn a cancellation into a connection error: never swallow our own cancel."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from exc

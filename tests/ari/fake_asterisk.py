@@ -7,7 +7,8 @@ a 422; hang-ups emit ``ChannelHangupRequest, StasisEnd, ChannelLeftBridge, Chann
 events sent while no WebSocket is connected are lost), and drives a real ``SimLeg`` UDP socket per
 externalMedia channel that plays speech as ulaw RTP at 20 ms and records what comes back.
 Test hooks: ``originate_call``, ``hangup_caller``, ``send_dtmf``, ``far_end_hold``, ``drop_websocket``,
-``vanish_channel`` (gone without events, as while disconnected) and ``fail`` (inject HTTP errors).
+``vanish_channel`` (gone without events, as while disconnected), ``fail`` (inject HTTP errors) and
+``delay`` (answer a route late, after its events).
 """
 
 from __future__ import annotations
@@ -144,6 +145,7 @@ class FakeAsterisk:
         self.deleted_at: dict[str, float] = {}  # channel/bridge id -> wall time its DELETE arrived
         self.accept_websocket = True
         self._failures: dict[tuple[str, str], list[int]] = {}
+        self._delays: dict[tuple[str, str], float] = {}
         self._ws: set[web.WebSocketResponse] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ids = itertools.count(1)
@@ -219,6 +221,11 @@ class FakeAsterisk:
     def fail(self, method: str, route: str, status: int, times: int = 1) -> None:
         """The next ``times`` requests to ``method route`` (swagger path) answer ``status``."""
         self._failures.setdefault((method.upper(), route), []).extend([status] * times)
+
+    def delay(self, method: str, route: str, seconds: float) -> None:
+        """Answers to ``method route`` leave ``seconds`` after the request was handled (its events are
+        sent at once), as a loaded Asterisk may answer a REST call after the events it caused."""
+        self._delays[(method.upper(), route)] = seconds
 
     async def originate_call(self, did: str, caller: str = "+15550009999") -> str:
         """A SIP caller dialled ``did``; the dialplan runs ``Stasis(aziza,<did>)``."""
@@ -338,6 +345,9 @@ class FakeAsterisk:
                 return _error(status, f"injected {status}")
             response = await handler(request)
             status = response.status
+            delay = self._delays.get((request.method, route))
+            if delay:
+                await asyncio.sleep(delay)
             return response
         except _Reply as reply:
             status = reply.status

@@ -38,9 +38,6 @@ class SlotCapacity:
         self.held.add(call_id)
         return call_id
 
-    async def renew(self, lease: object) -> bool:
-        return lease in self.held
-
     async def release(self, lease: object) -> None:
         self.held.discard(str(lease))
         self.released.append(str(lease))

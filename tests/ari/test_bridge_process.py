@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import sys
+from pathlib import Path
 
 import aiohttp
 
@@ -15,7 +16,7 @@ from bridge.config import Settings
 from engine.config import EngineSettings
 from engine.server import run_engine
 from tests.ari.fake_asterisk import FakeAsterisk
-from tests.ari.harness import eventually
+from tests.ari.harness import control_headers, control_token_file, eventually
 from tests.state.fixtures import migrated_database_url, state_settings
 
 __all__ = ["migrated_database_url", "state_settings"]
@@ -27,12 +28,17 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def test_bridge_process_serves_a_call_and_stops_cleanly_on_sigterm(state_settings: Settings) -> None:
+async def test_bridge_process_serves_a_call_and_stops_cleanly_on_sigterm(
+    state_settings: Settings, tmp_path: Path
+) -> None:
     http_port = _free_port()
+    config = tmp_path / "aziza.toml"
+    config.write_text("# empty: everything from the environment\n")
     async with FakeAsterisk() as fake, run_engine(EngineSettings(port=0, num_slots=2)) as engine_url:
         env = dict(os.environ)
         env.update({
-            "AZIZA_CONFIG": "/nonexistent/aziza.toml",
+            "AZIZA_CONFIG": str(config),
+            "AZIZA_BRIDGE__CONTROL_TOKEN_FILE": str(control_token_file()),
             "AZIZA_DATABASE_URL": state_settings.database_url,
             "AZIZA_REDIS_URL": state_settings.redis_url,
             "AZIZA_REDIS_PREFIX": state_settings.redis_prefix,
@@ -51,7 +57,9 @@ async def test_bridge_process_serves_a_call_and_stops_cleanly_on_sigterm(state_s
             caller = await fake.originate_call("+15550001234")
             await eventually(lambda: fake.channel(caller).answered and fake.leg_for(caller) is not None,
                              within_s=10, what="answered and bridged")
-            async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{http_port}/calls") as r:
+            async with aiohttp.ClientSession() as http, http.get(
+                f"http://127.0.0.1:{http_port}/calls", headers=control_headers()
+            ) as r:
                 assert [c["call_id"] for c in (await r.json())["calls"]] == [caller]
             async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{http_port}/talk") as r:
                 assert r.status == 200  # the browser channel is mounted on the same server

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from admin_cli.main import cli
 from bridge.call_deps import CallRoute
 from tests.ari.fake_asterisk import FakeBridge
-from tests.ari.harness import eventually, fake_and_bridge
+from tests.ari.harness import control_headers, control_token_file, eventually, fake_and_bridge
 from tests.ari.standins import StandinDeps, standin_deps
 
 DID = "+15550001234"
@@ -26,7 +26,9 @@ async def _active_call(fake: Any, sd: StandinDeps, did: str = DID) -> str:
 
 
 async def _post(url: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
-    async with aiohttp.ClientSession() as http, http.post(url, json=body) as resp:
+    async with aiohttp.ClientSession() as http, http.post(
+        url, json=body or {}, headers=control_headers()
+    ) as resp:
         return resp.status, await resp.json()
 
 
@@ -117,13 +119,15 @@ async def test_our_hangup_via_control_api_and_cli() -> None:
         second = await _active_call(fake, sd)
         runner = CliRunner()
         result = await asyncio.to_thread(
-            runner.invoke, cli, ["calls", "hangup", second, "--bridge-url", svc.http_url]
+            runner.invoke, cli, ["calls", "hangup", second, "--bridge-url", svc.http_url,
+                                 "--token-file", str(control_token_file())]
         )
         assert result.exit_code == 0, result.output
         await eventually(lambda: second in sd.sink.ended_calls, what="ended via CLI")
         # unknown call: one clear line, non-zero exit
         result = await asyncio.to_thread(
-            runner.invoke, cli, ["calls", "hold", "no-such-call", "--bridge-url", svc.http_url]
+            runner.invoke, cli, ["calls", "hold", "no-such-call", "--bridge-url", svc.http_url,
+                                 "--token-file", str(control_token_file())]
         )
         assert result.exit_code == 1
         assert "no live call no-such-call (HTTP 404)" in result.output
@@ -150,7 +154,8 @@ async def test_transfer_to_sip_uri_redirects_via_cli() -> None:
         caller = await _active_call(fake, sd)
         result = await asyncio.to_thread(
             CliRunner().invoke, cli,
-            ["calls", "transfer", caller, "sip:desk@pbx.example", "--bridge-url", svc.http_url],
+            ["calls", "transfer", caller, "sip:desk@pbx.example", "--bridge-url", svc.http_url,
+                                 "--token-file", str(control_token_file())],
         )
         assert result.exit_code == 0, result.output
         await eventually(lambda: caller in sd.sink.ended_calls, what="transferred")
@@ -344,9 +349,9 @@ async def test_health_and_metrics() -> None:
     async with fake_and_bridge(sd.deps()) as (fake, svc):
         await _active_call(fake, sd)
         async with aiohttp.ClientSession() as http:
-            async with http.get(f"{svc.http_url}/health") as resp:
+            async with http.get(f"{svc.http_url}/health", headers=control_headers()) as resp:
                 health = await resp.json()
-            async with http.get(f"{svc.http_url}/metrics") as resp:
+            async with http.get(f"{svc.http_url}/metrics", headers=control_headers()) as resp:
                 metrics = await resp.text()
         assert health["ari_connected"] and health["live_calls"] == 1 and health["ok"]
         assert "aziza_calls_active 1.0" in metrics

@@ -12,7 +12,7 @@ from bridge.ari.client import AriClient
 from bridge.ari.errors import AriNotFound, AriUnauthorized, AriUnavailable, AriUnprocessable
 from bridge.config import AriSettings
 from tests.ari.fake_asterisk import FakeAsterisk
-from tests.ari.harness import bridge_settings, eventually
+from tests.ari.harness import bridge_settings, control_headers, control_token_file, eventually
 from tests.ari.standins import standin_deps
 
 
@@ -54,13 +54,17 @@ async def test_bridge_without_asterisk_reports_unhealthy_then_connects() -> None
     settings = bridge_settings(f"http://127.0.0.1:{port}")
     async with BridgeService(settings, standin_deps().deps()) as svc:
         await eventually(lambda: svc.stream.backoff.attempts >= 2, what="retrying")
-        async with aiohttp.ClientSession() as http, http.get(f"{svc.http_url}/health") as resp:
+        async with aiohttp.ClientSession() as http, http.get(
+                f"{svc.http_url}/health", headers=control_headers()
+            ) as resp:
             assert resp.status == 503 and (await resp.json())["ari_connected"] is False
         fake = FakeAsterisk()
         await fake.start(port=port)
         try:
             await eventually(lambda: svc.stream.is_connected, what="connected once Asterisk is up")
-            async with aiohttp.ClientSession() as http, http.get(f"{svc.http_url}/health") as resp:
+            async with aiohttp.ClientSession() as http, http.get(
+                f"{svc.http_url}/health", headers=control_headers()
+            ) as resp:
                 assert resp.status == 200
         finally:
             await fake.stop()
@@ -72,7 +76,8 @@ def test_cli_says_bridge_is_down_in_one_line() -> None:
     from admin_cli.main import cli
 
     url = f"http://127.0.0.1:{_free_port()}"
-    result = CliRunner().invoke(cli, ["calls", "transfer", "c1", "100@ops", "--bridge-url", url])
+    result = CliRunner().invoke(cli, ["calls", "transfer", "c1", "100@ops", "--bridge-url", url,
+                                      "--token-file", str(control_token_file())])
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [f"Error: aziza-bridge is not reachable at {url}: "
                                                   "[Errno 111] Connection refused"]

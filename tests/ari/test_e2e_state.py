@@ -21,7 +21,7 @@ from bridge.wiring import production_deps
 from engine.config import EngineSettings
 from engine.server import run_engine
 from tests.ari.fake_asterisk import FakeAsterisk
-from tests.ari.harness import bridge_settings, eventually
+from tests.ari.harness import bridge_settings, control_headers, eventually
 from tests.state.fixtures import migrated_database_url, seeded_persona, state_settings
 
 __all__ = ["migrated_database_url", "seeded_persona", "state_settings"]  # fixtures used below
@@ -104,7 +104,9 @@ async def test_production_call_routed_recorded_and_live(
         leg = fake.leg_for(caller)
         assert leg is not None
         await eventually(lambda: leg.packets_received >= 25, within_s=10, what="echo audio back")
-        async with aiohttp.ClientSession() as http, http.get(f"{svc.http_url}/health") as resp:
+        async with aiohttp.ClientSession() as http, http.get(
+            f"{svc.http_url}/health", headers=control_headers()
+        ) as resp:
             health = await resp.json()
         assert health["state"]["database"]["ok"] and health["state"]["redis"]["up"]
         await fake.send_dtmf(caller, "5")

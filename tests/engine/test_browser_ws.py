@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -14,30 +15,56 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from bridge.browser_ws import PcmFramer, browser_routes
+from bridge.browser_ws import PcmFramer, PersonaUnknown, TalkDeps, browser_routes
 from bridge.config import BridgeSettings, Settings
+from bridge.control_api import guard_middleware
+from bridge.http_guard import BROWSER_PATHS, TokenSource, allowed_hosts
+from bridge.talk_token import sign, talk_key
 from engine.backend import PersonaParams, StepOutput
 from engine.config import EngineSettings
 from engine.echo import EchoBackend
 from engine.protocol import FRAME_SAMPLES
 from engine.server import run_engine
+from tests.ari.standins import MemorySink, SlotCapacity
 from tests.http_server import serve_on_loopback
+
+TOKEN = "test-control-token-" + "x" * 32
+KEY = talk_key(TOKEN)
+
+
+def talk_deps(
+    personas: dict[str, PersonaParams] | Callable[[str], Awaitable[PersonaParams]] | None = None,
+    slots: int = 4,
+) -> TalkDeps:
+    """In-memory admission: the personas given (default: "default"), SlotCapacity, MemorySink."""
+    known = personas if isinstance(personas, dict) else {"default": PersonaParams(name="default")}
+
+    async def lookup(name: str) -> PersonaParams:
+        if name not in known:
+            raise PersonaUnknown(name)
+        return known[name]
+
+    return TalkDeps(personas=personas if callable(personas) else lookup, capacity=SlotCapacity(slots),
+                    sink=MemorySink(), talk_key=lambda: KEY)
 
 
 @asynccontextmanager
-async def bridge_http(engine_url: str, resolver: Callable[[str], Any] | None = None) -> AsyncIterator[str]:
-    app = web.Application()
-    app.add_routes(browser_routes(Settings(bridge=BridgeSettings(engine_url=engine_url)), resolver))
+async def bridge_http(engine_url: str, deps: TalkDeps | None = None) -> AsyncIterator[str]:
+    """The browser routes behind the bridge's own guard (Host check), on a loopback port."""
+    settings = Settings(bridge=BridgeSettings(engine_url=engine_url))
+    app = web.Application(middlewares=[guard_middleware(
+        allowed_hosts("127.0.0.1", None, []), TokenSource(Path("/nonexistent")), BROWSER_PATHS)])
+    app.add_routes(browser_routes(settings, deps or talk_deps()))
     async with serve_on_loopback(app, shutdown_timeout=1.0) as port:
         yield f"http://127.0.0.1:{port}"
 
 
 @asynccontextmanager
 async def stack(
-    backend: EchoBackend | None = None, resolver: Callable[[str], Any] | None = None, slots: int = 2
+    backend: EchoBackend | None = None, deps: TalkDeps | None = None, slots: int = 2
 ) -> AsyncIterator[tuple[str, str]]:
     async with run_engine(EngineSettings(port=0, num_slots=slots), backend=backend) as engine_url, \
-            bridge_http(engine_url, resolver) as base:
+            bridge_http(engine_url, deps) as base:
         yield engine_url, base
 
 
@@ -69,9 +96,18 @@ async def recv_json(ws: aiohttp.ClientWebSocketResponse) -> dict[str, Any]:
     return data
 
 
-async def talk(http: aiohttp.ClientSession, base: str, persona: str = "default") -> tuple[
-        aiohttp.ClientWebSocketResponse, dict[str, Any]]:
-    ws = await http.ws_connect(base.replace("http://", "ws://") + f"/ws/talk?persona={persona}")
+def link(persona: str = "default", ttl_s: float = 60.0, key: bytes = KEY) -> str:
+    return sign(key, persona, ttl_s)
+
+
+async def talk(
+    http: aiohttp.ClientSession, base: str, persona: str = "default", *, token: str | None = None,
+    origin: str | None = "",
+) -> tuple[aiohttp.ClientWebSocketResponse, dict[str, Any]]:
+    """Open /ws/talk as the bridge's own page would (Origin = the bridge), with a fresh link for persona."""
+    headers = {"Origin": base if origin == "" else origin} if origin is not None else {}
+    token = link(persona) if token is None else token
+    ws = await http.ws_connect(base.replace("http://", "ws://") + f"/ws/talk?token={token}", headers=headers)
     return ws, await recv_json(ws)
 
 
@@ -145,11 +181,11 @@ class TalkerBackend(EchoBackend):
 async def test_text_and_persona_reach_the_browser(http: aiohttp.ClientSession) -> None:
     seen: list[str] = []
 
-    async def resolver(name: str) -> PersonaParams:
+    async def lookup(name: str) -> PersonaParams:
         seen.append(name)
         return PersonaParams(name=name, language="uz")
 
-    async with stack(TalkerBackend(1), resolver) as (_, base):
+    async with stack(TalkerBackend(1), talk_deps(lookup)) as (_, base):
         ws, ready = await talk(http, base, "uz-bank")
         assert ready["persona"] == "uz-bank" and seen == ["uz-bank"]
         await ws.send_bytes(bytes(2 * FRAME_SAMPLES))
@@ -222,14 +258,13 @@ async def test_full_engine_is_reported_to_the_browser(http: aiohttp.ClientSessio
 
 
 async def test_unknown_persona_is_refused(http: aiohttp.ClientSession) -> None:
-    def resolver(name: str) -> PersonaParams:  # a sync resolver (runs in a thread)
-        raise LookupError(f"no persona {name}")
-
-    async with stack(resolver=resolver) as (engine_url, base):
-        ws, err = await talk(http, base, "ghost")
+    deps = talk_deps()
+    async with stack(deps=deps) as (engine_url, base):
+        ws, err = await talk(http, base, "ghost")  # a valid link, for a persona that does not exist
         assert err["type"] == "error" and err["code"] == "unknown_persona"
         await expect_close(ws)
         assert await engine_busy(http, engine_url) == 0
+        assert isinstance(deps.capacity, SlotCapacity) and deps.capacity.held == set()
 
 
 async def test_engine_down_is_reported(http: aiohttp.ClientSession) -> None:
@@ -257,3 +292,116 @@ async def test_static_page_is_served(http: aiohttp.ClientSession) -> None:
         assert r.status == 200
         body = await r.text()
     assert "getUserMedia" in body and "/ws/talk" in body
+
+
+# -- admission: token, origin, one talk per link, the capacity gate --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("token", "code"),
+    [
+        ("", "bad_token"),
+        ("garbage", "bad_token"),
+        (link(key=talk_key("another-control-token-" + "y" * 32)), "bad_token"),  # signed with another key
+        (link(ttl_s=60)[:-2] + "AA", "bad_token"),  # signature tampered
+        (sign(KEY, "default", 1, now=lambda: 0.0), "expired"),
+    ],
+)
+async def test_a_talk_needs_a_valid_unexpired_link(
+    http: aiohttp.ClientSession, token: str, code: str
+) -> None:
+    deps = talk_deps()
+    async with stack(deps=deps) as (engine_url, base):
+        ws, err = await talk(http, base, token=token)
+        assert err["type"] == "error" and err["code"] == code, err
+        await expect_close(ws)
+        assert await engine_busy(http, engine_url) == 0
+        assert isinstance(deps.sink, MemorySink) and deps.sink.started_calls == []
+
+
+@pytest.mark.parametrize("origin", ["http://evil.example", "null", "http://127.0.0.1:1", None])
+async def test_a_page_of_another_origin_cannot_open_a_talk(
+    http: aiohttp.ClientSession, origin: str | None
+) -> None:
+    async with stack() as (engine_url, base):
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await talk(http, base, origin=origin)
+        assert refused.value.status == 403
+        assert await engine_busy(http, engine_url) == 0
+
+
+async def test_one_talk_per_link(http: aiohttp.ClientSession) -> None:
+    async with stack() as (_, base):
+        token = link()
+        first, ready = await talk(http, base, token=token)
+        assert ready["type"] == "ready"
+        second, err = await talk(http, base, token=token)
+        assert err["code"] == "link_in_use"
+        await expect_close(second)
+        await first.close()
+        for _ in range(100):  # the first talk's teardown frees the link
+            third, msg = await talk(http, base, token=token)
+            await third.close()
+            if msg["type"] == "ready":
+                break
+            await asyncio.sleep(0.02)
+        assert msg["type"] == "ready"
+
+
+async def test_a_talk_takes_a_capacity_lease_like_a_call(http: aiohttp.ClientSession) -> None:
+    deps = talk_deps(slots=1)
+    capacity = deps.capacity
+    assert isinstance(capacity, SlotCapacity) and isinstance(deps.sink, MemorySink)
+    async with stack(deps=deps, slots=4) as (engine_url, base):
+        ws, ready = await talk(http, base)
+        assert ready["type"] == "ready" and capacity.held == {ready["call_id"]}
+        # The house is full: a phone call would be refused, and so is a second talk (before the engine).
+        assert await capacity.acquire("phone-call") is None
+        second, err = await talk(http, base)
+        assert err["code"] == "full"
+        await expect_close(second)
+        assert await engine_busy(http, engine_url) == 1
+        await ws.close()
+        await until_busy(http, engine_url, 0)
+        for _ in range(100):
+            if not capacity.held:
+                break
+            await asyncio.sleep(0.01)
+        assert capacity.held == set() and capacity.released[0] == ready["call_id"]
+    sink = deps.sink
+    assert [i.call_id for i in sink.started_calls] == [ready["call_id"]]
+    assert sink.started_calls[0].caller == "browser" and sink.started_calls[0].did == ""
+    assert [reason for _, reason in sink.refused_calls] == ["capacity_full"]
+    cause, summary, _ = sink.ended_calls[ready["call_id"]]
+    assert cause == "browser_gone" and summary["channel"] == "browser"
+
+
+async def test_deeply_nested_json_is_an_error_and_the_talk_goes_on(http: aiohttp.ClientSession) -> None:
+    async with stack() as (_, base):
+        ws, _ = await talk(http, base)
+        for garbage in ("[" * 100_000 + "]" * 100_000, "[" * 2000 + "]" * 2000, '{"type":' * 5000,
+                        '{"type": NaN}', "x" * 10_000):
+            await ws.send_str(garbage)
+            err = await recv_json(ws)
+            assert err["type"] == "error" and err["code"] == "bad_message"
+        frame = np.arange(FRAME_SAMPLES, dtype=np.int16)
+        await ws.send_bytes(frame.tobytes())
+        msg = await ws.receive(timeout=5)
+        np.testing.assert_array_equal(np.frombuffer(msg.data, "<i2"), frame)
+        await ws.close()
+
+
+async def test_persona_lookup_failing_is_unavailable_not_a_crash(http: aiohttp.ClientSession) -> None:
+    async def broken(name: str) -> PersonaParams:
+        raise OSError("database down")
+
+    async with stack(deps=talk_deps(broken)) as (engine_url, base):
+        ws, err = await talk(http, base)
+        assert err["code"] == "unavailable"
+        await expect_close(ws)
+        assert await engine_busy(http, engine_url) == 0
+
+
+async def test_a_foreign_host_gets_421(http: aiohttp.ClientSession) -> None:
+    async with stack() as (_, base), http.get(base + "/talk", headers={"Host": "evil.example"}) as r:
+        assert r.status == 421

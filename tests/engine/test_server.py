@@ -33,6 +33,7 @@ from engine.protocol import (
     encode_control,
 )
 from engine.server import run_engine
+from tests.state.fixtures import empty_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -316,11 +317,9 @@ async def test_shutdown_tells_every_session(http: aiohttp.ClientSession) -> None
 
 async def test_console_script_stops_gracefully_on_sigterm(tmp_path: Path) -> None:
     sock = tmp_path / "e.sock"
-    (tmp_path / "aziza.toml").write_text("")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "engine.server", "--unix-socket", str(sock), "--slots", "2",
-        "--echo-delay-frames", "1", cwd=ROOT,
-        env={**os.environ, "AZIZA_CONFIG": str(tmp_path / "aziza.toml")},
+        "--echo-delay-frames", "1", cwd=ROOT, env={**os.environ, "AZIZA_CONFIG": empty_config(tmp_path)},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
     try:
@@ -442,3 +441,15 @@ async def test_random_garbage_in_one_session_never_disturbs_another(http: aiohtt
         assert (await health(http, url))["slots"]["busy"] == 2  # garbage does not end a session
         await noisy.close()
         await victim.close()
+
+
+def test_engine_config_warns_on_unknown_engine_keys(tmp_path: Path) -> None:
+    from engine.config import config_warnings
+
+    path = tmp_path / "aziza.toml"
+    path.write_text("[engine]\nnum_slot = 4\n[bridge]\nhttp_port = 1\n")
+    warnings = config_warnings({"AZIZA_CONFIG": str(path), "AZIZA_ENGINE__BACKNED": "echo",
+                                "AZIZA_ENGINE__PORT": "1"})
+    assert any("AZIZA_ENGINE__BACKNED" in w and "did you mean backend" in w for w in warnings)
+    assert any("[engine] num_slot" in w and "did you mean num_slots" in w for w in warnings)
+    assert len(warnings) == 2  # the [bridge] table and known variables are not the engine's business

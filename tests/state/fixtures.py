@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
+import socket
 import wave
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -55,6 +57,14 @@ def state_settings(migrated_database_url: str, redis_url: str, redis_prefix: str
         redis_prefix=redis_prefix,
         data_dir=tmp_path / "data",
     )
+
+
+def empty_config(folder: Path) -> str:
+    """An empty aziza.toml in ``folder`` for AZIZA_CONFIG (which must name an existing file), so a test
+    sees only its own AZIZA_* variables and the defaults, never the host's /etc/aziza/aziza.toml."""
+    path = folder / "aziza-empty.toml"
+    path.write_text("")
+    return str(path)
 
 
 def write_wav(
@@ -148,3 +158,87 @@ def proxied_url(database_url: str, port: int) -> str:
     _, _, dbname = hostpath.partition("/")
     prefix = f"{userinfo}@" if userinfo else ""
     return f"{scheme}://{prefix}127.0.0.1:{port}/{dbname}"
+
+
+class RedisServer:
+    """A redis-server process of a test's own, on a free loopback port, which the test may stop and start
+    (the shared Redis on 6379 is never restarted or flushed). Snapshots only on request: ``stop(save=True)``
+    writes dump.rdb, which the next ``start()`` loads; ``stop(save=False)`` restarts it empty."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = 0
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            pytest.skip("redis-server is not installed")
+        if not self.port:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                self.port = int(s.getsockname()[1])
+        self.proc = await asyncio.create_subprocess_exec(
+            exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(self.folder), "--dbfilename", "dump.rdb", "--daemonize", "no",
+            "--loglevel", "warning",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )
+        import redis.asyncio as aioredis
+
+        client = aioredis.from_url(self.url, socket_connect_timeout=0.5)
+        try:
+            for _ in range(200):  # up to ~10 s on a loaded machine
+                if self.proc.returncode is not None:
+                    raise RuntimeError(f"redis-server on port {self.port} exited")
+                try:
+                    if await client.ping():
+                        return
+                except Exception:  # not listening yet (redis-py raises its own ConnectionError)
+                    await asyncio.sleep(0.05)
+            raise RuntimeError("redis-server did not come up")
+        finally:
+            await client.aclose()
+
+    async def stop(self, *, save: bool) -> None:
+        """``SHUTDOWN SAVE`` (data kept for the next start) or ``NOSAVE`` (the next start is empty)."""
+        if self.proc is None:
+            return
+        import redis.asyncio as aioredis
+
+        dump = self.folder / "dump.rdb"
+        if not save:
+            dump.unlink(missing_ok=True)
+        client = aioredis.from_url(self.url)
+        with contextlib.suppress(Exception):  # the connection drops as the server exits
+            await client.shutdown(save=save, nosave=not save)
+        await client.aclose()
+        try:
+            await asyncio.wait_for(self.proc.wait(), 10)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+        self.proc = None
+        if save:
+            assert dump.exists(), "SHUTDOWN SAVE wrote no dump.rdb"
+
+    async def restart(self, *, keep_data: bool, down_s: float) -> None:
+        await self.stop(save=keep_data)
+        await asyncio.sleep(down_s)
+        await self.start()
+
+
+@pytest.fixture
+async def own_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    await server.start()
+    try:
+        yield server
+    finally:
+        if server.proc is not None and server.proc.returncode is None:
+            server.proc.kill()
+            await server.proc.wait()

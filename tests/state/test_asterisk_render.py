@@ -14,9 +14,10 @@ import pytest
 from click.testing import CliRunner
 
 from admin_cli.main import cli
-from bridge.config import Settings
+from bridge.config import ConfigError, Settings
 from bridge.state import asterisk_render
 from bridge.state.models import InvalidInput
+from tests.state.fixtures import empty_config
 
 _LINT_CONFIG = """
 import sys
@@ -40,7 +41,7 @@ def _asterisklint() -> str:
 def env(migrated_fresh_database_url: str, tmp_path: Path) -> dict[str, str]:
     return {
         "AZIZA_DATABASE_URL": migrated_fresh_database_url,
-        "AZIZA_CONFIG": str(tmp_path / "absent.toml"),
+        "AZIZA_CONFIG": empty_config(tmp_path),
         "AZIZA_ASTERISK__TRUNK_HOSTS": '["203.0.113.5"]',
         "AZIZA_ARI__PASSWORD": "pa;ss",
     }
@@ -117,8 +118,8 @@ def test_rendered_files_pass_asterisklint(env: dict[str, str], tmp_path: Path) -
 def test_values_that_would_break_the_config_are_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="ARI password"):
         asterisk_render.render(Settings(ari={"password": "a\n[evil]"}), [])  # type: ignore[arg-type]
-    with pytest.raises(InvalidInput, match="overlap"):
-        asterisk_render.render(Settings(asterisk={"rtp_port_min": 20000, "rtp_port_max": 20100}), [])  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="overlap"):  # refused as soon as the settings are read
+        Settings(asterisk={"rtp_port_min": 20000, "rtp_port_max": 20100})  # type: ignore[arg-type]
     with pytest.raises(InvalidInput, match="ARI app name"):
         asterisk_render.render(Settings(ari={"app": "aziza,evil"}), [])  # type: ignore[arg-type]
     with pytest.raises(InvalidInput, match="templates not found"):

@@ -9,14 +9,14 @@ import pytest
 from click.testing import CliRunner, Result
 
 from admin_cli.main import cli
-from tests.state.fixtures import write_wav
+from tests.state.fixtures import empty_config, write_wav
 
 
 @pytest.fixture
 def admin(migrated_fresh_database_url: str, tmp_path: Path):  # type: ignore[no-untyped-def]
     env = {
         "AZIZA_DATABASE_URL": migrated_fresh_database_url,
-        "AZIZA_CONFIG": str(tmp_path / "absent.toml"),
+        "AZIZA_CONFIG": empty_config(tmp_path),
         "AZIZA_DATA_DIR": str(tmp_path / "data"),
     }
 
@@ -152,7 +152,7 @@ def test_bad_input_gets_one_clear_line(admin, tmp_path: Path) -> None:  # type: 
 
 
 def test_unreachable_database_is_one_line(tmp_path: Path) -> None:
-    env = {"AZIZA_CONFIG": str(tmp_path / "absent.toml")}
+    env = {"AZIZA_CONFIG": empty_config(tmp_path)}
     result = CliRunner().invoke(
         cli, ["did", "list", "--database-url", "postgresql://nobody@127.0.0.1:1/none"], env=env
     )
@@ -160,7 +160,7 @@ def test_unreachable_database_is_one_line(tmp_path: Path) -> None:
 
 
 def test_unmigrated_database_says_to_migrate(fresh_database_url: str, tmp_path: Path) -> None:
-    env = {"AZIZA_CONFIG": str(tmp_path / "absent.toml"), "AZIZA_DATABASE_URL": fresh_database_url}
+    env = {"AZIZA_CONFIG": empty_config(tmp_path), "AZIZA_DATABASE_URL": fresh_database_url}
     fails(CliRunner().invoke(cli, ["persona", "list"], env=env), "aziza-admin db migrate")
     status = json.loads(ok(CliRunner().invoke(cli, ["db", "status", "--json"], env=env)))
     assert status["version"] == 0 and [p["version"] for p in status["pending"]] == [1, 2]

@@ -12,9 +12,11 @@ from admin_cli.main import cli
 from bridge.config import Settings
 from bridge.state.health import check_health
 from bridge.state.records import CallRecorder
+from tests.state.fixtures import empty_config
 
 
 async def test_health_reports_each_part(state_settings: Settings, unused_tcp_port: int) -> None:
+    # The engine is probed where the bridge reaches it (bridge.engine_url), not at a fixed port (8998).
     engine_url = f"ws://127.0.0.1:{unused_tcp_port}/session"
     settings = state_settings.model_copy(
         update={"bridge": state_settings.bridge.model_copy(update={"engine_url": engine_url})}
@@ -23,6 +25,7 @@ async def test_health_reports_each_part(state_settings: Settings, unused_tcp_por
     assert down["database"]["up"] and down["database"]["pending"] == [] and down["redis"]["up"]
     assert down["capacity"] == {"slots": 10, "in_use": 0}
     assert down["engine"]["up"] is False and down["ok"] is False
+    assert down["engine"]["url"] == f"http://127.0.0.1:{unused_tcp_port}/health"
 
     async def engine_health(_request: web.Request) -> web.Response:
         return web.json_response({"slots_free": 10})
@@ -52,9 +55,9 @@ async def test_health_reports_each_part(state_settings: Settings, unused_tcp_por
 
 def test_health_cli_exit_status(tmp_path: Path) -> None:
     env = {
-        "AZIZA_CONFIG": str(tmp_path / "absent.toml"),
+        "AZIZA_CONFIG": empty_config(tmp_path),
         "AZIZA_DATABASE_URL": "postgresql://x@127.0.0.1:1/x",
-        "AZIZA_ENGINE__PORT": "1",
+        "AZIZA_BRIDGE__ENGINE_URL": "ws://127.0.0.1:1/session",
     }
     result = CliRunner().invoke(cli, ["health", "--json"], env=env)
     assert result.exit_code == 1 and json.loads(result.stdout)["ok"] is False

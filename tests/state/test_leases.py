@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sys
 import textwrap
@@ -10,7 +11,8 @@ import textwrap
 import pytest
 import redis.asyncio as aioredis
 
-from bridge.state.leases import CapacityLeases, CapacityUnavailable
+from bridge.state.leases import CapacityLeases, CapacityUnavailable, LeaseKeeper
+from tests.state.fixtures import RedisServer
 
 
 @pytest.fixture
@@ -31,8 +33,7 @@ async def test_n_slots_then_refused_then_freed(client: aioredis.Redis, redis_pre
     assert lease is not None
     await leases.release(lease)
     assert await leases.in_use() == 2 and await leases.acquire("call-3") is not None
-    assert not await leases.renew(lease)  # released: renewal refused and the lease marked lost
-    assert lease.lost.is_set()
+    assert not await leases.renew(lease)  # released: the single-lease renewal does not add it back
 
 
 async def test_concurrent_acquires_never_exceed_slots(client: aioredis.Redis, redis_prefix: str) -> None:
@@ -48,7 +49,7 @@ async def test_hold_renews_past_the_ttl_and_releases_on_exit(
     async with leases.hold("long-call") as lease:
         assert lease is not None
         await asyncio.sleep(1.5)  # well past the TTL: only renewals keep it
-        assert await leases.in_use() == 1 and not lease.lost.is_set()
+        assert await leases.in_use() == 1
         async with leases.hold("second") as refused:
             assert refused is None
     assert await leases.in_use() == 0
@@ -105,3 +106,82 @@ async def test_redis_down_is_a_clear_error() -> None:
 def test_renew_interval_must_be_shorter_than_ttl() -> None:
     with pytest.raises(ValueError, match="renew_every_s"):
         CapacityLeases(aioredis.Redis(), "x", slots=1, ttl_s=1, renew_every_s=1)
+
+
+# -- LeaseKeeper: a live call never loses its slot to Redis -------------------------------------------------
+
+
+async def test_keeper_puts_back_leases_redis_lost(client: aioredis.Redis, redis_prefix: str) -> None:
+    keeper = LeaseKeeper(CapacityLeases(client, redis_prefix, slots=5, ttl_s=10))
+    for i in range(3):
+        assert await keeper.acquire(f"call-{i}") is not None
+    await client.delete(f"{redis_prefix}:leases")  # what a Redis restarted empty looks like
+    result = await keeper.renew_once()
+    assert result is not None and sorted(result.reregistered) == ["call-0", "call-1", "call-2"]
+    assert result.in_use == 3 and await keeper.leases.in_use() == 3
+    assert keeper.stats.reregistered == 3
+    again = await keeper.renew_once()  # nothing missing any more
+    assert again is not None and again.reregistered == []
+
+
+async def test_over_n_after_reregistration_refuses_new_calls_until_under_n(
+    client: aioredis.Redis, redis_prefix: str
+) -> None:
+    ours = LeaseKeeper(CapacityLeases(client, redis_prefix, slots=3, ttl_s=10))
+    held = [await ours.acquire(f"ours-{i}") for i in range(3)]
+    assert all(held)
+    await client.delete(f"{redis_prefix}:leases")
+    # While our leases are missing, another bridge sharing this Redis admits two calls.
+    other = CapacityLeases(client, redis_prefix, slots=3, ttl_s=10)
+    assert await other.acquire("theirs-0") is not None and await other.acquire("theirs-1") is not None
+    result = await ours.renew_once()
+    assert result is not None and result.in_use == 5 and ours.stats.over_capacity
+    assert await ours.acquire("new-0") is None and await other.acquire("new-1") is None
+    for lease in held[:2]:
+        assert lease is not None
+        await ours.release(lease)
+    assert await other.acquire("new-2") is None  # 3 of 3: still full
+    assert held[2] is not None
+    await ours.release(held[2])
+    assert await other.acquire("new-3") is not None  # back under N: admitted
+    result = await ours.renew_once()
+    assert result is not None and not ours.stats.over_capacity
+
+
+async def test_release_during_a_renewal_is_not_put_back(client: aioredis.Redis, redis_prefix: str) -> None:
+    keeper = LeaseKeeper(CapacityLeases(client, redis_prefix, slots=5, ttl_s=10))
+    lease = await keeper.acquire("leaving")
+    assert lease is not None
+    renewal = asyncio.create_task(keeper.renew_once())
+    await asyncio.sleep(0)  # the renewal has taken its list of leases and is on its way
+    assert keeper._in_flight == {"leaving"}
+    await keeper.release(lease)
+    await renewal
+    assert await client.zscore(f"{redis_prefix}:leases", "leaving") is None
+    assert await keeper.leases.in_use() == 0
+
+
+async def test_keeper_survives_redis_down_and_reregisters_when_it_is_back(own_redis: RedisServer) -> None:
+    client = aioredis.from_url(own_redis.url, socket_timeout=1, socket_connect_timeout=1)
+    leases = CapacityLeases(client, "k", slots=2, ttl_s=0.6, renew_every_s=0.2)
+    keeper = LeaseKeeper(leases, retry_every_s=0.1)
+    try:
+        assert await keeper.acquire("a") is not None and await keeper.acquire("b") is not None
+        runner = asyncio.create_task(keeper.run())
+        await own_redis.stop(save=False)
+        failures = keeper.stats.renew_failures
+        async with asyncio.timeout(10):
+            while keeper.stats.renew_failures < failures + 2:  # noqa: ASYNC110 (watching the keeper)
+                await asyncio.sleep(0.05)
+        assert not runner.done()  # failures are retried, never raised
+        await own_redis.start()  # empty
+        keeper.renewed.clear()
+        async with asyncio.timeout(10):
+            await keeper.renewed.wait()
+        assert keeper.stats.reregistered == 2 and keeper.stats.in_use == 2
+        assert await keeper.leases.in_use() == 2
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+    finally:
+        await client.aclose()

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from admin_cli.main import cli
 from bridge.state.live import CallEvent, LiveCalls
+from tests.state.fixtures import empty_config
 
 
 async def test_live_hash_list_and_expiry(redis_url: str, redis_prefix: str) -> None:
@@ -70,7 +71,7 @@ async def test_calls_live_once(redis_url: str, redis_prefix: str, tmp_path: Path
     env = {
         "AZIZA_REDIS_URL": redis_url,
         "AZIZA_REDIS_PREFIX": redis_prefix,
-        "AZIZA_CONFIG": str(tmp_path / "x"),
+        "AZIZA_CONFIG": empty_config(tmp_path),
     }
     result = await asyncio.to_thread(CliRunner().invoke, cli, ["calls", "live", "--once", "--json"], env=env)
     assert result.exit_code == 0, result.stderr
@@ -91,7 +92,7 @@ async def test_calls_live_follows_events_until_interrupted(
         **os.environ,
         "AZIZA_REDIS_URL": redis_url,
         "AZIZA_REDIS_PREFIX": redis_prefix,
-        "AZIZA_CONFIG": str(tmp_path / "absent.toml"),
+        "AZIZA_CONFIG": empty_config(tmp_path),
     }
     proc = await asyncio.create_subprocess_exec(
         sys.executable,

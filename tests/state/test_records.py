@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from admin_cli.main import cli
 from bridge.state.records import CallRecorder, CallStart
-from tests.state.fixtures import TcpProxy, proxied_url, server_address
+from tests.state.fixtures import TcpProxy, empty_config, proxied_url, server_address
 
 
 async def wait_until(predicate: Callable[[], bool], within_s: float = 10.0) -> None:
@@ -43,7 +43,7 @@ async def test_full_call_record_and_cli(migrated_fresh_database_url: str, tmp_pa
     assert recorder.status()["written"] == 6 and recorder.status()["queue_depth"] == 0
     assert recorder.status()["db_up"] is True
 
-    env = {"AZIZA_DATABASE_URL": url, "AZIZA_CONFIG": str(tmp_path / "absent.toml")}
+    env = {"AZIZA_DATABASE_URL": url, "AZIZA_CONFIG": empty_config(tmp_path)}
     listed = json.loads(CliRunner().invoke(cli, ["calls", "list", "--json"], env=env).stdout)
     assert {c["id"]: c["refused"] for c in listed} == {"call-1": False, "call-2": True}
     shown = json.loads(CliRunner().invoke(cli, ["calls", "show", "call-1", "--json"], env=env).stdout)

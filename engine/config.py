@@ -145,9 +145,14 @@ def load_engine_config() -> EngineConfig:
     try:
         return EngineConfig()
     except ValidationError as exc:
-        raise EngineConfigError("; ".join(
-            f"engine config {'.'.join(map(str, e['loc']))}={e.get('input')!r}: {e['msg']}"
-            for e in exc.errors())) from None
+        lines = []
+        for err in exc.errors(include_url=False):
+            dotted = ".".join(map(str, err["loc"]))
+            env = f"AZIZA_{dotted.replace('.', '__').upper()}"
+            source = f" (from {env})" if env in os.environ else ""
+            rule = str(err["msg"]).removeprefix("Value error, ")
+            lines.append(f"{dotted} = {err.get('input')}{source}: {rule}")
+        raise EngineConfigError("; ".join(lines)) from None
 
 
 ENGINE_ENV_PREFIX = "AZIZA_ENGINE__"

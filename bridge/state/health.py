@@ -70,14 +70,15 @@ async def _check_engine(settings: Settings, timeout_s: float) -> dict[str, Any]:
 
     engines: list[dict[str, Any]] = []
     for engine_url in settings.bridge.engines():
-        shown = mask_url(engine_url)
+        probed, _ = health_url(engine_url)
+        shown = {"url": mask_url(probed if not engine_url.startswith("unix:") else engine_url),
+                 "engine_url": mask_url(engine_url)}
         try:
             body = await fetch_health(engine_url, timeout_s)
-            engines.append({"up": True, "url": shown, "detail": body})
+            engines.append({"up": True, **shown, "detail": body})
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
             error = mask_text(_one_line(exc), url_passwords(engine_url))
-            engines.append({"up": False, "url": shown, "health_url": mask_url(health_url(engine_url)[0]),
-                            "error": error})
+            engines.append({"up": False, **shown, "error": error})
     up = any(e["up"] for e in engines)
     report: dict[str, Any] = {"up": up, "engines": engines}
     if len(engines) == 1:  # the single-engine shape older tools read

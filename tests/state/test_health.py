@@ -40,7 +40,7 @@ async def test_health_reports_each_part(state_settings: Settings, unused_tcp_por
     try:
         up = await check_health(settings, recorder=recorder, timeout_s=1.0)
         assert up["ok"] is True and up["engine"]["detail"] == {"slots_free": 10}
-        assert up["engine"]["url"] == engine_url  # the configured engine is probed, not a fixed port
+        assert up["engine"]["engine_url"] == engine_url  # the configured engine is probed, not a fixed port
         assert up["records"]["queue_depth"] == 0
     finally:
         await runner.cleanup()

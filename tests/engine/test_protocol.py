@@ -150,3 +150,64 @@ def test_wrong_kind_frame_is_bad_frame() -> None:
 def test_encode_rejects_wrong_shape() -> None:
     with pytest.raises(ValueError):
         encode_audio(0, np.zeros(FRAME_SAMPLES - 1, np.int16))
+
+
+# --- limits and types, checked before the parser recurses (issue: engine protocol hardening) ---------------
+
+from engine.protocol import MAX_CONTROL_BYTES, MAX_JSON_DEPTH, Gap, clip_for_log  # noqa: E402
+
+
+@pytest.mark.parametrize("depth", [MAX_JSON_DEPTH + 1, 50, 100_000])
+def test_deep_json_is_refused_before_parsing(depth: int) -> None:
+    raw = '{"type": "open", "persona": ' + "[" * depth + "]" * depth + "}"
+    with pytest.raises(ProtocolError) as exc:
+        decode_client_control(raw[:MAX_CONTROL_BYTES])
+    assert exc.value.code == "bad_message"
+
+
+def test_oversized_control_message_is_refused() -> None:
+    huge = json.dumps({"type": "open", "persona": {"text_prompt": "x" * MAX_CONTROL_BYTES}})
+    with pytest.raises(ProtocolError, match="limit"):
+        decode_client_control(huge)
+
+
+@pytest.mark.parametrize(
+    "persona, field",
+    [
+        ({"name": 5}, "persona.name"),
+        ({"language": ""}, "persona.language"),
+        ({"text_prompt": ["a"]}, "persona.text_prompt"),
+        ({"voice_prompt_id": "../../etc/passwd"}, "persona.voice_prompt_id"),
+        ({"voice_prompt_id": "/abs/voice.wav"}, "persona.voice_prompt_id"),
+        ({"adapter_id": "a/b"}, "persona.adapter_id"),
+        ({"adapter_id": ".hidden"}, "persona.adapter_id"),
+        ({"temp": True}, "persona.temp"),
+        ({"temp": float("nan")}, "persona.temp"),
+        ({"top_k": 0}, "persona.top_k"),
+        ({"top_k_text": 2.5}, "persona.top_k_text"),
+        ({"voice_prompt_path": "/etc/passwd"}, "unknown field"),
+        ({"lora_path": "/x"}, "unknown field"),
+    ],
+)
+def test_persona_fields_are_typed_and_never_paths(persona: dict[str, object], field: str) -> None:
+    raw = json.dumps({"type": "open", "persona": persona}, allow_nan=True)
+    with pytest.raises(ProtocolError) as exc:
+        decode_client_control(raw)
+    assert exc.value.code == "bad_message" and field in exc.value.message
+
+
+def test_seed_and_gap_round_trip_and_are_checked() -> None:
+    assert decode_client_control(encode_control(Open(seed=2**62))) == Open(seed=2**62)
+    for bad in (-1, 2**63, "7", True):
+        with pytest.raises(ProtocolError, match="seed"):
+            decode_client_control(json.dumps({"type": "open", "seed": bad}))
+    gap = Gap(first_seq=7, count=2, reason="missing", filled=1)
+    assert decode_engine_control(encode_control(gap)) == gap
+    with pytest.raises(ProtocolError, match="reason"):
+        decode_engine_control(json.dumps({"type": "gap", "first_seq": 1, "count": 1, "reason": "why"}))
+
+
+def test_client_strings_are_clipped_for_logs() -> None:
+    clipped = clip_for_log("x" * 65536)
+    assert len(clipped) < 120 and clipped.endswith("(65538 chars)")
+    assert clip_for_log("short") == "'short'"

@@ -35,9 +35,13 @@ field_names = st.sampled_from(["persona", "call_id", "seed", "name", "value", "s
 persona_names = st.sampled_from(["name", "language", "text_prompt", "voice_prompt_id", "adapter_id", "temp",
                                  "top_k", "temp_text", "top_k_text", "voice_prompt_path", "x"])
 personas = st.dictionaries(persona_names, values, max_size=6) | values
-messages = st.builds(
-    lambda kind, body, persona: {"type": kind, **body, **({"persona": persona} if persona is not None else {})},
-    types, st.dictionaries(field_names, values, max_size=5), st.none() | personas)
+
+
+def _message(kind: str, body: dict[str, object], persona: object) -> dict[str, object]:
+    return {"type": kind, **body, **({"persona": persona} if persona is not None else {})}
+
+
+messages = st.builds(_message, types, st.dictionaries(field_names, values, max_size=5), st.none() | personas)
 
 
 def _decode_all(raw: str | bytes) -> None:

@@ -153,7 +153,7 @@ class MoshiBackend:
             self.last_adapter_ms = (time.perf_counter() - t0) * 1e3
             self.bank.failed.pop(adapter_id, None)
             return adapter
-        except (AssetError, AdapterError, OSError) as exc:
+        except (AssetError, AdapterError, OSError, MemoryError, torch.OutOfMemoryError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if self.bank is not None:
                 self.bank.failed[adapter_id] = reason
@@ -189,7 +189,13 @@ class MoshiBackend:
         if prefix is not None:
             self._prefixes.move_to_end(key)
             return prefix
-        prefix = self._build_prefix(persona, adapter, key)
+        try:
+            prefix = self._build_prefix(persona, adapter, key)
+        except torch.OutOfMemoryError:
+            self._prefixes.clear()  # the cached prefixes are what can be given back
+            _empty_cache(self.device)
+            raise BackendError(f"persona {persona.name!r}: out of device memory building its prompt "
+                               "prefix (the prefix cache was emptied; the next call retries)") from None
         self._prefixes[key] = prefix
         while len(self._prefixes) > self.max_prefixes:
             self._prefixes.popitem(last=False)
@@ -315,6 +321,14 @@ class MoshiBackend:
         state.graphed_main, state.graphed_depth = self._graphs[self.bank is not None and self.bank.enabled]
 
     def step(self, frames: dict[int, np.ndarray]) -> dict[int, StepOutput]:
+        try:
+            return self._step(frames)
+        except torch.OutOfMemoryError as exc:
+            _empty_cache(self.device)
+            raise BackendError(f"out of device memory in the batched step of slots {sorted(frames)}: "
+                               f"{str(exc).splitlines()[0][:200]}") from None
+
+    def _step(self, frames: dict[int, np.ndarray]) -> dict[int, StepOutput]:
         self._validate(frames)
         if not frames:
             return {}
@@ -386,6 +400,11 @@ class MoshiBackend:
         self._stack.close()
         if self.bank is not None:
             self.bank.close()
+
+
+def _empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def resolve_device(name: str) -> torch.device:

@@ -142,3 +142,56 @@ def test_bad_voice_prompt_is_a_backend_error_and_others_continue(tiny_dir: Path,
         assert out[0].pcm.shape == (FRAME_SAMPLES,) and np.isfinite(out[0].pcm).all()
     finally:
         backend.close()
+
+
+def test_out_of_device_memory_fails_that_call_only(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU out of memory while a persona's prefix is built (the one eager, allocating path of a start):
+    a clear error for that call, the cache emptied, the other calls go on; the next start retries."""
+    import torch
+
+    from engine.moshi import persona as prompts
+
+    model = load_model(tiny_dir)
+    backend = MoshiBackend(model.lm, model.mimi, model.tokenizer, 2)
+    real = prompts.forced_step
+
+    def out_of_memory(*args: object, **kwargs: object) -> object:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    try:
+        backend.start_slot(0, PersonaParams())
+        backend.step({0: frames(5, 1)[0]})
+        monkeypatch.setattr(prompts, "forced_step", out_of_memory)
+        with pytest.raises(BackendError, match="out of device memory building its prompt prefix"):
+            backend.start_slot(1, PersonaParams(text_prompt="Be brief."))
+        out = backend.step({0: frames(5, 2)[1]})
+        assert np.isfinite(out[0].pcm).all()
+        monkeypatch.setattr(prompts, "forced_step", real)
+        assert backend.start_slot(1, PersonaParams(text_prompt="Be brief.")) == []
+        assert len(backend.prefix_info()) == 1
+    finally:
+        backend.close()
+
+
+def test_out_of_device_memory_in_a_step_is_a_backend_error(tiny_dir: Path) -> None:
+    """The scheduler fails that batch's calls with this message (tests/engine/test_scheduler.py covers the
+    engine going on); the backend itself stays usable."""
+    import torch
+
+    model = load_model(tiny_dir)
+    backend = MoshiBackend(model.lm, model.mimi, model.tokenizer, 1)
+    try:
+        backend.start_slot(0, PersonaParams())
+        real = backend.lm_gen.step
+
+        def out_of_memory(*args: object, **kwargs: object) -> object:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+        backend.lm_gen.step = out_of_memory  # type: ignore[method-assign]
+        with pytest.raises(BackendError, match=r"out of device memory in the batched step of slots \[0\]"):
+            backend.step({0: frames(6, 1)[0]})
+        backend.lm_gen.step = real  # type: ignore[method-assign]
+        backend.start_slot(0, PersonaParams())
+        assert np.isfinite(backend.step({0: frames(6, 1)[0]})[0].pcm).all()
+    finally:
+        backend.close()

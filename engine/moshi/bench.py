@@ -74,9 +74,10 @@ def state_bytes(backend: MoshiBackend) -> int:
     for module in (backend.mimi, backend.lm_gen, backend.lm):
         for state in module.get_streaming_state().values():
             for value in vars(state).values():
-                tensor = getattr(value, "cache", value)  # RingKVCache keeps its tensor in .cache
-                if isinstance(tensor, torch.Tensor):
-                    total += tensor.numel() * tensor.element_size()
+                # RingKVCache keeps its tensor in .cache (and the FP8 one its scales in .scale)
+                for tensor in (value, getattr(value, "cache", None), getattr(value, "scale", None)):
+                    if isinstance(tensor, torch.Tensor):
+                        total += tensor.numel() * tensor.element_size()
     return total
 
 

@@ -200,9 +200,10 @@ def device_memory(device: torch.device) -> int | None:
 
 
 def check_fits(lm_config: dict[str, Any], mimi_config: dict[str, Any] | None, settings: EngineSettings,
-               device: torch.device) -> MemoryPlan | None:
-    """Refuse (PlanError, with the numbers) a ``num_slots`` the device cannot hold. CPU: not planned."""
-    total = device_memory(device)
+               device: torch.device, total_bytes: int | None = None) -> MemoryPlan | None:
+    """Refuse (PlanError, with the numbers) a ``num_slots`` the device cannot hold. CPU: not planned.
+    ``total_bytes`` overrides the device's memory (tests)."""
+    total = total_bytes if total_bytes is not None else device_memory(device)
     if total is None:
         return None
     plan = plan_for(settings, lm_config, mimi_config, total)

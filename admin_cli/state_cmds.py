@@ -129,6 +129,17 @@ def _forget_voice(conn: psycopg.Connection[dict[str, Any]], path: str | None) ->
     stored.unlink(missing_ok=True)
 
 
+def sampling_options(func: F) -> F:
+    """--temp / --top-k (audio codebooks) and --temp-text / --top-k-text: the persona's overrides of the
+    engine's sampling (Moshi's defaults: 0.8 / 250 and 0.7 / 25); 0 temperature is greedy."""
+    for flag, kind, what in (("--top-k-text", click.IntRange(1, 4096), "top-k of the text token"),
+                             ("--temp-text", click.FloatRange(0, 10), "text temperature (0 = greedy)"),
+                             ("--top-k", click.IntRange(1, 4096), "top-k of the audio codebooks"),
+                             ("--temp", click.FloatRange(0, 10), "audio temperature (0 = greedy)")):
+        func = click.option(flag, type=kind, default=None, help=f"Sampling: {what}.")(func)
+    return func
+
+
 @persona.command("create")
 @click.argument("name")
 @click.option("--language", required=True, help="en, ru or uz.")
@@ -141,6 +152,7 @@ def _forget_voice(conn: psycopg.Connection[dict[str, Any]], path: str | None) ->
               help="A LoRA adapter directory (docs/adapters.md): checked against engine.model, then "
                    "installed.")
 @click.option("--default", "make_default", is_flag=True, help="Make it the default persona.")
+@sampling_options
 @database_option
 @_state_errors
 def persona_create(
@@ -151,6 +163,10 @@ def persona_create(
     voice_prompt: str | None,
     lora_adapter: str | None,
     make_default: bool,
+    temp: float | None,
+    top_k: int | None,
+    temp_text: float | None,
+    top_k_text: int | None,
     database_url: str | None,
 ) -> None:
     """Create persona NAME."""
@@ -167,7 +183,9 @@ def persona_create(
             raise click.ClickException(f"persona {name!r} already exists")
         adapter_id = _install_adapter(lora_adapter, name)  # refused with one line before anything is stored
         voice = _voice(voice_prompt, name)
-        created = repo.create_persona(conn, name, language, text_prompt, voice, adapter_id, make_default)
+        sampling = {"temp": temp, "top_k": top_k, "temp_text": temp_text, "top_k_text": top_k_text}
+        created = repo.create_persona(conn, name, language, text_prompt, voice, adapter_id, make_default,
+                                      {k: v for k, v in sampling.items() if v is not None})
     click.echo(f"created persona {created.name}" + (" (default)" if created.is_default else ""))
 
 
@@ -219,6 +237,8 @@ def persona_show(name: str, as_json: bool, database_url: str | None) -> None:
 @click.option("--lora", "lora_adapter", default=None, type=click.Path(file_okay=False),
               help="A LoRA adapter directory: checked against engine.model, then installed.")
 @click.option("--no-lora", is_flag=True, help="Remove the LoRA adapter.")
+@sampling_options
+@click.option("--engine-sampling", is_flag=True, help="Drop the persona's sampling overrides.")
 @database_option
 @_state_errors
 def persona_update(
@@ -229,10 +249,21 @@ def persona_update(
     no_voice_prompt: bool,
     lora_adapter: str | None,
     no_lora: bool,
+    temp: float | None,
+    top_k: int | None,
+    temp_text: float | None,
+    top_k_text: int | None,
+    engine_sampling: bool,
     database_url: str | None,
 ) -> None:
     """Change persona NAME."""
     kwargs: dict[str, Any] = {"language": language, "text_prompt": text_prompt}
+    given = {"temp": temp, "top_k": top_k, "temp_text": temp_text, "top_k_text": top_k_text}
+    if engine_sampling:
+        kwargs["sampling"] = {key: None for key in given}  # None removes the override
+    if any(v is not None for v in given.values()):
+        chosen = {k: v for k, v in given.items() if v is not None}
+        kwargs["sampling"] = {**kwargs.get("sampling", {}), **chosen}
     with _db(database_url) as conn:
         old = repo.get_persona(conn, name)  # not found: error before copying
         old_voice, old_adapter = old.voice_prompt_path, old.lora_adapter

@@ -90,6 +90,27 @@ def parse_dtmf_actions(pairs: list[str] | tuple[str, ...]) -> dict[str, str]:
     return actions
 
 
+SAMPLING_KEYS = {"temp": float, "top_k": int, "temp_text": float, "top_k_text": int}
+
+
+def check_sampling(sampling: dict[str, Any]) -> dict[str, Any]:
+    """A persona's sampling overrides: temperatures in [0, 10] (0 = greedy), top-k in [1, 4096]."""
+    out: dict[str, Any] = {}
+    for key, value in sampling.items():
+        kind = SAMPLING_KEYS.get(key)
+        if kind is None:
+            raise InvalidInput(f"sampling setting {key!r} is unknown: choose from {', '.join(SAMPLING_KEYS)}")
+        if value is None:
+            continue
+        if kind is int:
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 4096:
+                raise InvalidInput(f"{key} = {value!r}: an integer from 1 to 4096 is required")
+        elif not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value <= 10:
+            raise InvalidInput(f"{key} = {value!r}: a number from 0 (greedy) to 10 is required")
+        out[key] = kind(value)
+    return out
+
+
 @dataclass(frozen=True)
 class Persona:
     id: int
@@ -101,6 +122,7 @@ class Persona:
     is_default: bool
     created_at: datetime
     updated_at: datetime
+    sampling: dict[str, Any] = field(default_factory=dict)  # overrides of the engine's sampling
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -109,6 +131,7 @@ class Persona:
             "text_prompt": self.text_prompt,
             "voice_prompt_path": self.voice_prompt_path,
             "lora_adapter": self.lora_adapter,
+            "sampling": dict(self.sampling),
             "is_default": self.is_default,
             "created_at": self.created_at.isoformat(),
             "updated_at": self.updated_at.isoformat(),

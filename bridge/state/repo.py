@@ -26,13 +26,14 @@ from bridge.state.models import (
     Persona,
     check_language,
     check_persona_name,
+    check_sampling,
     check_transfer_target,
     normalize_e164,
 )
 
 PERSONA_COLUMNS = (
     "p.id, p.name, p.language, p.text_prompt, p.voice_prompt_path, p.lora_adapter, p.is_default, "
-    "p.created_at, p.updated_at"
+    "p.created_at, p.updated_at, p.sampling"
 )
 DID_SELECT = (
     "SELECT d.number, p.name AS persona, d.enabled, d.transfer_target, d.dtmf_actions, "
@@ -65,9 +66,11 @@ def create_persona(
     voice_prompt_path: str | None = None,
     lora_adapter: str | None = None,
     make_default: bool = False,
+    sampling: dict[str, Any] | None = None,
 ) -> Persona:
     check_persona_name(name)
     check_language(language)
+    sampling = check_sampling(sampling or {})
     with conn.transaction():
         has_default = conn.execute("SELECT 1 FROM personas WHERE is_default").fetchone() is not None
         # The first persona becomes the default so an appliance always has one to fall back on.
@@ -77,8 +80,8 @@ def create_persona(
         try:
             conn.execute(
                 "INSERT INTO personas (name, language, text_prompt, voice_prompt_path, lora_adapter, "
-                "is_default) VALUES (%s, %s, %s, %s, %s, %s)",
-                (name, language, text_prompt, voice_prompt_path, lora_adapter, is_default),
+                "is_default, sampling) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                (name, language, text_prompt, voice_prompt_path, lora_adapter, is_default, Jsonb(sampling)),
             )
         except errors.UniqueViolation as exc:
             if exc.diag.constraint_name == "personas_one_default":
@@ -109,7 +112,9 @@ def update_persona(
     text_prompt: str | None = None,
     voice_prompt_path: str | None = _UNSET,
     lora_adapter: str | None = _UNSET,
+    sampling: dict[str, Any] | None = None,
 ) -> Persona:
+    """``sampling`` is merged into the persona's (a None value removes that override)."""
     changes: dict[str, Any] = {}
     if language is not None:
         changes["language"] = check_language(language)
@@ -119,6 +124,9 @@ def update_persona(
         changes["voice_prompt_path"] = voice_prompt_path
     if lora_adapter is not _UNSET:
         changes["lora_adapter"] = lora_adapter
+    if sampling:
+        merged = {**get_persona(conn, name).sampling, **sampling}
+        changes["sampling"] = Jsonb(check_sampling({k: v for k, v in merged.items() if v is not None}))
     if not changes:
         raise InvalidInput("nothing to update: give at least one option")
     assignments = ", ".join(f"{column} = %({column})s" for column in changes)  # names from the code above

@@ -43,6 +43,10 @@ def persona_params(persona: Persona) -> PersonaParams:
         text_prompt=persona.text_prompt,
         voice_prompt_id=Path(persona.voice_prompt_path).name if persona.voice_prompt_path else None,
         adapter_id=persona.lora_adapter,
+        temp=persona.sampling.get("temp"),
+        top_k=persona.sampling.get("top_k"),
+        temp_text=persona.sampling.get("temp_text"),
+        top_k_text=persona.sampling.get("top_k_text"),
     )
 
 

@@ -80,3 +80,22 @@ def test_adapter_is_checked_installed_and_stored_by_id(admin, tmp_path: Path, ti
     assert not installed.exists()
     assert admin("persona", "update", "sales", "--no-lora").exit_code == 0
     assert list((tmp_path / "data" / "adapters").iterdir()) == []
+
+
+def test_persona_sampling_is_stored_and_reaches_the_engine(admin, migrated_fresh_database_url: str) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    import json
+
+    from bridge.state import repo
+    from bridge.state.routing import persona_params
+
+    assert admin("persona", "create", "calm", "--language", "en", "--temp", "0.5", "--top-k", "100").exit_code == 0
+    assert json.loads(admin("persona", "show", "calm", "--json").stdout)["sampling"] == {"temp": 0.5, "top_k": 100}
+    assert admin("persona", "update", "calm", "--temp-text", "0").exit_code == 0
+    with repo.connect(migrated_fresh_database_url) as conn:
+        params = persona_params(repo.get_persona(conn, "calm"))
+    assert (params.temp, params.top_k, params.temp_text, params.top_k_text) == (0.5, 100, 0.0, None)
+    bad = admin("persona", "update", "calm", "--top-k", "0")
+    assert bad.exit_code == 2 and "1<=x<=4096" in bad.output.replace(" ", "")
+    assert admin("persona", "update", "calm", "--engine-sampling").exit_code == 0
+    with repo.connect(migrated_fresh_database_url) as conn:
+        assert repo.get_persona(conn, "calm").sampling == {}

@@ -3,3 +3,7 @@
 ALTER TABLE calls ADD COLUMN engine_url text;
 ALTER TABLE calls ADD COLUMN engine_seed bigint;
 ALTER TABLE calls ADD COLUMN warnings text[] NOT NULL DEFAULT '{}';
+
+-- A persona's sampling settings ({"temp", "top_k", "temp_text", "top_k_text"}); absent keys take the
+-- engine's (Moshi's defaults).
+ALTER TABLE personas ADD COLUMN sampling jsonb NOT NULL DEFAULT '{}'::jsonb;

@@ -88,8 +88,10 @@ def test_persona_sampling_is_stored_and_reaches_the_engine(admin, migrated_fresh
     from bridge.state import repo
     from bridge.state.routing import persona_params
 
-    assert admin("persona", "create", "calm", "--language", "en", "--temp", "0.5", "--top-k", "100").exit_code == 0
-    assert json.loads(admin("persona", "show", "calm", "--json").stdout)["sampling"] == {"temp": 0.5, "top_k": 100}
+    created = admin("persona", "create", "calm", "--language", "en", "--temp", "0.5", "--top-k", "100")
+    assert created.exit_code == 0
+    shown = json.loads(admin("persona", "show", "calm", "--json").stdout)
+    assert shown["sampling"] == {"temp": 0.5, "top_k": 100}
     assert admin("persona", "update", "calm", "--temp-text", "0").exit_code == 0
     with repo.connect(migrated_fresh_database_url) as conn:
         params = persona_params(repo.get_persona(conn, "calm"))

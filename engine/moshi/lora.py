@@ -125,6 +125,9 @@ def read_adapter(directory: Path, adapter_id: str) -> Adapter:
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         name = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
+        if name.endswith(".extension"):
+            raise AdapterError(f"{path}: {name} is a vocabulary extension (docs/adapters.md); this engine "
+                               "does not serve new text tokens yet: export the adapter without it")
         for part in ("lora_A", "lora_B"):
             suffix = f".{part}.weight"
             if name.endswith(suffix):

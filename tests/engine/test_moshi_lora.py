@@ -227,3 +227,16 @@ def test_wrong_base_shape_rank_or_module_is_refused_with_one_line(tiny_dir: Path
     (tmp_path / "garbage" / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(AdapterError, match="unreadable safetensors"):
         read_adapter(tmp_path / "garbage", "garbage")
+
+
+def test_a_vocabulary_extension_is_refused_with_one_line(data_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    ext = tmp_path / "ext"
+    shutil.copytree(data_dir / "adapters" / "a1", ext)
+    tensors = load_file(str(ext / "adapter_model.safetensors"))
+    tensors["base_model.model.text_emb.extension"] = torch.zeros(3, 128)
+    save_file(tensors, str(ext / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match="vocabulary extension") as exc:
+        read_adapter(ext, "ext")
+    assert "\n" not in str(exc.value)

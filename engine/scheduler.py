@@ -292,6 +292,9 @@ class BatchPlanner:
     def lagging(self) -> int:
         return sum(1 for s in self._slots.values() if s.lagging)
 
+    def total_queued(self) -> int:
+        return sum(len(s.queue) for s in self._slots.values())
+
     def dropped(self, lease: SlotLease) -> int:
         """Input frames this session has lost to the queue bound so far."""
         return self._state(lease).dropped
@@ -358,6 +361,7 @@ class FrameScheduler:
         self.planner = BatchPlanner(backend.num_slots, batch_window_s, max_queue_frames,
                                     max_gap_fill=max_gap_fill)
         self.metrics = metrics or EngineMetrics(backend.num_slots)
+        self.metrics.watch_queue(self.planner.total_queued)
         self._clock = clock
         self._sinks: dict[int, tuple[int, SessionSink]] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aziza-backend")

@@ -387,6 +387,8 @@ async def test_falling_behind_is_reported_on_the_wire(http: aiohttp.ClientSessio
         assert dropped in (2.0, 3.0)  # 7 frames: at most 4 queued, plus 1 if the first step already took one
         assert len(lost) == dropped
         assert "aziza_engine_step_overruns_total" in text
+        assert "aziza_engine_queue_depth " in text  # read at scrape time
+        assert "aziza_engine_gpu_memory_bytes" not in text  # absent without a GPU, not zeros
         await ws.close()
 
 

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from engine.moshi.gpucheck import judge, main
 
 
@@ -65,3 +67,15 @@ def test_main_writes_one_json_with_ok_last(tmp_path: Path, capsys: Any) -> None:
     assert list(out)[-1] == "ok" and out["ok"] is True
     (tmp_path / "selftest.rc").write_text('{"rc": 1, "seconds": 1}')  # a failed step fails the check
     assert main(["gpucheck", str(tmp_path)]) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_selftest_on_cuda() -> None:
+    """``pytest -m gpu`` on a GPU machine: the same checks gpu-check.sh's first step runs."""
+    from engine.moshi.selftest import run_selftest
+
+    report = run_selftest(device="cuda")
+    failed = {run["dtype"]: {k: v for k, v in run.get("checks", {}).items() if not v["ok"]} or run.get("error")
+              for run in report["runs"] if not run["ok"]}
+    assert report["ok"], failed

@@ -76,6 +76,6 @@ def test_selftest_on_cuda() -> None:
     from engine.moshi.selftest import run_selftest
 
     report = run_selftest(device="cuda")
-    failed = {run["dtype"]: {k: v for k, v in run.get("checks", {}).items() if not v["ok"]} or run.get("error")
+    failed = {run["dtype"]: run.get("error") or {k: v for k, v in run["checks"].items() if not v["ok"]}
               for run in report["runs"] if not run["ok"]}
     assert report["ok"], failed

@@ -11,7 +11,15 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 LANGUAGES = ("ru", "uz")  # what this pipeline builds; a manifest row in another language is refused
 DEFAULT_TARGETS = (  # the temporal transformer's attention and gating linears (docs/adapters.md)
@@ -33,7 +41,8 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     manifest: str = "manifest.jsonl"  # JSON lines: one recording each (docs/training_guide.md)
     dataset_dir: str | None = None  # default: <run_dir>/dataset
-    languages: list[Literal["ru", "uz"]] = Field(default_factory=lambda: ["ru", "uz"], min_length=1)
+    languages: list[Literal["ru", "uz"]] = Field(default_factory=lambda: ["ru", "uz"],  # type: ignore[arg-type]
+                                                 min_length=1)
     persona_prompt: str = ""  # the persona's <system> text, prepended to every sample as the engine does
     aligner: Literal["uniform", "manifest", "faster-whisper"] = "uniform"
     aligner_model: str | None = None  # a faster-whisper model directory (aligner = faster-whisper)
@@ -46,7 +55,8 @@ class DataConfig(_Section):
     @model_validator(mode="after")
     def _lengths(self) -> DataConfig:
         if self.min_seconds >= self.max_seconds:
-            raise ValueError(f"min_seconds ({self.min_seconds}) must be below max_seconds ({self.max_seconds})")
+            raise ValueError(f"min_seconds ({self.min_seconds}) must be below max_seconds "
+                             f"({self.max_seconds})")
         if self.aligner == "faster-whisper" and not self.aligner_model:
             raise ValueError("aligner = faster-whisper needs aligner_model (a model directory on disk)")
         return self
@@ -109,7 +119,8 @@ class EvalConfig(_Section):
             raise ValueError(f"judge = {self.judge} needs judge_model (a model directory on disk)")
         for lang, target in self.wer_targets.items():
             if lang not in LANGUAGES or not 0 < target <= 1:
-                raise ValueError(f"wer_targets: {lang}={target} (languages {', '.join(LANGUAGES)}, 0 < target <= 1)")
+                raise ValueError(f"wer_targets: {lang}={target} (languages {', '.join(LANGUAGES)}, "
+                                 "0 < target <= 1)")
         return self
 
 
@@ -227,7 +238,7 @@ data:
   min_rms: 0.0001
 
 tokenizer:
-  extend: true                            # new SentencePiece pieces for Cyrillic / Uzbek; ids below base unchanged
+  extend: true                            # new pieces for Cyrillic / Uzbek; base ids unchanged
   new_pieces: 4000                        # vocabulary of the corpus model the new pieces are taken from
   character_coverage: 1.0
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from training.align import AlignError, Aligner, make_aligner
+from training.align import Aligner, AlignError, make_aligner
 from training.interleave import FRAME_RATE, text_stream
 from training.manifest import ManifestError, ManifestRow, load_audio, read_manifest
 from training.textnorm import canonical_uz_apostrophes
@@ -130,9 +130,9 @@ class Builder:
             from engine.moshi.persona import build_plan
             from engine.protocol import PersonaParams
 
-            plan = build_plan(PersonaParams(text_prompt=self.persona_prompt), self.tokenizer, self.pad_id, None)
-            text = np.array([t if t == self.pad_id else self.to_model_id(int(t)) for t in plan.text_tokens],
-                            dtype=np.int64)
+            persona = PersonaParams(text_prompt=self.persona_prompt)
+            plan = build_plan(persona, self.tokenizer, self.pad_id, None)
+            text = np.array([self.to_model_id(int(t)) for t in plan.text_tokens], dtype=np.int64)
             self._prompt = (plan.user_pcm.reshape(-1), plan.agent_pcm.reshape(-1), text)
         return self._prompt
 
@@ -161,7 +161,8 @@ class Builder:
             try:
                 spans = self.aligner.align(agent, SAMPLE_RATE, transcript, row.language, row.words)
             except AlignError as exc:
-                raise ManifestError(f"{row.sample_id}: alignment failed ({exc})", "alignment failed") from None
+                raise ManifestError(f"{row.sample_id}: alignment failed ({exc})",
+                                    "alignment failed") from None
             stream = text_stream(spans, frames, self.encode_word, pad, epad, FRAME_RATE)
             if stream.overflow:
                 raise ManifestError(f"{row.sample_id}: {stream.overflow} text tokens do not fit in "
@@ -218,8 +219,8 @@ def read_index(directory: Path) -> dict[str, Any]:
     try:
         index = json.loads(path.read_text())
     except FileNotFoundError:
-        raise DatasetError(f"{directory}: no dataset ({INDEX_FILE} missing; run `aziza-admin train dataset`)") \
-            from None
+        raise DatasetError(f"{directory}: no dataset ({INDEX_FILE} missing; run "
+                           "`aziza-admin train dataset`)") from None
     except (OSError, ValueError) as exc:
         raise DatasetError(f"{path}: unreadable ({exc})") from None
     if index.get("format") != FORMAT:
@@ -326,8 +327,8 @@ def build_from_config(config: Config, ext: VocabExtension | None, skip_bad: bool
     from training import tokenizer_ext
 
     skipped: dict[str, int] = {}
-    rows = [row for row, _info in read_manifest(config.path(config.data.manifest), list(config.data.languages),
-                                                skip_bad, skipped)]
+    manifest = config.path(config.data.manifest)
+    rows = [row for row, _info in read_manifest(manifest, list(config.data.languages), skip_bad, skipped)]
     encoder, tokenizer, pad, epad, files = model_pieces(config)
     to_model_id: Callable[[int], int] = int
     if ext is not None:

@@ -46,7 +46,8 @@ SENTENCES: dict[str, list[str]] = {
     ],
 }
 VAL_PER_LANGUAGE = 2
-PERSONA_PROMPT = "You answer the phone for a clinic."  # base-spellable: same ids with and without the extension
+# base-spellable: the same ids with and without the extension (the LoRA-only engine check uses the base's)
+PERSONA_PROMPT = "You answer the phone for a clinic."
 TRAILING_SILENCE_S = 0.6
 
 
@@ -90,13 +91,14 @@ def demo_config(out: Path, steps: int) -> Path:
 
     config = {
         "model": "model", "run_dir": "run", "seed": 1234,
-        "data": {"manifest": "data/manifest.jsonl", "languages": ["ru", "uz"], "persona_prompt": PERSONA_PROMPT,
-                 "aligner": "uniform", "max_seconds": 20.0, "shard_samples": 8},
+        "data": {"manifest": "data/manifest.jsonl", "languages": ["ru", "uz"],
+                 "persona_prompt": PERSONA_PROMPT, "aligner": "uniform", "max_seconds": 20.0,
+                 "shard_samples": 8},
         "tokenizer": {"extend": True, "new_pieces": 400},
         "lora": {"rank": 8, "alpha": 16},
         "train": {"device": "cpu", "lr": 3e-3, "warmup_steps": 3, "batch_size": 4, "max_steps": steps,
-                  "eval_every": 5, "checkpoint_every": 10, "keep_checkpoints": 2, "gradient_checkpointing": True,
-                  "embedding_lr_scale": 3.0},
+                  "eval_every": 5, "checkpoint_every": 10, "keep_checkpoints": 2,
+                  "gradient_checkpointing": True, "embedding_lr_scale": 3.0},
         "eval": {"judge": "template", "max_samples": 4},
     }
     path = out / "train_config.yaml"
@@ -143,8 +145,8 @@ def run_demo(out: Path, steps: int = 30, log: Any = None) -> dict[str, Any]:
     val = load_split(config.dataset_path, "val")
     check, timings["engine_check_s"] = pipeline.timed(
         lambda: pipeline.engine_check(config, lora_only if engine_refusal else adapter, val[0]))
-    say(f"engine: adapter loaded in {check.adapter_load_ms:.1f} ms, {check.tokens_changed}/{check.tokens_total} "
-        "tokens changed")
+    say(f"engine: adapter loaded in {check.adapter_load_ms:.1f} ms, "
+        f"{check.tokens_changed}/{check.tokens_total} tokens changed")
     evaluation, timings["eval_s"] = pipeline.timed(lambda: pipeline.evaluate_run(config, adapter))
     langs = evaluation["languages"]
     timings["total_s"] = time.perf_counter() - t_all

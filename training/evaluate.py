@@ -86,6 +86,7 @@ def load_adapted(config: Config, adapter_dir: Path | None) -> tuple[LMModel, Mim
         with torch.no_grad():
             for name, (a, b) in files.weights.items():
                 weight = lm.get_submodule(name).weight
+                assert isinstance(weight, torch.Tensor)
                 weight += (scaling * (b.float() @ a.float())).to(weight.dtype).to(weight.device)
         if files.extension is not None:
             install_extension(lm, files.extension, trainable=False)
@@ -164,8 +165,8 @@ def evaluate(config: Config, lm: LMModel, mimi: MimiModel, samples: list[Sample]
         wer, cer = error_rates([r.reference for r in results], [r.hypothesis for r in results], language)
         floor_wer = None
         if floor:
-            floor_wer, _ = error_rates([r.reference for r in results], [r.floor_hypothesis or "" for r in results],
-                                       language)
+            floor_wer, _ = error_rates([r.reference for r in results],
+                                       [r.floor_hypothesis or "" for r in results], language)
         target = config.eval.wer_targets.get(language, 1.0)
         reports[language] = LanguageReport(language=language, samples=len(results), wer=wer, cer=cer,
                                            target=target, passed=wer <= target, judge=judge.name,

@@ -45,7 +45,8 @@ class AdapterFiles:
 
 def write_adapter_files(directory: Path, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int,
                         alpha: float, base: dict[str, Any], extension: Extension | None,
-                        vocab: dict[str, int] | None, tokenizer: Path | None, lora_dropout: float = 0.0) -> Path:
+                        vocab: dict[str, int] | None, tokenizer: Path | None,
+                        lora_dropout: float = 0.0) -> Path:
     """Write (into an existing or new ``directory``) the adapter files; float32 tensors."""
     from safetensors.torch import load_file, save_file
 

@@ -51,4 +51,5 @@ def loss_sums(lm: torch.nn.Module, codes: torch.Tensor, loss_from: torch.Tensor,
     a_logits = out.logits[audio_mask].float()
     a_ce = F.cross_entropy(a_logits, audio_target[audio_mask], reduction="none")
     a_w = cb_weight[:, None].expand(dep_q, T)[None].expand(B, dep_q, T)[audio_mask]
-    return LossSums(text=(ce * w).sum(), text_weight=w.sum(), audio=(a_ce * a_w).sum(), audio_weight=a_w.sum())
+    return LossSums(text=(ce * w).sum(), text_weight=w.sum(), audio=(a_ce * a_w).sum(),
+                    audio_weight=a_w.sum())

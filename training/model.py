@@ -1,12 +1,12 @@
-"""The model being fine-tuned: the engine's own checkpoint, LoRA on the temporal transformer, grown text vocab.
+"""The model being fine-tuned: the engine's checkpoint, LoRA on the temporal transformer, grown text vocab.
 
 - Loaded through ``engine.moshi.loader.load_model`` (verified, the same files the engine serves).
 - CUDA: QLoRA. The transformer and depformer linears become bitsandbytes ``Linear4bit`` (NF4, double
   quantization, bf16 compute); embeddings and heads stay in the compute dtype. CPU (tests): an fp32 base.
 - LoRA through ``peft`` (``inject_adapter_in_model``) on the resolved target modules; its A/B tensors are the
   adapter format's (docs/adapters.md), so export is a copy of tensors, not a conversion.
-- Vocabulary extension: ``text_emb``, ``text_linear`` and ``depformer_text_emb`` are wrapped so new token ``i``
-  (text id ``text_card + 1 + i``) has its own trainable row, mean-initialised from the base rows.
+- Vocabulary extension: ``text_emb``, ``text_linear`` and ``depformer_text_emb`` are wrapped so new token
+  ``i`` (text id ``text_card + 1 + i``) has its own trainable row, mean-initialised from the base rows.
 - moshi's gating multiplies ``linear_in.weight`` directly when its layers are ``nn.Linear`` (true of bnb's
   Linear4bit too); every gating is switched to moshi's generic path, which calls the layers as modules, so
   LoRA and 4-bit layers are honoured.
@@ -120,9 +120,9 @@ def install_extension(lm: LMModel, ext: Extension, trainable: bool) -> None:
     device = lm.device
     rows = [t.detach().to(device=device, dtype=torch.float32).clone().requires_grad_(trainable)
             for t in (ext.text_emb, ext.text_linear, ext.depformer_text_emb)]
-    lm.text_emb = ExtendedEmbedding(lm.text_emb, rows[0])
+    lm.text_emb = ExtendedEmbedding(lm.text_emb, rows[0])  # type: ignore[assignment]
     lm.text_linear = ExtendedHead(lm.text_linear, rows[1])  # type: ignore[assignment]
-    lm.depformer_text_emb = ExtendedEmbedding(lm.depformer_text_emb, rows[2])
+    lm.depformer_text_emb = ExtendedEmbedding(lm.depformer_text_emb, rows[2])  # type: ignore[assignment]
 
 
 def extension_of(lm: LMModel) -> Extension | None:
@@ -175,7 +175,7 @@ def quantize_nf4(lm: nn.Module, device: torch.device, compute_dtype: torch.dtype
     count = 0
     for prefix in ("transformer", "depformer"):
         root = lm.get_submodule(prefix)
-        for name, module in list(root.named_modules()):
+        for _name, module in list(root.named_modules()):
             for child_name, child in list(module.named_children()):
                 if type(child) is not nn.Linear:
                     continue
@@ -251,7 +251,7 @@ def prepare(config: Config, added: int, seed: int) -> TrainModel:
     call_gating_layers_as_modules(lm)
     targets = resolve_targets(lm, config.lora.targets)  # Linear4bit is an nn.Linear: same globs
     torch.manual_seed(seed)
-    peft_config = PeftLoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha,
+    peft_config = PeftLoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha,  # type: ignore[arg-type]
                                  lora_dropout=config.lora.dropout, bias="none",
                                  target_modules="^(?:" + "|".join(re.escape(t) for t in targets) + ")$")
     inject_adapter_in_model(peft_config, lm)
@@ -279,7 +279,8 @@ def lora_layers(lm: nn.Module, targets: list[str]) -> dict[str, tuple[nn.Paramet
 
 def trainable_parameters(lm: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(LoRA parameters, extension rows): separate optimizer groups (rows may take another lr)."""
-    lora, rows = [], []
+    lora: list[nn.Parameter] = []
+    rows: list[nn.Parameter] = []
     for name, p in lm.named_parameters():
         if not p.requires_grad:
             continue

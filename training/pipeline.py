@@ -82,8 +82,8 @@ def load_splits(config: Config) -> tuple[list[Sample], list[Sample], dict[str, A
     index = read_index(config.dataset_path)
     vocab = read_vocab(config)
     if (vocab.sha256 if vocab else None) != index.get("tokenizer_sha256"):
-        raise PipelineError(f"{config.dataset_path}: built with another tokenizer than {config.tokenizer_path} "
-                            "(rebuild it: aziza-admin train dataset)")
+        raise PipelineError(f"{config.dataset_path}: built with another tokenizer than "
+                            f"{config.tokenizer_path} (rebuild it: aziza-admin train dataset)")
     return load_split(config.dataset_path, "train"), load_split(config.dataset_path, "val"), index
 
 
@@ -115,8 +115,13 @@ def evaluate_run(config: Config, adapter: Path | None, out_dir: Path | None = No
 
     val = load_split(config.dataset_path, "val")
     references: list[tuple[str, str, np.ndarray]] = []
-    if config.eval.judge == "template":
-        references = [(s.language, s.transcript, source_speech(s)) for s in val if s.role == "agent"]
+    if config.eval.judge == "template":  # the closed set: every agent sentence of the corpus, not only val's
+        corpus = load_split(config.dataset_path, "train") + val
+        seen: set[tuple[str, str]] = set()
+        for s in corpus:
+            if s.role == "agent" and (s.language, s.transcript) not in seen:
+                seen.add((s.language, s.transcript))
+                references.append((s.language, s.transcript, source_speech(s)))
     judge = make_judge(config.eval.judge, config.eval.judge_model, references)
     lm, mimi, _tok = load_adapted(config, adapter)
     reports = evaluate(config, lm, mimi, val, judge, floor=floor)

@@ -71,7 +71,7 @@ def extend_tokenizer(base_model: Path, corpus: list[str], out_dir: Path, text_ca
     import sentencepiece as spm
     from sentencepiece import sentencepiece_model_pb2 as pb
 
-    proto = pb.ModelProto()
+    proto = pb.ModelProto()  # type: ignore[attr-defined]
     proto.ParseFromString(base_model.read_bytes())
     base_sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
     n_base = len(proto.pieces)
@@ -126,7 +126,7 @@ def _learn(lines: list[str], vocab_size: int, coverage: float, normalizer: str) 
                 "nmt_nfkc", minloglevel=2, num_threads=1, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1)
         except RuntimeError as exc:
             raise TokenizerError(f"learning pieces from the corpus failed: {exc}") from None
-        proto = pb.ModelProto()
+        proto = pb.ModelProto()  # type: ignore[attr-defined]
         proto.ParseFromString((Path(tmp) / "corpus.model").read_bytes())
     pieces = [(p.piece, float(p.score)) for p in proto.pieces if p.type == _NORMAL]
     return sorted(pieces, key=lambda ps: -ps[1])

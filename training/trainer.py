@@ -6,8 +6,8 @@
 - A checkpoint (every ``checkpoint_every`` steps, at every new best validation loss, at the end) is a
   directory written beside the others and renamed into place: an interrupted write never replaces or
   corrupts an earlier one. It holds the adapter files (docs/adapters.md) and ``trainer_state.pt``.
-- ``best.json`` names the checkpoint with the lowest validation loss (written atomically); ``keep_checkpoints``
-  newest ones are kept, plus the best.
+- ``best.json`` names the checkpoint with the lowest validation loss (written atomically); the
+  ``keep_checkpoints`` newest ones are kept, plus the best.
 - Out of device memory: the step is abandoned, smaller batch sizes are tried on the same samples (forward
   and backward, no update) and the run stops with one line naming the batch size that fits.
 """
@@ -106,7 +106,8 @@ class Trainer:
         if not train:
             raise TrainError("no training samples (build the dataset first: aziza-admin train dataset)")
         if not val:
-            raise TrainError("no validation samples: set data.val_fraction > 0 or give rows \"split\": \"val\"")
+            raise TrainError("no validation samples: set data.val_fraction > 0 or give rows "
+                             "\"split\": \"val\"")
         self.config, self.tm = config, tm
         self.train_set = sorted(train, key=lambda s: s.sample_id)
         self.val_set = sorted(val, key=lambda s: s.sample_id)[: config.train.max_val_samples]
@@ -217,7 +218,8 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------------------------------
 
     def _adapter_weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return {name: (a.detach(), b.detach()) for name, (a, b) in lora_layers(self.tm.lm, self.tm.targets).items()}
+        layers = lora_layers(self.tm.lm, self.tm.targets)
+        return {name: (a.detach(), b.detach()) for name, (a, b) in layers.items()}
 
     def base_identity(self) -> dict[str, Any]:
         from engine.moshi.lora import base_identity
@@ -233,8 +235,8 @@ class Trainer:
         lora = self.config.lora
         write_adapter_files(staging, self._adapter_weights(), rank=lora.rank, alpha=lora.alpha,
                             base=self.base_identity(), extension=extension_of(self.tm.lm),
-                            vocab=self.vocab.as_block() if self.vocab else None, tokenizer=self.tokenizer_file,
-                            lora_dropout=lora.dropout)
+                            vocab=self.vocab.as_block() if self.vocab else None,
+                            tokenizer=self.tokenizer_file, lora_dropout=lora.dropout)
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "rng_cpu": torch.get_rng_state(),
                  "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -306,8 +308,8 @@ class Trainer:
         result = RunResult(run_dir=str(self.run_dir), steps=0)
         latest = self.latest_checkpoint()
         if latest is not None and not resume:
-            raise TrainError(f"{self.run_dir} already holds checkpoints (latest {latest.name}): pass --resume "
-                             "to continue, or use a new run_dir")
+            raise TrainError(f"{self.run_dir} already holds checkpoints (latest {latest.name}): pass "
+                             "--resume to continue, or use a new run_dir")
         if resume:
             if latest is None:
                 raise TrainError(f"--resume: no checkpoint under {self.ckpt_dir}")
@@ -315,14 +317,14 @@ class Trainer:
             result.resumed_from = self.step
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         if self.step == 0:
-            val = self.validation_loss()
-            self.history.append(StepRecord(step=0, loss=float("nan"), lr=0.0, val_loss=val))
+            first = self.validation_loss()
+            self.history.append(StepRecord(step=0, loss=float("nan"), lr=0.0, val_loss=first))
             if log:
-                log(f"step 0: val_loss {val:.4f}")
+                log(f"step 0: val_loss {first:.4f}")
         end = t.max_steps if stop_after is None else min(t.max_steps, self.step + stop_after)
         while self.step < end:
             s0 = time.perf_counter()
-            lr = self.scheduler.get_last_lr()[0]
+            lr = float(self.scheduler.get_last_lr()[0])
             loss = self._train_step()
             if not math.isfinite(loss):
                 raise TrainError(f"step {self.step + 1}: the loss is {loss} (lower train.lr); checkpoints so "
@@ -332,15 +334,16 @@ class Trainer:
             last = self.step == t.max_steps
             new_best = False
             if self.step % t.eval_every == 0 or last:
-                record.val_loss = self.validation_loss()
-                if self.best is None or record.val_loss < self.best["val_loss"]:
-                    self.best = {"step": self.step, "val_loss": record.val_loss,
+                val_loss = self.validation_loss()
+                record.val_loss = val_loss
+                if self.best is None or val_loss < self.best["val_loss"]:
+                    self.best = {"step": self.step, "val_loss": val_loss,
                                  "checkpoint": f"step-{self.step:06d}"}
                     new_best = True
             self.history.append(record)
             if log:
-                val = f" val_loss {record.val_loss:.4f}" if record.val_loss is not None else ""
-                log(f"step {self.step}: loss {loss:.4f} lr {lr:.2e}{val}")
+                shown = f" val_loss {record.val_loss:.4f}" if record.val_loss is not None else ""
+                log(f"step {self.step}: loss {loss:.4f} lr {lr:.2e}{shown}")
             if new_best or last or self.step % t.checkpoint_every == 0:
                 self.save_checkpoint()
                 if new_best:

@@ -49,7 +49,7 @@ class TrainError(RuntimeError):
 @dataclass
 class StepRecord:
     step: int
-    loss: float
+    loss: float | None  # None for step 0 (the validation loss before training)
     lr: float
     val_loss: float | None = None
     seconds: float = 0.0
@@ -318,7 +318,7 @@ class Trainer:
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         if self.step == 0:
             first = self.validation_loss()
-            self.history.append(StepRecord(step=0, loss=float("nan"), lr=0.0, val_loss=first))
+            self.history.append(StepRecord(step=0, loss=None, lr=0.0, val_loss=first))
             if log:
                 log(f"step 0: val_loss {first:.4f}")
         end = t.max_steps if stop_after is None else min(t.max_steps, self.step + stop_after)

@@ -69,12 +69,14 @@ def error_rates(references: list[str], hypotheses: list[str], language: str) -> 
     return float(jiwer.wer(refs, hyps)), float(jiwer.cer(refs, hyps))
 
 
-def load_adapted(config: Config, adapter_dir: Path | None) -> tuple[LMModel, MimiModel, Any]:
-    """The base model (compute dtype, no quantization) with the adapter merged and its extension rows."""
+def load_adapted(config: Config, adapter_dir: Path | None, added: int = 0) -> tuple[LMModel, MimiModel, Any]:
+    """The base model (compute dtype, no quantization) with the adapter merged and its extension rows.
+    Without an extension but with a dataset that has ``added`` new tokens, the rows training starts from
+    (mean-initialised) are installed, so the base can be scored on the same text."""
     from engine.moshi.loader import load_model
     from engine.moshi.lora import scaling_of
     from training import tokenizer_ext
-    from training.model import install_extension, resolve_device
+    from training.model import extension_of, install_extension, mean_extension, resolve_device
 
     device = resolve_device(config.train.device)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -92,6 +94,8 @@ def load_adapted(config: Config, adapter_dir: Path | None) -> tuple[LMModel, Mim
             install_extension(lm, files.extension, trainable=False)
             assert files.tokenizer is not None
             tokenizer = tokenizer_ext.load(files.tokenizer)
+    if added and extension_of(lm) is None:
+        install_extension(lm, mean_extension(lm, added), trainable=False)
     lm.eval()
     loaded.mimi.eval()
     return lm, loaded.mimi, tokenizer

@@ -123,7 +123,8 @@ def evaluate_run(config: Config, adapter: Path | None, out_dir: Path | None = No
                 seen.add((s.language, s.transcript))
                 references.append((s.language, s.transcript, source_speech(s)))
     judge = make_judge(config.eval.judge, config.eval.judge_model, references)
-    lm, mimi, _tok = load_adapted(config, adapter)
+    vocab = read_vocab(config)
+    lm, mimi, _tok = load_adapted(config, adapter, added=vocab.added if vocab else 0)
     reports = evaluate(config, lm, mimi, val, judge, floor=floor)
     return write_reports(reports, out_dir or config.run_path / "eval", str(adapter) if adapter else None)
 

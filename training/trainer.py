@@ -232,18 +232,22 @@ class Trainer:
         staging = self.ckpt_dir / f".{name}.partial-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        lora = self.config.lora
-        write_adapter_files(staging, self._adapter_weights(), rank=lora.rank, alpha=lora.alpha,
-                            base=self.base_identity(), extension=extension_of(self.tm.lm),
-                            vocab=self.vocab.as_block() if self.vocab else None,
-                            tokenizer=self.tokenizer_file, lora_dropout=lora.dropout)
-        state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "rng_cpu": torch.get_rng_state(),
-                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                 "rng_python": random.getstate(), "history": [asdict(h) for h in self.history],
-                 "best": self.best, "config": self.config.model_dump(mode="json")}
-        torch.save(state, staging / STATE_FILE)
-        _fsync_dir(staging)
+        try:
+            lora = self.config.lora
+            write_adapter_files(staging, self._adapter_weights(), rank=lora.rank, alpha=lora.alpha,
+                                base=self.base_identity(), extension=extension_of(self.tm.lm),
+                                vocab=self.vocab.as_block() if self.vocab else None,
+                                tokenizer=self.tokenizer_file, lora_dropout=lora.dropout)
+            state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
+                     "scheduler": self.scheduler.state_dict(), "rng_cpu": torch.get_rng_state(),
+                     "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                     "rng_python": random.getstate(), "history": [asdict(h) for h in self.history],
+                     "best": self.best, "config": self.config.model_dump(mode="json")}
+            torch.save(state, staging / STATE_FILE)
+            _fsync_dir(staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # never leave a half-written checkpoint behind
+            raise
         if final.exists():  # a rerun of the same step: the new one replaces it only once complete
             old = self.ckpt_dir / f".{name}.old-{os.getpid()}"
             final.rename(old)
@@ -316,6 +320,8 @@ class Trainer:
             self.resume(latest)
             result.resumed_from = self.step
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.ckpt_dir.glob(".step-*.partial-*"):  # left by a killed run: never a checkpoint
+            shutil.rmtree(stale, ignore_errors=True)
         if self.step == 0:
             first = self.validation_loss()
             self.history.append(StepRecord(step=0, loss=None, lr=0.0, val_loss=first))

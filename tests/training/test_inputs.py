@@ -81,9 +81,12 @@ def _wav(path: Path, seconds: float = 1.0, channels: int = 1) -> None:
 
 
 @pytest.mark.parametrize(("row", "line"), [
-    ({"id": "a", "audio": "gone.wav", "language": "ru", "transcript": "да"}, "audio file 'gone.wav' does not exist"),
-    ({"id": "a", "audio": "junk.wav", "language": "ru", "transcript": "да"}, "audio file 'junk.wav' is unreadable"),
-    ({"id": "a", "audio": "ok.wav", "language": "kk", "transcript": "да"}, "language 'kk' is not one of ru, uz"),
+    ({"id": "a", "audio": "gone.wav", "language": "ru", "transcript": "да"},
+     "audio file 'gone.wav' does not exist"),
+    ({"id": "a", "audio": "junk.wav", "language": "ru", "transcript": "да"},
+     "audio file 'junk.wav' is unreadable"),
+    ({"id": "a", "audio": "ok.wav", "language": "kk", "transcript": "да"},
+     "language 'kk' is not one of ru, uz"),
     ({"id": "a", "audio": "ok.wav", "language": "uz", "transcript": "  "}, "empty transcript for 'a'"),
     ({"id": "a", "audio": "ok.wav", "language": "uz", "text": "salom"}, "unknown key 'text'"),
     ({"id": "a", "audio": "ok.wav", "language": "uz", "transcript": "x", "role": "boss"}, "role 'boss'"),

@@ -150,7 +150,8 @@ def test_resume_reproduces_the_loss_curve(demo: tuple[Path, dict[str, Any]], tmp
     assert sorted(got) == sorted(want) == [0, 1, 2, 3, 4, 5, 6]
     for step in range(1, 7):
         loss, expected = got[step].loss, want[step].loss
-        assert loss is not None and expected is not None and abs(loss - expected) <= 1e-6, (step, loss, expected)
+        assert loss is not None and expected is not None
+        assert abs(loss - expected) <= 1e-6, (step, loss, expected)
     for step in (0, 3, 6):
         assert abs(got[step].val_loss - want[step].val_loss) <= 1e-6  # type: ignore[operator]
     assert resumed.best_step == straight.best_step

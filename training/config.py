@@ -135,6 +135,14 @@ class Config(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     _base_dir: Path = PrivateAttr(default=Path("."))  # the config file's directory (not a key)
 
+    @model_validator(mode="after")
+    def _dropout_and_checkpointing(self) -> Config:
+        if self.lora.dropout > 0 and self.train.gradient_checkpointing:
+            # moshi's checkpointing recomputes layers without restoring the RNG: other dropout masks
+            raise ValueError("lora.dropout > 0 needs train.gradient_checkpointing: false (moshi recomputes "
+                             "checkpointed layers without the RNG state, so dropout masks would differ)")
+        return self
+
     @property
     def base_dir(self) -> Path:
         return self._base_dir
@@ -171,6 +179,9 @@ def _one_line(exc: ValidationError, source: str) -> ConfigError:
     if err["type"] == "missing":
         return ConfigError(f"{source}: missing key {dotted!r}")
     more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    if isinstance(err.get("input"), dict):  # a rule across keys: the rule names them, not the whole section
+        where = f"{dotted}: " if err["loc"] else ""
+        return ConfigError(f"{source}: {where}{rule}{more}")
     return ConfigError(f"{source}: {dotted} = {err.get('input')!r}: {rule}{more}")
 
 

@@ -53,6 +53,7 @@ def test_default_config_is_valid_and_documents_every_section(tmp_path: Path) -> 
     ({"model": "m", "data": {"languages": ["en"]}}, "data.languages.0 = 'en'"),
     ({"model": "m", "eval": {"judge": "whisper"}}, "needs judge_model"),
     ({"train": {}}, "missing key 'model'"),
+    ({"model": "m", "lora": {"dropout": 0.1}}, "lora.dropout > 0 needs train.gradient_checkpointing: false"),
 ])
 def test_bad_config_is_one_line(data: dict, line: str) -> None:
     with pytest.raises(ConfigError) as err:

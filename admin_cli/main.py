@@ -50,6 +50,8 @@ class LazyGroup(click.Group):
         # engine models (issue: batched engine)
         "model": "admin_cli.engine_cmds:model",
         "engine": "admin_cli.engine_cmds:engine",
+        # fine-tuning for Russian/Uzbek personas (issue 15)
+        "train": "admin_cli.train_cmds:train",
     },
 )
 def cli() -> None:

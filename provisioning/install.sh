@@ -2,20 +2,23 @@
 # Install the Aziza appliance.
 #
 #   provisioning/install.sh            venv in ./.venv with the engine (torch + moshi); runs from the checkout
-#   provisioning/install.sh --dev      the same plus test and lint tools
+#   provisioning/install.sh --dev      the same plus test and lint tools and the training pipeline
+#   provisioning/install.sh --training the engine plus the fine-tuning pipeline (add --qlora on a CUDA box)
 #   provisioning/install.sh --no-engine  skip torch/moshi (bridge + admin only; the echo engine still runs)
 #   provisioning/install.sh --system   Debian appliance install: user `aziza`, /opt/aziza venv, /etc/aziza,
 #                                      /var/lib/aziza, systemd units (see provisioning/system_install.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEV=0 ENGINE=1 SYSTEM=0
+DEV=0 ENGINE=1 SYSTEM=0 TRAINING=0 QLORA=0
 for arg in "$@"; do
   case "$arg" in
     --dev) DEV=1 ;;
+    --training) TRAINING=1 ;;
+    --qlora) TRAINING=1 QLORA=1 ;;
     --no-engine) ENGINE=0 ;;
     --system) SYSTEM=1 ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -33,6 +36,9 @@ PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 extras=()
 [ "$ENGINE" = 1 ] && extras+=(engine)
 [ "$DEV" = 1 ] && extras+=(dev)
+# The default test suite runs the fine-tuning pipeline on a tiny model, so --dev brings it along.
+if [ "$ENGINE" = 1 ] && { [ "$DEV" = 1 ] || [ "$TRAINING" = 1 ]; }; then extras+=(training); fi
+[ "$ENGINE" = 1 ] && [ "$QLORA" = 1 ] && extras+=(qlora)
 spec="."
 if [ ${#extras[@]} -gt 0 ]; then spec=".[$(IFS=,; echo "${extras[*]}")]"; fi
 if [ "$SYSTEM" = 1 ]; then "${PIP[@]}" "$spec"; else "${PIP[@]}" -e "$spec"; fi

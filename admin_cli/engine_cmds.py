@@ -246,7 +246,8 @@ def plan(gpu_memory: str, shape: str | None, model_ref: str | None, dtype: str, 
                              max_adapters=settings.max_adapters if adapters is None else adapters,
                              lora_max_rank=settings.lora_max_rank, lora_targets=settings.lora_targets,
                              max_prefixes=settings.max_prefixes,
-                             reserve_bytes=settings.memory_reserve_mb << 20, max_top_k=settings.max_top_k)
+                             reserve_bytes=settings.memory_reserve_mb << 20, max_top_k=settings.max_top_k,
+                             lora_max_added=settings.lora_max_added_tokens)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     data = {"shape": shape, "model": model_ref, **result.as_dict()}

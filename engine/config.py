@@ -73,6 +73,8 @@ class EngineSettings(BaseModel):
     lora_max_rank: int = Field(default=32, ge=1)
     lora_targets: list[str] = ["transformer.*"]
     adapter_cache_mb: int = Field(default=2048, ge=0)
+    # New text tokens an adapter may bring (its vocabulary extension, docs/adapters.md); 0 refuses them.
+    lora_max_added_tokens: int = Field(default=2048, ge=0)
     # Persona prefixes (prompted state) kept, least recently used dropped first.
     max_prefixes: int = Field(default=8, ge=1)
     # Device memory left free when sizing num_slots (allocator fragmentation, cuBLAS workspaces).

@@ -137,7 +137,7 @@ def run_demo(out: Path, steps: int = 30, log: Any = None) -> dict[str, Any]:
 
     adapter = pipeline.export(config, out / "adapter")
     lora_only = pipeline.export(config, out / "adapter-lora", lora_only=True)
-    try:  # today's engine refuses new text tokens (docs/adapters.md): the check serves the LoRA part
+    try:  # an engine without vocabulary-extension support would refuse it: then check the LoRA part
         read_adapter(adapter, "full")
         engine_refusal = None
     except AdapterError as exc:

@@ -149,7 +149,9 @@ def engine_check(config: Config, adapter_dir: Path, sample: Sample, frames: int 
     from engine.protocol import FRAME_SAMPLES, PersonaParams
     from training.evaluate import source_speech
 
-    rank = int(read_config(adapter_dir)["r"])
+    adapter_config = read_config(adapter_dir)
+    rank = int(adapter_config["r"])
+    added = int((adapter_config["aziza"].get("vocab") or {}).get("added", 0))
     audio = source_speech(sample)
     n = min(frames, audio.size // FRAME_SAMPLES)
     pcm = audio[: n * FRAME_SAMPLES].reshape(n, FRAME_SAMPLES)
@@ -160,7 +162,8 @@ def engine_check(config: Config, adapter_dir: Path, sample: Sample, frames: int 
         backend = MoshiBackend(
             loaded.lm, loaded.mimi, loaded.tokenizer, num_slots=2, assets=AssetStore(Path(tmp)),
             adapters=AdapterOptions(pages=1, max_rank=max(rank, 1), targets=("transformer.*",),
-                                    base=base_identity(loaded.files.config, loaded.lm_sha256)))
+                                    base=base_identity(loaded.files.config, loaded.lm_sha256),
+                                    max_added=added))
         try:
             prompt = config.data.persona_prompt
             warnings = backend.start_slot(0, PersonaParams(name="trained", text_prompt=prompt,

@@ -20,6 +20,7 @@ import time
 from collections import OrderedDict
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -50,6 +51,26 @@ GREEDY = SamplingParams(temp=0.0, top_k=1, temp_text=0.0, top_k_text=1)
 MOSHI_DEFAULTS = SamplingParams(temp=0.8, top_k=250, temp_text=0.7, top_k_text=25)
 
 
+class ExtendedTokenizer:
+    """An adapter's extended SentencePiece model seen in model text ids: its ids below ``base`` are the base
+    tokenizer's, its new ids ``base + i`` are model ids ``text_card + 1 + i`` (``base == text_card``)."""
+
+    def __init__(self, path: Path, base: int) -> None:
+        import sentencepiece
+
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        self.base = base
+
+    def encode(self, text: str) -> list[int]:
+        return [i if i < self.base else i + 1 for i in self.sp.encode(text)]
+
+    def piece(self, token: int) -> str:
+        index = token if token < self.base else token - 1
+        if index >= self.sp.vocab_size():
+            return ""
+        return str(self.sp.id_to_piece(index)).replace("\u2581", " ")
+
+
 class BadFrameError(BackendError):
     """One or more slots sent an unusable frame; ``slots`` names them. No state was changed."""
 
@@ -65,6 +86,7 @@ class AdapterOptions:
     targets: tuple[str, ...] = ("transformer.*",)
     cache_bytes: int = 2 << 30
     base: dict[str, Any] | None = None  # base_identity() of the loaded model; None: not checked
+    max_added: int = 0  # new text tokens an adapter may bring (0: vocabulary extensions refused)
 
 
 class MoshiBackend:
@@ -93,7 +115,7 @@ class MoshiBackend:
         self.bank: AdapterBank | None = None
         if opts.pages > 0:
             self.bank = AdapterBank(lm, num_slots, opts.pages, opts.max_rank, list(opts.targets),
-                                    opts.base or {}, opts.cache_bytes)
+                                    opts.base or {}, opts.cache_bytes, opts.max_added)
         self.sampler = SlotSampler(num_slots, lm.dep_q, max_top_k, self.device)
         self.lm_gen = SlotLMGen(lm, self.sampler)
         self.dep_q = lm.dep_q
@@ -103,6 +125,9 @@ class MoshiBackend:
         self._vocab_text = int(lm.text_linear.out_features)
         self._vocab_audio = int(lm.linears[0].out_features)  # type: ignore[arg-type]
         self._prefixes: OrderedDict[tuple[str, str, str], prompts.PersonaPrefix] = OrderedDict()
+        self._text_card = int(lm.text_card)
+        self._tokenizers: dict[str, ExtendedTokenizer] = {}  # extended tokenizers by file
+        self._slot_tokenizer: dict[int, Any] = {}  # the tokenizer each call's text is decoded with
         self.max_prefixes = max(1, max_prefixes)
         # slot -> (1 + dep_q,) int64 tokens of its last step (text, audio); -2 = not generated yet
         self.last_tokens: dict[int, np.ndarray] = {}
@@ -171,9 +196,22 @@ class MoshiBackend:
         except AssetError as exc:
             raise BackendError(f"persona {persona.name!r}: {exc}") from None
 
-    def _plan(self, persona: PersonaParams) -> prompts.PromptPlan:
+    def _tokenizer_for(self, adapter: Adapter | None) -> Any:
+        """The base tokenizer, or an adapter's extended one mapped to model text ids (new ids shift by one:
+        ``text_card`` is moshi's initial token)."""
+        ext = adapter.extension if adapter is not None else None
+        if ext is None:
+            return self.tokenizer
+        cached = self._tokenizers.get(str(ext.tokenizer))
+        if cached is None:
+            cached = ExtendedTokenizer(ext.tokenizer, ext.base)
+            self._tokenizers[str(ext.tokenizer)] = cached
+        return cached
+
+    def _plan(self, persona: PersonaParams, adapter: Adapter | None = None) -> prompts.PromptPlan:
         try:
-            return prompts.build_plan(persona, self.tokenizer, self.pad_id, self._voice_path(persona))
+            return prompts.build_plan(persona, self._tokenizer_for(adapter), self.pad_id,
+                                      self._voice_path(persona))
         except prompts.PersonaError as exc:
             raise BackendError(str(exc)) from None
 
@@ -205,7 +243,7 @@ class MoshiBackend:
                       key: tuple[str, str, str]) -> prompts.PersonaPrefix:
         """The prompt stepped in a B=1 side stream, eagerly (no graphs to keep), then kept as tensors."""
         t0 = time.perf_counter()
-        plan = self._plan(persona)
+        plan = self._plan(persona, adapter)
         if self.bank is not None:
             self.bank.use_for_side_stream(adapter)
         try:
@@ -258,11 +296,12 @@ class MoshiBackend:
                                     "base weights")
                     adapter = None
             self.sampler.start(slot, seed, params)
+            self._slot_tokenizer[slot] = self._tokenizer_for(adapter)
             if prompts.has_prompt(persona):
                 if self.use_prefix_cache:
                     self._load_prefix(slot, self._prefix(persona, adapter))
                 else:
-                    self._run_prompt_live(slot, persona)
+                    self._run_prompt_live(slot, persona, adapter)
         self.last_start_ms = (time.perf_counter() - t0) * 1e3
         return warnings
 
@@ -274,9 +313,9 @@ class MoshiBackend:
         except StateShapeError as exc:
             raise BackendError(f"persona prefix does not fit slot {slot}: {exc}") from None
 
-    def _run_prompt_live(self, slot: int, persona: PersonaParams) -> None:
+    def _run_prompt_live(self, slot: int, persona: PersonaParams, adapter: Adapter | None) -> None:
         """The uncached path: the prompt stepped in the batch with only this slot executing."""
-        plan = self._plan(persona)
+        plan = self._plan(persona, adapter)
         agent = prompts.encode_agent_codes(self.mimi, plan, self.device).expand(self.num_slots, -1, -1)
         mask = self._rows == slot
         self.mimi.set_exec_mask(mask)
@@ -365,7 +404,7 @@ class MoshiBackend:
         for slot in slots:
             self.last_tokens[slot] = tok[slot].copy()
             pcm_out = out_pcm[slot].astype(np.float32) if out_pcm is not None and ready_np[slot] else _SILENCE
-            result[slot] = StepOutput(pcm=pcm_out, text=self._text(int(tok[slot, 0])))
+            result[slot] = StepOutput(pcm=pcm_out, text=self._text(int(tok[slot, 0]), slot))
         return result
 
     def _mark(self, phases: dict[str, list[float]] | None, t0: float | None, name: str) -> float | None:
@@ -379,10 +418,15 @@ class MoshiBackend:
             phases.setdefault(name, []).append((now - t0) * 1e3)
         return now
 
-    def _text(self, token: int) -> str:
-        if self.tokenizer is None or token < 0 or token in (0, self.pad_id) or token >= self._vocab:
+    def _text(self, token: int, slot: int | None = None) -> str:
+        tokenizer = self._slot_tokenizer.get(slot, self.tokenizer) if slot is not None else self.tokenizer
+        if tokenizer is None or token < 0 or token in (0, self.pad_id, self._text_card):
             return ""
-        return str(self.tokenizer.id_to_piece(token)).replace("\u2581", " ")
+        if isinstance(tokenizer, ExtendedTokenizer):
+            return tokenizer.piece(token)
+        if token >= self._vocab:
+            return ""
+        return str(tokenizer.id_to_piece(token)).replace("\u2581", " ")
 
     def prefix_info(self) -> list[tuple[tuple[str, str, str], int, float]]:
         return [(p.key, p.frames, p.build_ms) for p in self._prefixes.values()]
@@ -447,7 +491,8 @@ def build_backend(settings: EngineSettings, assets: AssetStore | None = None) ->
     adapters = AdapterOptions(pages=settings.max_adapters, max_rank=settings.lora_max_rank,
                               targets=tuple(settings.lora_targets),
                               cache_bytes=settings.adapter_cache_mb << 20,
-                              base=base_identity(files.config, loaded.lm_sha256))
+                              base=base_identity(files.config, loaded.lm_sha256),
+                              max_added=settings.lora_max_added_tokens)
     return MoshiBackend(loaded.lm, loaded.mimi, loaded.tokenizer, settings.num_slots,
                         sampling=sampling_from(settings), max_top_k=settings.max_top_k,
                         max_prefixes=settings.max_prefixes, assets=assets, adapters=adapters, kv_fp8=kv_fp8)

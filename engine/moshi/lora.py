@@ -35,6 +35,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from engine.moshi.vocab import TOKENIZER_FILE, VocabExtension
+
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "adapter_config.json"
@@ -75,11 +77,13 @@ class Adapter:
     base: dict[str, Any]
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
     load_ms: float = 0.0
+    extension: VocabExtension | None = None  # new text tokens (docs/adapters.md)
 
     @property
     def nbytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size()
-                   for a, b in self.weights.values())
+        ext = self.extension.nbytes if self.extension is not None else 0
+        return ext + sum(a.numel() * a.element_size() + b.numel() * b.element_size()
+                         for a, b in self.weights.values())
 
 
 def read_config(directory: Path) -> dict[str, Any]:
@@ -123,11 +127,12 @@ def read_adapter(directory: Path, adapter_id: str) -> Adapter:
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterError(f"{path}: unreadable safetensors ({exc})") from None
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    extension_rows: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         name = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
         if name.endswith(".extension"):
-            raise AdapterError(f"{path}: {name} is a vocabulary extension (docs/adapters.md); this engine "
-                               "does not serve new text tokens yet: export the adapter without it")
+            extension_rows[name.removesuffix(".extension")] = tensor
+            continue
         for part in ("lora_A", "lora_B"):
             suffix = f".{part}.weight"
             if name.endswith(suffix):
@@ -156,8 +161,35 @@ def read_adapter(directory: Path, adapter_id: str) -> Adapter:
         weights[module] = (a.contiguous(), scaled.contiguous())
     if not weights:
         raise AdapterError(f"{path}: no LoRA tensors")
+    extension = _read_extension(directory, config, extension_rows) if extension_rows else None
     return Adapter(adapter_id=adapter_id, rank=rank, scaling=scaling, base=dict(config["aziza"]),
-                   weights=weights, load_ms=(time.perf_counter() - t0) * 1e3)
+                   weights=weights, load_ms=(time.perf_counter() - t0) * 1e3, extension=extension)
+
+
+_EXTENSION_PARTS = ("text_emb", "text_linear", "depformer_text_emb")
+
+
+def _read_extension(directory: Path, config: dict[str, Any], rows: dict[str, torch.Tensor]) -> VocabExtension:
+    if set(rows) != set(_EXTENSION_PARTS):
+        raise AdapterError(f"{directory}: a vocabulary extension needs {', '.join(_EXTENSION_PARTS)} rows, "
+                           f"got {sorted(rows)}")
+    vocab = config["aziza"].get("vocab")
+    if not isinstance(vocab, dict) or not isinstance(vocab.get("base"), int) or \
+            not isinstance(vocab.get("added"), int):
+        raise AdapterError(f"{directory}: a vocabulary extension needs aziza.vocab {{base, added}}")
+    tokenizer = directory / TOKENIZER_FILE
+    if not tokenizer.is_file():
+        raise AdapterError(f"{directory}: a vocabulary extension needs its {TOKENIZER_FILE}")
+    added = vocab["added"]
+    for name, tensor in rows.items():
+        if tensor.dim() != 2 or tensor.shape[0] != added or not tensor.is_floating_point():
+            raise AdapterError(f"{directory}: {name}.extension has shape {list(tensor.shape)}, "
+                               f"expected [{added}, dim]")
+        if not _all_finite(tensor):
+            raise AdapterError(f"{directory}: {name}.extension holds NaN/Inf")
+    return VocabExtension(text_emb=rows["text_emb"], text_linear=rows["text_linear"],
+                          depformer_text_emb=rows["depformer_text_emb"], tokenizer=tokenizer,
+                          base=vocab["base"])
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -166,8 +198,9 @@ def _all_finite(t: torch.Tensor) -> bool:
 
 
 def check_adapter(adapter: Adapter, module_shapes: dict[str, tuple[int, int]], base: dict[str, Any],
-                  targets: list[str], max_rank: int) -> None:
-    """Refuse (AdapterError, one line) an adapter whose base, modules, shapes or rank do not fit."""
+                  targets: list[str], max_rank: int, text: TextShapes | None = None) -> None:
+    """Refuse (AdapterError, one line) an adapter whose base, modules, shapes or rank do not fit, or whose
+    vocabulary extension the engine cannot serve (``text``: the LM's text shapes and the engine's limit)."""
     want_arch, got_arch = base.get("architecture"), adapter.base.get("architecture")
     if got_arch != want_arch:
         raise AdapterError(f"adapter {adapter.adapter_id!r} was trained on architecture {got_arch}, "
@@ -190,6 +223,36 @@ def check_adapter(adapter: Adapter, module_shapes: dict[str, tuple[int, int]], b
         if a.shape[1] != in_f or b.shape[0] != out_f:
             raise AdapterError(f"adapter {adapter.adapter_id!r}: {module} is {in_f}->{out_f} in this model, "
                                f"the adapter's is {a.shape[1]}->{b.shape[0]}")
+    ext = adapter.extension
+    if ext is not None:
+        name = adapter.adapter_id
+        if text is None or text.max_added == 0:
+            raise AdapterError(f"adapter {name!r} adds {ext.added} text tokens; this engine serves none "
+                               "(engine.lora_max_added_tokens = 0)")
+        if ext.added > text.max_added:
+            raise AdapterError(f"adapter {name!r} adds {ext.added} text tokens; this engine serves at most "
+                               f"{text.max_added} (engine.lora_max_added_tokens)")
+        if ext.base != text.text_card:
+            raise AdapterError(f"adapter {name!r}: its vocabulary extends a base of {ext.base} tokens, this "
+                               f"model's has {text.text_card}")
+        if ext.text_emb.shape[1] != text.dim or ext.text_linear.shape[1] != text.dim or \
+                ext.depformer_text_emb.shape[1] != text.depformer_dim:
+            raise AdapterError(f"adapter {name!r}: its new token rows do not have this model's widths "
+                               f"({text.dim}, {text.depformer_dim})")
+
+
+@dataclass(frozen=True)
+class TextShapes:
+    text_card: int
+    dim: int
+    depformer_dim: int
+    max_added: int  # engine.lora_max_added_tokens
+
+
+def text_shapes(lm: nn.Module, max_added: int) -> TextShapes:
+    dep_weight = lm.get_submodule("depformer_text_emb").get_parameter("weight")
+    return TextShapes(text_card=int(getattr(lm, "text_card")), dim=int(getattr(lm, "dim")),  # noqa: B009
+                      depformer_dim=int(dep_weight.shape[1]), max_added=max_added)
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -292,7 +355,9 @@ class AdapterBank:
     adapters bounded in bytes. Not thread-safe: the backend calls it from its one worker thread."""
 
     def __init__(self, lm: nn.Module, num_slots: int, pages: int, max_rank: int, targets: list[str],
-                 base: dict[str, Any], cache_bytes: int) -> None:
+                 base: dict[str, Any], cache_bytes: int, max_added: int = 0) -> None:
+        from engine.moshi import vocab
+
         self.pages, self.max_rank, self.targets, self.base = pages, max_rank, list(targets), base
         self.num_slots = num_slots
         self.cache_bytes = cache_bytes
@@ -309,6 +374,14 @@ class AdapterBank:
         self.modules: dict[str, MultiLoRALinear] = {}
         self._root = lm
         self.shapes = linear_shapes(lm)
+        # New text tokens: the row's page and which of its max_added ids it has (all False: none).
+        self.max_added = max_added if pages > 0 else 0
+        self.text = text_shapes(lm, self.max_added)
+        self.vocab_page = torch.zeros(num_slots, dtype=torch.long, device=device)
+        self.vocab_valid = torch.zeros(num_slots, max(1, self.max_added), dtype=torch.bool, device=device)
+        self.side_vocab_page = torch.zeros(1, dtype=torch.long, device=device)
+        self.side_vocab_valid = torch.zeros(1, max(1, self.max_added), dtype=torch.bool, device=device)
+        self.vocab_layers = vocab.install(lm, self, self.max_added) if self.max_added > 0 else None
         if pages > 0:
             for name, module in list(lm.named_modules()):
                 for child_name, child in list(module.named_children()):
@@ -322,6 +395,11 @@ class AdapterBank:
 
     def close(self) -> None:
         """Put the original layers back (the model can serve another backend)."""
+        from engine.moshi import vocab
+
+        if self.vocab_layers is not None:
+            vocab.uninstall(self._root, self.vocab_layers)
+            self.vocab_layers = None
         for full, wrapped in self.modules.items():
             parent_name, _, child_name = full.rpartition(".")
             parent = self._root.get_submodule(parent_name) if parent_name else self._root
@@ -332,6 +410,12 @@ class AdapterBank:
     def mask_for(self, rows: int) -> torch.Tensor:
         return self.side_mask if self._side else self.mask
 
+    def vocab_page_for(self, rows: int) -> torch.Tensor:
+        return self.side_vocab_page if self._side else self.vocab_page
+
+    def vocab_valid_for(self, rows: int) -> torch.Tensor:
+        return self.side_vocab_valid if self._side else self.vocab_valid
+
     # -- host cache ---------------------------------------------------------------------------------------
 
     def load(self, adapter_id: str, directory: Path) -> Adapter:
@@ -341,7 +425,7 @@ class AdapterBank:
             self._host.move_to_end(adapter_id)
             return cached
         adapter = read_adapter(directory, adapter_id)
-        check_adapter(adapter, self.shapes, self.base, self.targets, self.max_rank)
+        check_adapter(adapter, self.shapes, self.base, self.targets, self.max_rank, self.text)
         self._host[adapter_id] = adapter
         total = sum(a.nbytes for a in self._host.values())
         while total > self.cache_bytes and len(self._host) > 1:
@@ -378,6 +462,14 @@ class AdapterBank:
                     a, b = pair
                     module.lora_a[lo: lo + adapter.rank].copy_(a, non_blocking=True)
                     module.lora_b[:, lo: lo + adapter.rank].copy_(b, non_blocking=True)
+            if self.vocab_layers is not None:
+                ext = adapter.extension
+                new = (ext.text_emb, ext.text_linear, ext.depformer_text_emb) if ext else (None, None, None)
+                for layer, rows in zip(self.vocab_layers, new, strict=True):
+                    table = layer.get_buffer("rows")
+                    table[page].zero_()
+                    if rows is not None:
+                        table[page, : rows.shape[0]].copy_(rows, non_blocking=True)
         self._pages[page] = _Page(adapter_id=adapter.adapter_id)
         return page
 
@@ -393,6 +485,7 @@ class AdapterBank:
                 self._slot_page[slot] = page
                 lo = page * self.max_rank
                 self.mask[slot, lo: lo + self.max_rank] = 1.0
+                self._set_vocab(self.vocab_page, self.vocab_valid, slot, page, adapter)
         self.enabled = bool(self._slot_page)
 
     def release(self, slot: int) -> None:
@@ -401,16 +494,19 @@ class AdapterBank:
             self._pages[page].users.discard(slot)
             with torch.no_grad():
                 self.mask[slot].zero_()
+                self.vocab_valid[slot].zero_()
         self.enabled = bool(self._slot_page)
 
     def use_for_side_stream(self, adapter: Adapter | None) -> None:
         """The B=1 prefix build of a persona: its adapter (installed in a page) or none."""
         with torch.no_grad():
             self.side_mask.zero_()
+            self.side_vocab_valid.zero_()
             if adapter is not None:
                 page = self._install(adapter)
                 lo = page * self.max_rank
                 self.side_mask[0, lo: lo + self.max_rank] = 1.0
+                self._set_vocab(self.side_vocab_page, self.side_vocab_valid, 0, page, adapter)
         self._side = True
         self.enabled = adapter is not None
 
@@ -419,6 +515,13 @@ class AdapterBank:
             self.side_mask.zero_()
         self._side = False
         self.enabled = bool(self._slot_page)
+
+    @staticmethod
+    def _set_vocab(pages: torch.Tensor, valid: torch.Tensor, row: int, page: int, adapter: Adapter) -> None:
+        pages[row] = page
+        valid[row].zero_()
+        if adapter.extension is not None:
+            valid[row, : adapter.extension.added] = True
 
     def status(self) -> dict[str, Any]:
         return {"pages": self.pages, "resident": [p.adapter_id for p in self._pages if p.adapter_id],

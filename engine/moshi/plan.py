@@ -114,7 +114,7 @@ def _state_bytes(lm: Any, mimi: Any, batch: int) -> tuple[int, int]:
 def plan_memory(lm_config: dict[str, Any], mimi_config: dict[str, Any] | None, device_bytes: int, *,
                 dtype: str = "bf16", kv_dtype: str = "auto", max_adapters: int = 0, lora_max_rank: int = 32,
                 lora_targets: tuple[str, ...] | list[str] = ("transformer.*",), max_prefixes: int = 8,
-                reserve_bytes: int = 2 << 30, max_top_k: int = 250) -> MemoryPlan:
+                reserve_bytes: int = 2 << 30, max_top_k: int = 250, lora_max_added: int = 0) -> MemoryPlan:
     import torch
     from moshi.models import loaders
     from torch import nn
@@ -163,6 +163,8 @@ def plan_memory(lm_config: dict[str, Any], mimi_config: dict[str, Any] | None, d
         for name, module in lm.named_modules():
             if isinstance(module, nn.Linear) and any(fnmatch.fnmatchcase(name, p) for p in lora_targets):
                 adapter += max_adapters * lora_max_rank * (module.in_features + module.out_features) * elt
+        # Pages of new text tokens: embedding, head and depformer embedding rows.
+        adapter += max_adapters * lora_max_added * (2 * lm_config["dim"] + lm_config["depformer_dim"]) * elt
     # A prefix keeps the prompt's KV positions of each layer: per_slot_kv scaled to PREFIX_FRAMES.
     prefix = max_prefixes * per_slot_kv * min(PREFIX_FRAMES, context) // context
     fixed = weights + adapter + prefix + reserve_bytes
@@ -181,7 +183,7 @@ def plan_for(settings: EngineSettings, lm_config: dict[str, Any], mimi_config: d
                        kv_dtype=settings.kv_dtype, max_adapters=settings.max_adapters,
                        lora_max_rank=settings.lora_max_rank, lora_targets=settings.lora_targets,
                        max_prefixes=settings.max_prefixes, reserve_bytes=settings.memory_reserve_mb << 20,
-                       max_top_k=settings.max_top_k)
+                       max_top_k=settings.max_top_k, lora_max_added=settings.lora_max_added_tokens)
 
 
 def _serving_dtype(settings: EngineSettings) -> str:

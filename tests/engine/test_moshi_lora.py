@@ -32,6 +32,7 @@ from engine.moshi.lora import (
     check_adapter,
     linear_shapes,
     read_adapter,
+    text_shapes,
     write_adapter,
 )
 from engine.moshi.selftest import Call, call_audio
@@ -229,17 +230,90 @@ def test_wrong_base_shape_rank_or_module_is_refused_with_one_line(tiny_dir: Path
         read_adapter(tmp_path / "garbage", "garbage")
 
 
-def test_a_vocabulary_extension_is_refused_with_one_line(data_dir: Path, tmp_path: Path) -> None:
-    from safetensors.torch import load_file, save_file
+ADDED = 5
 
-    ext = tmp_path / "ext"
-    shutil.copytree(data_dir / "adapters" / "a1", ext)
-    tensors = load_file(str(ext / "adapter_model.safetensors"))
-    tensors["base_model.model.text_emb.extension"] = torch.zeros(3, 128)
-    save_file(tensors, str(ext / "adapter_model.safetensors"))
-    with pytest.raises(AdapterError, match="vocabulary extension") as exc:
-        read_adapter(ext, "ext")
-    assert "\n" not in str(exc.value)
+
+def extension_adapter(tiny_dir: Path, directory: Path) -> Path:
+    """A rank-8 adapter that also adds ADDED text tokens (rows loud enough to be picked), exported by
+    training/'s writer: the format the engine must load without conversion."""
+    from training.export import write_adapter_files
+    from training.model import Extension
+
+    loaded = load_model(tiny_dir)
+    gen = torch.Generator().manual_seed(77)
+    dim = int(loaded.lm.dim)
+    dep_dim = int(loaded.lm.depformer_text_emb.weight.shape[1])
+    ext = Extension(text_emb=torch.randn(ADDED, dim, generator=gen),
+                    text_linear=torch.randn(ADDED, dim, generator=gen) * 4.0,
+                    depformer_text_emb=torch.randn(ADDED, dep_dim, generator=gen))
+    shutil.copy(tiny_dir / "tokenizer.model", directory.parent / "tok.model")
+    return write_adapter_files(directory, random_weights(loaded.lm, 8, seed=9), rank=8, alpha=16,
+                               base=base_identity(loaded.files.config, loaded.lm_sha256), extension=ext,
+                               vocab={"base": int(loaded.lm.text_card), "added": ADDED},
+                               tokenizer=directory.parent / "tok.model")
+
+
+def extended_reference(tiny_dir: Path, directory: Path, audio: np.ndarray) -> np.ndarray:
+    """Single-stream LMGen on a model with the adapter merged and its vocabulary installed the way
+    training/ installs it (ExtendedEmbedding / ExtendedHead)."""
+    from training.model import Extension, install_extension
+
+    loaded = load_model(tiny_dir)
+    adapter = read_adapter(directory, "ext")
+    assert adapter.extension is not None
+    with torch.no_grad():
+        for name, (a, b_scaled) in adapter.weights.items():
+            loaded.lm.get_submodule(name).weight += b_scaled @ a
+    ext = adapter.extension
+    install_extension(loaded.lm, Extension(ext.text_emb.float(), ext.text_linear.float(),
+                                           ext.depformer_text_emb.float()), trainable=False)
+    gen = LMGen(loaded.lm, temp=0.0, temp_text=0.0)
+    tokens = []
+    with torch.no_grad(), loaded.mimi.streaming(1), gen.streaming(1):
+        for frame in audio:
+            out = gen.step(loaded.mimi.encode(torch.from_numpy(frame).view(1, 1, -1)))
+            if out is not None:
+                tokens.append(out[0, :, 0].numpy().copy())
+    return np.stack(tokens)
+
+
+def test_an_adapter_adding_text_tokens_is_served_in_a_mixed_batch(tiny_dir: Path, data_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    extension_adapter(tiny_dir, data / "adapters" / "ext")
+    loaded = load_model(tiny_dir)
+    base = base_identity(loaded.files.config, loaded.lm_sha256)
+    backend = MoshiBackend(loaded.lm, loaded.mimi, loaded.tokenizer, 3, assets=AssetStore(data),
+                           adapters=AdapterOptions(pages=3, max_rank=16, targets=TARGETS, base=base,
+                                                   max_added=8))  # padded: 8 columns for 5 tokens
+    calls = ((Call("a", slot=0, start=0, frames=9), "ext"), (Call("b", slot=1, start=1, frames=8), None),
+             (Call("c", slot=2, start=1, frames=8), "a1"))
+    try:
+        got, warnings = run(backend, calls)
+        assert all(not w for w in warnings.values()), warnings
+    finally:
+        backend.close()
+    text_card = int(loaded.lm.text_card)
+    want = extended_reference(tiny_dir, data / "adapters" / "ext", call_audio("a", 9))
+    assert (want[:, 0] > text_card).any()  # the new tokens are really picked (not a vacuous pass)
+    np.testing.assert_array_equal(got["a"], want)
+    np.testing.assert_array_equal(got["b"], merged_reference(tiny_dir, data, None, call_audio("b", 8)))
+    np.testing.assert_array_equal(got["c"], merged_reference(tiny_dir, data, "a1", call_audio("c", 8)))
+    assert (got["b"][:, 0] <= text_card).all() and (got["c"][:, 0] <= text_card).all()
+
+
+def test_an_extension_the_engine_cannot_serve_is_refused(tiny_dir: Path, tmp_path: Path) -> None:
+    directory = extension_adapter(tiny_dir, tmp_path / "ext")
+    loaded = load_model(tiny_dir)
+    adapter = read_adapter(directory, "ext")
+    base = base_identity(loaded.files.config, loaded.lm_sha256)
+    for limit, expected in ((0, "serves none"), (3, "at most 3")):
+        text = text_shapes(loaded.lm, limit)
+        with pytest.raises(AdapterError, match=expected) as exc:
+            check_adapter(adapter, linear_shapes(loaded.lm), base, list(TARGETS), 16, text)
+        assert "\n" not in str(exc.value)
+    check_adapter(adapter, linear_shapes(loaded.lm), base, list(TARGETS), 16, text_shapes(loaded.lm, 8))
 
 
 def test_an_adapter_holding_nan_is_refused(data_dir: Path, tmp_path: Path) -> None:

@@ -26,7 +26,14 @@ from safetensors.torch import load_file
 
 from admin_cli.main import cli
 from engine.moshi.loader import load_model
-from engine.moshi.lora import AdapterError, base_identity, check_adapter, linear_shapes, read_adapter
+from engine.moshi.lora import (
+    AdapterError,
+    base_identity,
+    check_adapter,
+    linear_shapes,
+    read_adapter,
+    text_shapes,
+)
 from engine.moshi.persona import build_plan, encode_frames
 from engine.protocol import PersonaParams
 from training import pipeline
@@ -104,10 +111,16 @@ def test_exported_adapter_is_the_engines_format(demo: tuple[Path, dict[str, Any]
     assert tensors["base_model.model.text_emb.extension"].shape == (added, 128)
     assert tensors["base_model.model.text_linear.extension"].shape == (added, 128)
     assert (full / "tokenizer.model").is_file()
-    # today's engine refuses new text tokens with one line; the LoRA part alone passes every engine check
-    with pytest.raises(AdapterError):
-        read_adapter(full, "full")
-    assert data["engine_refuses_extension"] and "\n" not in data["engine_refuses_extension"]
+    # The engine serves the full adapter, new tokens included (the demo's engine check used it); an engine
+    # configured for fewer new tokens refuses it with one line; the LoRA-only export passes every check.
+    full_adapter = read_adapter(full, "full")
+    assert full_adapter.extension is not None and full_adapter.extension.added == added
+    assert data["engine_refuses_extension"] is None and data["engine_adapter"] == str(full)
+    check_adapter(full_adapter, linear_shapes(loaded.lm), base, ["transformer.*"], max_rank=32,
+                  text=text_shapes(loaded.lm, added))
+    with pytest.raises(AdapterError, match="at most"):
+        check_adapter(full_adapter, linear_shapes(loaded.lm), base, ["transformer.*"], max_rank=32,
+                      text=text_shapes(loaded.lm, added - 1))
     adapter = read_adapter(lora_only, "lora")
     check_adapter(adapter, linear_shapes(loaded.lm), base, ["transformer.*"], max_rank=32)
     assert sorted(adapter.weights) == cfg["target_modules"]

@@ -12,6 +12,10 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bridge.call_deps import CallInfo, CallRoute
 from bridge.config import Settings
@@ -189,7 +193,13 @@ async def open_state(settings: Settings) -> AsyncIterator[OpenState]:
     """Open the database pool, Redis, the call recorder and the live-state writer; close them in order."""
     # A blocking pool: a burst of calls waits briefly for a connection instead of failing with
     # "Too many connections" (which the lease code would turn into refused calls).
-    pool = aioredis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=256, timeout=2.0)
+    # Retries: after a Redis restart every pooled connection is dead, and the first command on each fails
+    # ("Connection closed by server"); retried on a fresh connection it succeeds. Without this, a release
+    # after a restart failed (the lease lingered a TTL) and the next call was refused on a full house.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=256, timeout=2.0,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), retries=3),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError])
     redis = aioredis.Redis(connection_pool=pool)
     db = StateDB(settings.database_url)
     recorder = CallRecorder(settings.database_url)

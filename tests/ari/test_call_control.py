@@ -92,6 +92,7 @@ async def test_refuse_reason_congestion_is_configurable() -> None:
         await _active_call(fake, sd)
         second = await fake.originate_call(DID)
         await eventually(lambda: sd.sink.refused_calls, what="refusal")
+        await eventually(lambda: fake.channel(second).hangup_reason, what="hung up")  # lands after the record
         assert fake.channel(second).hangup_reason == "congestion"
 
 
@@ -102,6 +103,7 @@ async def test_engine_down_refuses_with_congestion_before_answer() -> None:
         caller = await fake.originate_call(DID)
         await eventually(lambda: sd.sink.refused_calls, what="refusal")
         assert sd.sink.refused_calls[0][1] == "engine_unavailable"
+        await eventually(lambda: fake.channel(caller).hangup_reason, what="hung up")  # lands after the record
         assert fake.channel(caller).hangup_reason == "congestion" and not fake.channel(caller).answered
         await eventually(lambda: sd.capacity.released == [caller], what="lease released")
         assert svc.controller.calls == {}

@@ -82,6 +82,8 @@ async def test_engine_down_refuses_with_congestion() -> None:
         caller = await fake.originate_call(DID)
         await eventually(lambda: sd.sink.refused_calls, what="refused")
         assert sd.sink.refused_calls[0][1] == "engine_unavailable"
+        # The record is written before the ARI hangup lands: wait for the channel, not just the record.
+        await eventually(lambda: fake.channel(caller).hangup_reason, what="hung up")
         assert fake.channel(caller).hangup_reason == "congestion" and not fake.channel(caller).answered
 
 

@@ -57,7 +57,8 @@ _shared: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, MediaClock] = weak
 class MediaClock:
     """See the module docstring. One per event loop: :meth:`shared` gives the running loop's."""
 
-    def __init__(self) -> None:
+    def __init__(self, now: Callable[[], float] = time.monotonic) -> None:
+        self._now = now  # time.monotonic; tests give a virtual clock
         self._heap: list[tuple[float, int, ClockHandle]] = []
         self._order = itertools.count()  # ties broken by scheduling order
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -143,7 +144,7 @@ class MediaClock:
     def run_due(self) -> None:
         """Run every callback whose deadline has come; cheap when none has. Re-entrant calls are no-ops."""
         heap = self._heap
-        if self._in_run or not heap or heap[0][0] > time.monotonic() + COALESCE_S:
+        if self._in_run or not heap or heap[0][0] > self._now() + COALESCE_S:
             return
         self._in_run = True
         try:
@@ -152,7 +153,7 @@ class MediaClock:
                 if handle.cancelled:
                     heapq.heappop(heap)
                     continue
-                if deadline > time.monotonic() + COALESCE_S:
+                if deadline > self._now() + COALESCE_S:
                     break
                 heapq.heappop(heap)
                 self.callbacks_run += 1
@@ -179,14 +180,14 @@ class MediaClock:
     def _queue_probe(self) -> None:
         if not self._probe_queued and self._loop is not None and not self._loop.is_closed():
             self._probe_queued = True
-            self._loop.call_soon(self._on_probe, time.monotonic())
+            self._loop.call_soon(self._on_probe, self._now())
 
     def _on_probe(self, queued_at: float) -> None:
         self._probe_queued = False
-        self._note_behind(time.monotonic() - queued_at)
+        self._note_behind(self._now() - queued_at)
 
     def _note_behind(self, lag: float) -> None:
-        at = time.monotonic()
+        at = self._now()
         if lag >= self._behind_s or at - self._behind_at > BEHIND_MEMORY_S:
             self._behind_s, self._behind_at = max(lag, 0.0), at
 
@@ -218,7 +219,7 @@ class MediaClock:
         self.wakeups += 1
         armed_at, self._armed_at = self._armed_at, None  # the expiry is spent: run_due re-arms for the rest
         if armed_at is not None:  # the timer itself served late: the loop was blocked or busy until now
-            self._note_behind(time.monotonic() - armed_at)
+            self._note_behind(self._now() - armed_at)
         self._queue_probe()
         self.run_due()
         if self._heap and self._armed_at is None:

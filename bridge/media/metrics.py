@@ -41,6 +41,23 @@ class Histogram:
         self.total_ms += other.total_ms
         self.max_seen_ms = max(self.max_seen_ms, other.max_seen_ms)
 
+    def to_sparse(self) -> dict[str, Any]:
+        """A JSON-able form (non-empty buckets only), for histograms that cross a process boundary."""
+        counts = np.asarray(self._counts)
+        nonzero = np.flatnonzero(counts)
+        return {"max_ms": self.max_ms, "buckets": {int(i): int(counts[i]) for i in nonzero},
+                "total_ms": self.total_ms, "max_seen_ms": self.max_seen_ms}
+
+    @classmethod
+    def from_sparse(cls, data: dict[str, Any]) -> Histogram:
+        hist = cls(float(data["max_ms"]))
+        for idx, count in data["buckets"].items():
+            hist._counts[int(idx)] = int(count)
+            hist.count += int(count)
+        hist.total_ms = float(data["total_ms"])
+        hist.max_seen_ms = float(data["max_seen_ms"])
+        return hist
+
     def percentile(self, q: float) -> float:
         """The q-th percentile (0..100), as the upper edge of its bucket; 0.0 when empty."""
         if self.count == 0:

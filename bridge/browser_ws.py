@@ -32,6 +32,7 @@ from aiohttp import web
 
 from bridge.config import Settings
 from bridge.engine_client import EngineError, EngineFull, EngineRefused, EngineSession
+from bridge.media.prometheus import MEDIA_METRICS
 from engine.protocol import FRAME_SAMPLES, SAMPLE_RATE, AudioFrame, Closed, Error, Lag, PersonaParams, Text
 
 log = logging.getLogger(__name__)
@@ -174,6 +175,7 @@ def browser_routes(settings: Settings, resolve_persona: PersonaResolver | None =
             await ws.send_json(_error("engine_unavailable", str(exc)))
             await ws.close()
             return ws
+        MEDIA_METRICS.browser_talk_started()
         try:
             await ws.send_json({"type": "ready", "persona": persona.name, "sample_rate": SAMPLE_RATE,
                                 "frame_samples": FRAME_SAMPLES})
@@ -181,6 +183,7 @@ def browser_routes(settings: Settings, resolve_persona: PersonaResolver | None =
         except Exception as exc:  # a talk never takes the bridge down
             log.warning("browser talk ended with %s: %s", type(exc).__name__, exc)
         finally:
+            MEDIA_METRICS.browser_talk_ended()
             await engine.close()
             await ws.close()
         return ws

@@ -2,8 +2,9 @@
 
 Runs the call path's own cores on virtual time (no sockets, no event loop): RTP datagrams through
 :class:`~bridge.media.inbound.InboundPath` (parse, jitter buffer, decode, FIR 8k→24k, framing) and engine
-frames through the output conversion (FIR 24k→8k, µ-law, levels) and :class:`~bridge.media.outbound.OutputTimeline`
-(grid, slot buffer, RTP). Prints microseconds per call-second and what that is in % of a core per call; the
+frames through the output conversion (FIR 24k→8k, µ-law, levels) and
+:class:`~bridge.media.outbound.OutputTimeline` (grid, slot buffer, RTP). Prints microseconds per
+call-second and what that is in % of a core per call; the
 I/O around it (syscalls, the engine WebSocket, the event loop) is what ``aziza-admin bench media`` adds.
 """
 
@@ -32,7 +33,8 @@ SOURCE = ("127.0.0.1", 4000)
 def _datagrams(seconds: float) -> list[bytes]:
     speech = np.tile(load_speech_8k(), 1 + int(seconds * 8000) // len(load_speech_8k()))
     sender = RtpSender(PT_PCMU, rng=random.Random(1))
-    return [sender.next_packet(ulaw_encode(speech[i * 160 : (i + 1) * 160]), 160) for i in range(int(seconds * 50))]
+    chunks = [speech[i * 160 : (i + 1) * 160] for i in range(int(seconds * 50))]
+    return [sender.next_packet(ulaw_encode(chunk), 160) for chunk in chunks]
 
 
 def inbound(datagrams: list[bytes]) -> None:
@@ -64,7 +66,8 @@ def bench(name: str, seconds: float, fn: Callable[[], None]) -> None:
     start = time.process_time()
     fn()
     per_call_second_us = (time.process_time() - start) / seconds * 1e6
-    print(f"{name:44s} {per_call_second_us:8.1f} us per call-second = {per_call_second_us / 1e4:6.3f} % of a core")
+    core_percent = per_call_second_us / 1e4
+    print(f"{name:44s} {per_call_second_us:8.1f} us per call-second = {core_percent:6.3f} % of a core")
 
 
 def main() -> None:

@@ -49,6 +49,7 @@ from bridge.media.inbound import FLOOD_POLL_S, FLOOD_READS, InboundFormat, Inbou
 from bridge.media.media_clock import ClockHandle, MediaClock
 from bridge.media.metrics import LatencyLedger, MediaStats
 from bridge.media.outbound import OUT_SAMPLES, OutputTimeline
+from bridge.media.prometheus import MEDIA_METRICS
 from bridge.media.rtp import MAX_DATAGRAM, PT_SLIN16
 from engine.protocol import SAMPLE_RATE, AudioFrame, Closed, Error, Lag, Text
 
@@ -374,6 +375,7 @@ class CallMedia:
             clock.acquire()
             self._clock = clock
             self.inbound.last_packet_at = time.monotonic()
+            MEDIA_METRICS.call_started(self.stats, self.inbound)
             async with asyncio.TaskGroup() as tg:
                 tasks = [
                     tg.create_task(self._guard(self._engine_loop(), "engine")),
@@ -387,6 +389,7 @@ class CallMedia:
             self._end(f"bind_failed: {exc}")
         finally:
             self._end("stopped")
+            MEDIA_METRICS.call_ended(self.stats)
             for handle in (self._in_handle, self._out_handle):
                 if handle is not None:
                     handle.cancel()

@@ -34,7 +34,7 @@ from bridge.media.codecs import CodecError, InboundCodec, UnsupportedPayloadType
 from bridge.media.fir_resample import FirResampler
 from bridge.media.framing import FrameAccumulator
 from bridge.media.jitter import JitterBuffer, Playout
-from bridge.media.metrics import MediaStats
+from bridge.media.metrics import MediaStats, depth_bucket
 from bridge.media.rtp import PT_PCMA, PT_PCMU, PT_SLIN16, RtpPacket, RtpParseError, parse_rtp
 
 PTIME_S = 0.020
@@ -104,6 +104,11 @@ class InboundPath:
         self._junk_tokens = JUNK_BURST
         self._junk_at = now
         self.flooded = False
+
+    @property
+    def lost_packets(self) -> int:
+        """Packets of the stream that never came (the jitter buffer's count)."""
+        return self.jitter.stats.lost
 
     # -- datagrams -----------------------------------------------------------------------------------------
 
@@ -231,6 +236,7 @@ class InboundPath:
             return
         stats = self.stats
         stats.slots_played += 1
+        stats.jitter_depths[depth_bucket(self.jitter.depth)] += 1
         pcm: npt.NDArray[np.int16] | None = None
         arrival = now
         if playout.payload is not None and playout.payload_type is not None:

@@ -41,6 +41,13 @@ class Histogram:
         self.total_ms += other.total_ms
         self.max_seen_ms = max(self.max_seen_ms, other.max_seen_ms)
 
+    @property
+    def raw_counts(self) -> np.ndarray:
+        """The bucket counts (a read-only view, no copy): bucket i holds [i, i+1) x BUCKET_MS."""
+        view = np.frombuffer(self._counts, dtype=np.int64)
+        view.flags.writeable = False
+        return view
+
     def to_sparse(self) -> dict[str, Any]:
         """A JSON-able form (non-empty buckets only), for histograms that cross a process boundary."""
         counts = np.asarray(self._counts)
@@ -77,6 +84,18 @@ class Histogram:
             "max": round(self.max_seen_ms, 3),
             "mean": round(self.total_ms / self.count, 3) if self.count else 0.0,
         }
+
+
+#: Upper bounds of the jitter-buffer depth buckets (packets held as a slot is played); one more: beyond.
+DEPTH_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 10)
+_DEPTH_INDEX = [
+    next((i for i, b in enumerate(DEPTH_BUCKETS) if d <= b), len(DEPTH_BUCKETS)) for d in range(64)
+]
+
+
+def depth_bucket(depth: int) -> int:
+    """The DEPTH_BUCKETS index a jitter-buffer depth counts in."""
+    return _DEPTH_INDEX[depth] if depth < 64 else len(DEPTH_BUCKETS)
 
 
 @dataclass
@@ -120,6 +139,8 @@ class MediaStats:
     send_lateness_ms: Histogram = field(default_factory=Histogram)
     # inbound junk: datagrams dropped (any reason but "held") and the times the budget ran out
     junk_floods: int = 0
+    # jitter-buffer depth when each slot was played, counted in DEPTH_BUCKETS (the last: beyond them)
+    jitter_depths: array[int] = field(default_factory=lambda: array("q", bytes(8 * (len(DEPTH_BUCKETS) + 1))))
     # algorithmic delay of the two resamplers (what soxr holds back), reported, not timed
     resampler_delay_ms: float = 0.0
     end_reason: str | None = None
@@ -130,9 +151,14 @@ class MediaStats:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for key, value in self.__dict__.items():
-            out[key] = value.summary() if isinstance(value, Histogram) else (
-                dict(value) if isinstance(value, dict) else value
-            )
+            if isinstance(value, Histogram):
+                out[key] = value.summary()
+            elif isinstance(value, dict):
+                out[key] = dict(value)
+            elif isinstance(value, array):
+                out[key] = value.tolist()
+            else:
+                out[key] = value
         out["engine_text"] = "".join(self.engine_text)
         return out
 

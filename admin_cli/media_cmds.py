@@ -201,7 +201,7 @@ class _BridgeShare:
         self.medias: list[CallMedia] = []
         self.engines: list[EngineSession] = []
         self.runs: list[asyncio.Task[str]] = []
-        self._cpu0 = 0.0
+        self._cpu0 = os.times()
 
     async def open(self) -> list[int]:
         for i in range(self.first, self.first + self.calls):
@@ -216,16 +216,18 @@ class _BridgeShare:
     def start(self) -> None:
         freeze_startup_heap()
         self.runs = [asyncio.create_task(m.run()) for m in self.medias]
-        self._cpu0 = time.process_time()
+        self._cpu0 = os.times()
 
     async def stop(self) -> dict[str, Any]:
         """Hang every call up at once, as callers would; this share's numbers (JSON-able)."""
-        cpu = time.process_time() - self._cpu0
+        now = os.times()
+        user, system = now.user - self._cpu0.user, now.system - self._cpu0.system
         await asyncio.gather(*(m.stop() for m in self.medias))
         reasons = await asyncio.gather(*self.runs)
         stats = [m.stats for m in self.medias]
         return {
-            "cpu_s": cpu,
+            "cpu_s": user + system,
+            "cpu_system_s": system,
             "carried": sum(1 for m, r in zip(self.medias, reasons, strict=True)
                            if r == "stopped" and m.stats.frames_from_engine),
             "histograms": {name: merge_histograms(stats, name).to_sparse() for name in _HISTOGRAMS},
@@ -417,6 +419,8 @@ def _bench_report(
         if end_vs_start else None,
         "cpu_percent": round(cpu_percent, 1),
         "cpu_percent_per_call": round(cpu_percent / calls, 3),
+        # (of which in the kernel: system calls, and on loopback the far end's receive path too)
+        "cpu_system_percent": round(100.0 * sum(r["cpu_system_s"] for r in results) / wall, 1),
         "engine_cpu_percent": round(100.0 * child_cpu["engine"] / wall, 1),
         "legs_cpu_percent": round(100.0 * child_cpu["legs"] / wall, 1),
         "cpu_note": "cpu_percent: the bridge process(es) alone, all workers together (engine and legs run in "

@@ -99,6 +99,7 @@ class CallMedia:
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reading = False
+        self._connected = False
         self._recv_buf = bytearray(MAX_DATAGRAM * 8)  # bigger than legal, so oversized ones are seen
         self._media_clock = media_clock
         self._clock: MediaClock | None = None
@@ -141,6 +142,7 @@ class CallMedia:
             self._sock = sock
             self._loop = asyncio.get_running_loop()
             self._read_per_datagram(True)
+            self._connect()
             return self.local_address
         raise MediaBindError(f"no free UDP port in {lo}..{hi} after {len(candidates)} tries")
 
@@ -154,6 +156,18 @@ class CallMedia:
     def lock_remote(self, host: str, port: int) -> None:
         """Accept RTP only from (host, port) and send there (Asterisk's UNICASTRTP_LOCAL_*)."""
         self.inbound.remote = (socket.gethostbyname(host), int(port))
+        self._connect()
+
+    def _connect(self) -> None:
+        """Connect the socket to the remote: the kernel then drops datagrams from any other source before
+        they cost a wake-up, and a send names no address."""
+        if self._sock is not None and self.inbound.remote is not None and not self._connected:
+            try:
+                self._sock.connect(self.inbound.remote)
+            except OSError as exc:  # (unroutable: sends will fail and be counted; reads still filter)
+                log.warning("call %s: cannot connect the RTP socket: %s", self.call_id, exc)
+                return
+            self._connected = True
 
     def _read_per_datagram(self, on: bool) -> None:
         """Read the socket as datagrams come (normal), or not (flooded: it is polled instead)."""
@@ -198,6 +212,8 @@ class CallMedia:
                 self.stats.count_drop(f"socket_error:{exc.errno}")
                 break
             got = inbound.on_datagram(bytes(buf[:size]), addr, time.monotonic()) or got
+        if not self._connected and inbound.remote is not None:
+            self._connect()  # (learned from the first datagram)
         if inbound.flooded and self._reading:
             self._read_per_datagram(False)  # the junk budget is spent: poll the socket instead
             self._arm_input(time.monotonic() + FLOOD_POLL_S)
@@ -240,6 +256,8 @@ class CallMedia:
         clock = self._clock
         if clock is None or deadline == self._in_armed:
             return
+        if self._in_armed is not None and self._in_armed < deadline:
+            return  # an earlier look is armed: it polls and arms this one (no heap work per packet)
         if self._in_handle is not None:
             self._in_handle.cancel()
         self._in_armed = deadline
@@ -307,7 +325,10 @@ class CallMedia:
             return
         for datagram in datagrams:
             try:
-                sock.sendto(datagram, remote)
+                if self._connected:
+                    sock.send(datagram)
+                else:
+                    sock.sendto(datagram, remote)
             except OSError:  # buffer full / unreachable: this packet is lost, the pacing goes on
                 self.stats.send_errors += 1
                 continue

@@ -32,8 +32,10 @@ from bridge.media.precise_timer import arm_timerfd, open_timerfd
 
 log = logging.getLogger(__name__)
 
-# A deadline this close ahead is served now rather than arming the timer for it (the wake-up costs more).
-COALESCE_S = 30e-6
+# A deadline this close ahead is served now rather than arming the timer for it: with many calls, the sends
+# of those whose ticks fall within it share one wake-up (each costs an epoll round, a read and a re-arm), for
+# at most this much of pacing error.
+COALESCE_S = 200e-6
 BEHIND_MEMORY_S = 0.080  # a lag is remembered this long (a frame's worth: what arrives just after it is late)
 
 

@@ -56,14 +56,21 @@ def open_timerfd() -> int:
     return fd if fd >= 0 else -1
 
 
+_SPEC = _Itimerspec()  # reused: arm_timerfd runs on the event loop's thread only
+_SPEC_REF = ctypes.byref(_SPEC)
+_SETTIME = _LIBC.timerfd_settime if _LIBC is not None else None
+
+
 def arm_timerfd(fd: int, deadline: float) -> bool:
     """Arm ``fd`` to expire once at ``deadline`` (time.monotonic scale); False if the kernel refused."""
-    if _LIBC is None or fd < 0:
+    if _SETTIME is None or fd < 0:
         return False
     deadline = max(deadline, 1e-6)  # an all-zero it_value would disarm the timer instead
     sec = int(deadline)
-    spec = _Itimerspec(_Timespec(0, 0), _Timespec(sec, int((deadline - sec) * 1e9)))
-    return bool(_LIBC.timerfd_settime(fd, _TFD_TIMER_ABSTIME, ctypes.byref(spec), None) == 0)
+    value = _SPEC.it_value
+    value.tv_sec = sec
+    value.tv_nsec = int((deadline - sec) * 1e9)
+    return bool(_SETTIME(fd, _TFD_TIMER_ABSTIME, _SPEC_REF, None) == 0)
 
 
 class PreciseTimer:

@@ -68,7 +68,9 @@ async def test_foreign_source_is_dropped(engine_url: str, speech_8k: np.ndarray)
             await call.leg.run(0.5)
         finally:
             intruder.close()
-    assert call.media.stats.rtp_dropped.get("foreign_source") == 10
+    # The socket is connected to the locked source: the kernel drops the intruder's datagrams before they
+    # reach the bridge's code at all.
+    assert call.media.stats.rtp_dropped.get("foreign_source", 0) == 0
     assert call.media.stats.rtp_in == call.leg.packets_sent  # the intruder's audio never got in
     assert call.media.stats.ssrc_changes == 0
 

@@ -33,7 +33,7 @@ from bridge.ari.models import (
     StasisEnd,
     StasisStart,
 )
-from bridge.call_deps import CallInfo, CallRoute, EngineLink, EngineRefused, MediaLink
+from bridge.call_deps import CallInfo, CallRoute, EngineCannotTakeCall, EngineLink, MediaLink
 
 if TYPE_CHECKING:
     from bridge.controller import CallController
@@ -247,7 +247,7 @@ class Call:
             await self._refuse(info, "capacity_full", ctl.settings.ari.refuse_reason)
         try:
             self.engine = await ctl.deps.open_engine(self.route.persona, self.id)
-        except EngineRefused as exc:
+        except EngineCannotTakeCall as exc:
             await self._refuse(info, exc.reason, "congestion")
         ctl.deps.sink.started(info)
         await ari.answer(self.id)

@@ -13,9 +13,9 @@ from aiohttp import web
 
 from bridge.call_deps import (
     CallDeps,
+    EngineCannotTakeCall,
     EngineLink,
     EngineOpener,
-    EngineRefused,
     MediaFactory,
     MediaLink,
 )
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 def engine_opener(url: str, *, timeout_s: float = 5.0) -> EngineOpener:
-    """Open an engine session per call; a full or unreachable engine becomes ``EngineRefused``
+    """Open an engine session per call; a full or unreachable engine becomes ``EngineCannotTakeCall``
     so the call is refused (congestion) before it is answered."""
     from bridge.engine_client import EngineError, EngineFull, EngineSession
 
@@ -35,9 +35,9 @@ def engine_opener(url: str, *, timeout_s: float = 5.0) -> EngineOpener:
         try:
             return await EngineSession.open(url, persona, call_id, timeout=timeout_s)
         except EngineFull as exc:
-            raise EngineRefused("engine_full", str(exc)) from exc
+            raise EngineCannotTakeCall("engine_full", str(exc)) from exc
         except EngineError as exc:
-            raise EngineRefused("engine_unavailable", str(exc)) from exc
+            raise EngineCannotTakeCall("engine_unavailable", str(exc)) from exc
 
     return open_engine
 

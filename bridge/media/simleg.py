@@ -35,7 +35,7 @@ import numpy as np
 import soxr
 
 from bridge.media.codecs import alaw_encode, slin16_encode, ulaw_decode, ulaw_encode
-from bridge.media.precise_timer import PreciseTimer
+from bridge.media.media_clock import MediaClock
 from bridge.media.rtp import (
     PT_PCMA,
     PT_PCMU,
@@ -174,7 +174,8 @@ class SimLeg:
         if self.remote is None:
             raise RuntimeError("SimLeg has no remote address: call set_remote() first")
         self._stop.clear()
-        timer = PreciseTimer()
+        timer = MediaClock.shared()  # sub-millisecond wake-ups (one timerfd for every leg and call)
+        timer.acquire()
         # (send time, tie-break, datagram): impaired packets may leave out of order.
         pending: list[tuple[float, int, bytes]] = []
         try:
@@ -202,7 +203,7 @@ class SimLeg:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), tail_s)
         finally:
-            timer.close()
+            timer.release()
 
     def _schedule(self, k: int, due: float, pending: list[tuple[float, int, bytes]]) -> None:
         payload = self._payloads[k] if k < len(self._payloads) else self._silence

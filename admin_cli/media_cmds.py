@@ -19,7 +19,6 @@ import socket
 import sys
 import tempfile
 import time
-import wave
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import numpy as np
 from bridge.config import BridgeSettings, EngineSettings
 from bridge.engine_client import EngineSession
 from bridge.media.assets import load_speech_8k
+from bridge.media.audio_file import write_pcm16_wav
 from bridge.media.call_media import CallMedia
 from bridge.media.metrics import Histogram, merge_histograms
 from bridge.media.simleg import SimLeg
@@ -61,13 +61,6 @@ def _bridge_settings() -> BridgeSettings:
     return BridgeSettings(rtp_port_min=40000, rtp_port_max=49999)
 
 
-def _write_wav(path: Path, pcm_8k: np.ndarray) -> None:
-    with wave.open(str(path), "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(8000)
-        wav.writeframes(pcm_8k.astype("<i2").tobytes())
-
 
 async def _demo(seconds: float | None, out: Path, engine_url: str | None) -> dict[str, Any]:
     speech = load_speech_8k()
@@ -86,7 +79,7 @@ async def _demo(seconds: float | None, out: Path, engine_url: str | None) -> dic
                 reason = await run
         finally:
             await engine.close()
-    _write_wav(out, leg.received_audio_8k())
+    write_pcm16_wav(out, leg.received_audio_8k(), 8000)
     stats = media.stats
     snap = media.snapshot()
     return {

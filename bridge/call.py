@@ -33,6 +33,7 @@ from bridge.ari.models import (
     StasisEnd,
     StasisStart,
 )
+from bridge.backoff import Backoff
 from bridge.call_deps import CallInfo, CallRoute, EngineCannotTakeCall, EngineLink, MediaLink
 
 if TYPE_CHECKING:
@@ -286,6 +287,7 @@ class Call:
         ctl.deps.sink.event(self.id, "media_up", {"rtp_remote": f"{host}:{port}", "local_port": local_port})
 
     async def _add_channels(self) -> None:
+        backoff = Backoff(0.02, 0.08)
         for attempt in range(ADD_CHANNEL_RETRIES):
             try:
                 await self.ctl.ari.add_channel(self.bridge_id, [self.id, self.media_channel_id])
@@ -293,7 +295,7 @@ class Call:
             except AriUnprocessable:
                 if attempt == ADD_CHANNEL_RETRIES - 1:
                     raise
-                await asyncio.sleep(0.02 * (attempt + 1))
+                await asyncio.sleep(backoff.next_delay())
 
     async def _refuse(self, info: CallInfo, reason: str, hangup_reason: str) -> None:
         """Refuse BEFORE answering: the caller hears busy (486) or congestion (503)."""

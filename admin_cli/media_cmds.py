@@ -182,7 +182,8 @@ _HISTOGRAMS = ("added_latency_ms", "latency_in_ms", "latency_out_ms", "jitter_de
 _COUNTERS = (
     "frames_to_engine", "frames_from_engine", "engine_frames_lost", "rtp_out", "rtp_out_silence",
     "rtp_out_skipped", "rtp_out_late_dropped", "rtp_out_expanded", "rtp_out_shrunk", "rtp_out_kept",
-    "rtp_out_waited", "rtp_out_wait_expired", "rtp_out_resyncs", "margins_unobserved",
+    "rtp_out_waited", "rtp_out_wait_expired", "rtp_out_resyncs", "margins_unobserved", "junk_floods",
+    "rtp_in",
 )
 
 
@@ -226,6 +227,7 @@ class _BridgeShare:
             "histograms": {name: merge_histograms(stats, name).to_sparse() for name in _HISTOGRAMS},
             "counters": {name: sum(getattr(st, name) for st in stats) for name in _COUNTERS},
             "round_trip_end_vs_start_ms": [m.ledger.round_trip_end_vs_start_ms() for m in self.medias],
+            "junk_dropped": sum(n for st in stats for why, n in st.rtp_dropped.items() if why != "held"),
         }
 
     async def close(self) -> None:
@@ -292,7 +294,8 @@ def _split(calls: int, workers: int) -> list[int]:
 
 
 async def _bench(
-    calls: int, seconds: float, loss: float, jitter_ms: float, aligned: bool = False, workers: int = 1
+    calls: int, seconds: float, loss: float, jitter_ms: float, aligned: bool = False, workers: int = 1,
+    junk_pps: float = 0.0,
 ) -> dict[str, Any]:
     engine_proc, url = await _start_engine_process(calls)
     legs_proc: asyncio.subprocess.Process | None = None
@@ -312,7 +315,7 @@ async def _bench(
         )
         assert legs_proc.stdin is not None and legs_proc.stdout is not None
         config = {"ports": bridge_ports, "seconds": seconds, "loss": loss, "jitter_ms": jitter_ms,
-                  "aligned": aligned}
+                  "aligned": aligned, "junk_pps": junk_pps}
         legs_proc.stdin.write((json.dumps(config) + "\n").encode())
         await legs_proc.stdin.drain()
         leg_ports = await _read_json_line(legs_proc.stdout)
@@ -343,7 +346,12 @@ async def _bench(
             await share.close()
         await _end_process(legs_proc)
         await _end_process(engine_proc)
-    return _bench_report(calls, seconds, loss, jitter_ms, aligned, workers, results, legs, wall, child_cpu)
+    report = _bench_report(calls, seconds, loss, jitter_ms, aligned, workers, results, legs, wall, child_cpu)
+    report["junk_pps_per_call"] = junk_pps
+    report["junk_dropped"] = sum(r["junk_dropped"] for r in results)
+    report["junk_floods"] = sum(r["counters"]["junk_floods"] for r in results)
+    report["rtp_in"] = sum(r["counters"]["rtp_in"] for r in results)
+    return report
 
 
 def _largest(values: list[float]) -> float | None:
@@ -431,12 +439,15 @@ def _bench_report(
               "calls' packets and 80 ms frames in lockstep) instead of at phases spread over one frame.")
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Bridge media processes sharing the calls (1: the calls run in this process).")
+@click.option("--junk-pps", type=click.FloatRange(0, 100000), default=0.0,
+              help="Spoofed junk datagrams a second each leg sends from its own address (the call's source).")
 @click.option("--json", "as_json", is_flag=True)
 def bench_media(
-    calls: int, seconds: float, loss: float, jitter_ms: float, aligned: bool, workers: int, as_json: bool
+    calls: int, seconds: float, loss: float, jitter_ms: float, aligned: bool, workers: int, junk_pps: float,
+    as_json: bool,
 ) -> None:
     """N simultaneous simulated calls through the bridge (one process, or --workers) and the echo engine."""
-    result = asyncio.run(_bench(calls, seconds, loss, jitter_ms, aligned, workers))
+    result = asyncio.run(_bench(calls, seconds, loss, jitter_ms, aligned, workers, junk_pps))
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -479,7 +490,7 @@ async def _legs_main() -> None:
     reorder = 0.02 if config["jitter_ms"] else 0.0
     legs = [
         SimLeg(("127.0.0.1", port), audio, loss=config["loss"], jitter_ms=config["jitter_ms"],
-               reorder=reorder, seed=i)
+               reorder=reorder, junk_pps=config.get("junk_pps", 0.0), seed=i)
         for i, port in enumerate(config["ports"])
     ]
     try:

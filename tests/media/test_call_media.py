@@ -20,10 +20,11 @@ from tests.media.fixtures import bridge_settings, fake_engine, segment_correlati
 
 
 def _is_the_callers_speech(corrs: list[float]) -> bool:
-    """Most 0.5 s pieces of the caller's speech came back nearly intact (a loaded machine may cut a frame
-    or two: that shows as one weaker piece, never as most of them)."""
-    enough = sum(c > 0.8 for c in corrs) >= 0.75 * len(corrs)
-    return len(corrs) >= 3 and float(np.median(corrs)) > 0.9 and enough
+    """Most 0.5 s pieces of the caller's speech came back (a loaded machine may cut a frame or insert a slot
+    of silence here and there: each such piece then correlates 0.85-0.9 instead of 0.99; audio that is not
+    the caller's speech, e.g. a codec mix-up, correlates below 0.3)."""
+    enough = sum(c > 0.7 for c in corrs) >= 0.75 * len(corrs)
+    return len(corrs) >= 3 and float(np.median(corrs)) > 0.8 and enough
 
 
 def _paced_without_drift(leg: SimLeg, skipped: int) -> bool:

@@ -96,6 +96,8 @@ async def _demo(seconds: float | None, out: Path, engine_url: str | None) -> dic
         "resampler_delay_ms": snap["resampler_delay_ms"],
         "pacing_jitter_p99_ms": round(leg.pacing_jitter_ms_p99, 3),
         "rtp_timestamp_errors": leg.timestamp_errors,
+        # Slots the output had to skip after a stall of this process (each makes timestamp errors after it).
+        "pacer_skipped": stats.rtp_out_skipped,
         "end_reason": reason,
         "output_wav": str(out),
     }

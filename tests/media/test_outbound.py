@@ -57,6 +57,9 @@ def test_a_frame_a_few_ms_late_is_waited_for_not_played_a_slot_later() -> None:
     stats = sim.stats
     assert stats.rtp_out_waited == 2 and stats.rtp_out_wait_expired == 0
     assert stats.rtp_out_expanded == 0 and stats.rtp_out_late_dropped == 0
+    # Every frame's latency is counted, the two waited for included (they used to be left out).
+    assert stats.latency_out_ms.count == 90 and stats.added_latency_ms.count == 90
+    assert stats.latency_out_ms.max_seen_ms <= (OUTPUT_PHASE_S + LATE_GRACE_S) * 1000.0
     assert _audio_in_order(sim) == [(n, j) for n in range(90) for j in range(4)]
     deviation = np.abs(sim.intervals_ms() - 20.0)
     assert deviation.max() <= LATE_GRACE_S * 1000.0 + 1e-6

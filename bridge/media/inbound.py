@@ -5,9 +5,10 @@ its source address and arrival time, and calls :meth:`InboundPath.poll` right af
 at :attr:`InboundPath.deadline` (a slot whose packet never came is concealed then).
 
 * **Source and stream.** Only the locked remote address is accepted (or the first one, when learning). The
-  stream's SSRC is locked too: a packet of another SSRC is taken for a new stream only when two of them come
-  in sequence with nothing of the current stream in between (a re-INVITE or a re-bridged channel stops the
-  old stream); anything else with a foreign SSRC is junk and never resets the jitter buffer.
+  stream's SSRC is locked too: an SSRC is taken up (at the start, or as a new stream) only when two of its
+  packets come in sequence, with nothing of the current stream in between (a re-INVITE or a re-bridged
+  channel stops the old stream); anything else with another SSRC is junk, counted when it is clear that it
+  is, and never resets the jitter buffer. (The first packet of a stream waits for the second: 20 ms, once.)
 * **Junk budget.** Junk from the source (malformed, wrong payload type, wrong SSRC, wrong size) is dropped
   before it is parsed past its header, and counted per reason. Each call has a budget of it
   (``JUNK_PER_S``, ``JUNK_BURST``): beyond it, the call is *flooded* (:attr:`InboundPath.flooded`) and the
@@ -45,6 +46,7 @@ JUNK_PER_S = 50.0  # junk datagrams a call may send per second at no cost to any
 JUNK_BURST = 100.0  # ...and at once; beyond, the call is flooded
 FLOOD_POLL_S = 0.005  # a flooded call's socket is read this often: its real packets wait at most this long
 FLOOD_READS = 64  # datagrams read per poll of a flooded socket (the rest is the kernel's to drop)
+MAX_CANDIDATES = 4  # SSRCs held as possible streams at once (junk with random SSRCs cycles through them)
 
 InboundFormat = Literal["ulaw", "slin16"]
 Float32Array = npt.NDArray[np.float32]
@@ -94,7 +96,8 @@ class InboundPath:
         self._pending_out = 0  # 24 kHz samples they will make
         self._pending_first_arrival: float | None = None
         self.ssrc: int | None = None
-        self._candidate: tuple[RtpPacket, float] | None = None  # first packet of what may be a new stream
+        # SSRC -> the last packet of what may be a (new) stream, and when it came
+        self._candidates: dict[int, tuple[RtpPacket, float]] = {}
         self.last_packet_at = now
         self._anchor: float | None = None
         self._slot = 0
@@ -137,32 +140,39 @@ class InboundPath:
         if self.held:
             self.stats.count_drop("held")
             return False
-        if pkt.ssrc != self.ssrc and self.ssrc is not None:
-            return self._foreign_ssrc(pkt, now)
-        if self._candidate is not None:  # the current stream goes on: that was no new stream
-            self._candidate = None
-            self._drop("ssrc", now)
-        self.ssrc = pkt.ssrc
+        if pkt.ssrc != self.ssrc:
+            return self._candidate(pkt, now)
+        self._drop_candidates(now)  # the stream goes on: nothing else was a new stream
         self._accept(pkt, now)
         return True
 
-    def _foreign_ssrc(self, pkt: RtpPacket, now: float) -> bool:
-        candidate = self._candidate
-        if candidate is not None and candidate[0].ssrc == pkt.ssrc and (
-            pkt.sequence == (candidate[0].sequence + 1) & 0xFFFF
-        ):
-            # Two in sequence, nothing of the old stream in between: a new stream. New timing too.
-            self._candidate = None
-            self.stats.ssrc_changes += 1
-            self.ssrc = pkt.ssrc
-            self._anchor = None
-            self._accept(candidate[0], candidate[1])
-            self._accept(pkt, now)
-            return True
-        if candidate is not None:
+    def _candidate(self, pkt: RtpPacket, now: float) -> bool:
+        """A packet of an SSRC that is not the stream's (or before there is one): a stream is taken up
+        only when two of its packets come in sequence, with nothing of the current stream in between."""
+        previous = self._candidates.pop(pkt.ssrc, None)
+        if previous is not None:
+            held, held_at = previous
+            in_sequence = pkt.sequence == (held.sequence + 1) & 0xFFFF
+            if in_sequence and (self.ssrc is None or self.last_packet_at <= held_at):
+                if self.ssrc is not None:
+                    self.stats.ssrc_changes += 1
+                self.ssrc = pkt.ssrc
+                self._anchor = None  # a new stream: new timing
+                self._drop_candidates(now)
+                self._accept(held, held_at)
+                self._accept(pkt, now)
+                return True
+            self._drop("ssrc", now)  # the held one was no stream
+        self._candidates[pkt.ssrc] = (pkt, now)
+        if len(self._candidates) > MAX_CANDIDATES:
+            del self._candidates[next(iter(self._candidates))]
             self._drop("ssrc", now)
-        self._candidate = (pkt, now)
         return False
+
+    def _drop_candidates(self, now: float) -> None:
+        for _ in range(len(self._candidates)):
+            self._drop("ssrc", now)
+        self._candidates.clear()
 
     def _accept(self, pkt: RtpPacket, now: float) -> None:
         self.stats.rtp_in += 1
@@ -302,7 +312,7 @@ class InboundPath:
         self._pending_first_arrival = None
         self._anchor = None
         self.ssrc = None
-        self._candidate = None
+        self._candidates.clear()
         self.last_packet_at = now
         self.deadline = now
 

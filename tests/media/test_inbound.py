@@ -116,7 +116,9 @@ def test_a_clean_stream_makes_a_frame_per_four_packets_with_no_wait() -> None:
     stats = path.stats
     assert stats.rtp_in == 100 and stats.slots_concealed == 0
     assert len(frames) == 25
-    assert stats.jitter_delay_ms.max_seen_ms == 0.0  # every packet popped as it came
+    # Every packet popped as it came, but the first: it waited for the second to show it is a stream.
+    assert stats.jitter_delay_ms.count == 100 and stats.jitter_delay_ms.percentile(98) <= 0.05
+    assert stats.jitter_delay_ms.max_seen_ms == pytest.approx(20.0, abs=0.01)
     for n, frame in enumerate(frames):
         assert frame.pcm.shape == (1920,) and frame.pcm.dtype == np.float32
         # A frame is complete the moment the packet of its last slot arrives.
@@ -171,7 +173,9 @@ def test_only_the_locked_source_is_heard_unless_learning() -> None:
     assert not path.on_datagram(datagram.data, SOURCE, T0)
     assert stats.rtp_dropped == {"not_locked": 1}
     learning = InboundPath(MediaStats(), now=T0, learn_remote=True)
-    assert learning.on_datagram(datagram.data, SOURCE, T0) and learning.remote == SOURCE
+    first, second = real_stream(2)
+    assert not learning.on_datagram(first.data, SOURCE, T0) and learning.remote == SOURCE  # (held)
+    assert learning.on_datagram(second.data, SOURCE, T0 + 0.02) and learning.stats.rtp_in == 2
     assert not learning.on_datagram(datagram.data, ("10.0.0.2", 4000), T0)
     assert learning.stats.rtp_dropped == {"foreign_source": 1}
 
@@ -225,3 +229,16 @@ def test_a_junk_flood_costs_the_real_audio_at_most_five_ms(junk_per_s: float) ->
     assert float(np.percentile(added, 99)) <= FLOOD_POLL_S * 1000.0 + 1e-6
     assert path.stats.ssrc_changes == 0 and path.stats.rtp_in == 250
     assert path.stats.junk_floods == (1 if junk_per_s * 1.0 > JUNK_BURST else 0)
+
+
+def test_junk_that_comes_first_does_not_become_the_stream() -> None:
+    """A spoofed packet of another SSRC arrives before the real stream's first (and keeps coming): the SSRC
+    taken up is the one whose packets come in sequence."""
+    real = real_stream(50)
+    junk = [Datagram(T0 - 0.001 + k * 0.005, build_rtp(RtpPacket(PT_PCMU, 7, 0, 0xBAD, b"\xff" * 160)),
+                     real=False) for k in range(200)]
+    path, frames = run_path(junk + real, until=1.03)
+    assert path.ssrc == 0x1111
+    # (the last junk packet came after the stream's last: it is still held as a possible stream)
+    assert path.stats.rtp_in == 50 and path.stats.rtp_dropped == {"ssrc": 199}
+    assert len(frames) == 12

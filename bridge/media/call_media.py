@@ -45,7 +45,7 @@ from bridge.engine_client import EngineError, EngineProtocolError, EngineSession
 from bridge.media.codecs import float32_to_pcm16, ulaw_encode
 from bridge.media.fir_resample import FirResampler
 from bridge.media.framing import PacketSplitter
-from bridge.media.inbound import FLOOD_POLL_S, FLOOD_READS, InboundFormat, InboundPath
+from bridge.media.inbound import FLOOD_READS, InboundFormat, InboundPath
 from bridge.media.media_clock import ClockHandle, MediaClock
 from bridge.media.metrics import LatencyLedger, MediaStats
 from bridge.media.outbound import OUT_SAMPLES, OutputTimeline
@@ -216,7 +216,7 @@ class CallMedia:
             self._connect()  # (learned from the first datagram)
         if inbound.flooded and self._reading:
             self._read_per_datagram(False)  # the junk budget is spent: poll the socket instead
-            self._arm_input(time.monotonic() + FLOOD_POLL_S)
+            self._arm_input(inbound.flood_poll_at(time.monotonic()))
         return got
 
     def _on_input_due(self) -> None:
@@ -248,7 +248,8 @@ class CallMedia:
             return
         deadline = inbound.deadline
         if inbound.flooded:
-            deadline = min(deadline, now + FLOOD_POLL_S) if deadline is not None else now + FLOOD_POLL_S
+            poll_at = inbound.flood_poll_at(time.monotonic())
+            deadline = poll_at if deadline is None else min(deadline, poll_at)
         if deadline is not None:
             self._arm_input(deadline)
 

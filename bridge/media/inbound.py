@@ -12,9 +12,11 @@ at :attr:`InboundPath.deadline` (a slot whose packet never came is concealed the
 * **Junk budget.** Junk from the source (malformed, wrong payload type, wrong SSRC, wrong size) is dropped
   before it is parsed past its header, and counted per reason. Each call has a budget of it
   (``JUNK_PER_S``, ``JUNK_BURST``): beyond it, the call is *flooded* (:attr:`InboundPath.flooded`) and the
-  I/O layer stops reading its socket per datagram, reading it in bounded batches every ``FLOOD_POLL_S``
-  instead. A packet of the real stream then waits at most ``FLOOD_POLL_S`` more, and a flood costs the
-  process a bounded share of a core, whatever its rate (beyond the batch, the kernel drops it).
+  I/O layer stops reading its socket per datagram, reading it in bounded batches instead
+  (:meth:`InboundPath.flood_poll_at`: just after the stream's next packet is due, else every
+  ``FLOOD_POLL_S``). A packet of the real stream then waits about ``FLOOD_CATCH_S`` more (at most
+  ``FLOOD_POLL_S`` when it is late itself), and a flood costs the process a bounded share of a core,
+  whatever its rate (beyond the batch, the kernel drops it).
 * **Slots.** The jitter buffer is popped once per 20 ms slot on a grid anchored at the first packet's
   arrival: slot k is popped as soon as its packet is there (at most one ptime ahead of the grid), or
   concealed at ``nominal + jitter_target`` if it never comes. A grid left ``STALL_SLOTS`` behind (the loop
@@ -46,6 +48,7 @@ JUNK_PER_S = 50.0  # junk datagrams a call may send per second at no cost to any
 JUNK_BURST = 100.0  # ...and at once; beyond, the call is flooded
 FLOOD_POLL_S = 0.005  # a flooded call's socket is read this often: its real packets wait at most this long
 FLOOD_READS = 64  # datagrams read per poll of a flooded socket (the rest is the kernel's to drop)
+FLOOD_CATCH_S = 0.001  # ...and it is also read this long after the stream's next packet is expected
 MAX_CANDIDATES = 4  # SSRCs held as possible streams at once (junk with random SSRCs cycles through them)
 
 InboundFormat = Literal["ulaw", "slin16"]
@@ -199,6 +202,16 @@ class InboundPath:
         if tokens >= JUNK_BURST / 2:
             self.flooded = False
         return not self.flooded
+
+    def flood_poll_at(self, now: float) -> float:
+        """When a flooded call's socket is to be read next: just after the stream's next packet is expected
+        (so a packet on time waits about FLOOD_CATCH_S, not up to FLOOD_POLL_S), else FLOOD_POLL_S on."""
+        at = now + FLOOD_POLL_S
+        if self._anchor is not None and not self.held:
+            expected = self._anchor + self._slot * PTIME_S + FLOOD_CATCH_S
+            if now < expected < at:
+                at = expected
+        return at
 
     # -- slots ---------------------------------------------------------------------------------------------
 

@@ -19,10 +19,12 @@ time.
   timeline moves later by whole slots). Every slot inserted that way is owed back (``owed_slots``): a quiet
   queued slot (a pause between words) is taken out, or after ``SHRINK_WAIT_S`` the quietest one there is, so
   a late frame costs its delay for at most about half a second. The phase controller sees the margins the
-  grid will have once the owed slots are won back; only when it still wants the grid later beyond its range
-  (frames keep coming late: the engine's phase moved for good) is an owed slot kept instead
-  (``rtp_out_kept``). Before, a slot was won back only when the controller asked for an earlier grid, and
-  calls kept a 20 ms insertion for the rest of the call.
+  grid will have once the owed slots are won back. A slot is kept instead (``rtp_out_kept``) when the
+  controller still wants the grid later beyond its range, or when a frame is late again within
+  ``REINSERT_KEEP_S`` of a win-back (the engine's phase moved: winning that back too would cut speech and
+  insert silence over and over); kept slots are moves of the grid that the controller gives back when its
+  margins allow. Before, a slot was won back only when the controller asked for an earlier grid, and calls
+  kept a 20 ms insertion for the rest of the call.
 * **Resync.** When the engine's numbering and the timeline part (``RESYNC_AFTER_LATE_FRAMES`` frames in a row
   entirely late, or a frame beyond the buffer's horizon), the numbering is re-anchored.
 * **Own lateness.** Frames handled while the bridge's loop runs behind (``loop_behind``) are not evidence of
@@ -51,6 +53,7 @@ OUTPUT_HORIZON_PACKETS = 16  # 320 ms: an engine frame further ahead than that r
 EXPAND_MAX_SLOTS = 2  # a frame up to this many slots late plays whole, later; beyond (a stall) it is cut
 QUIET_RMS = 580  # 16-bit RMS (about -35 dBFS): a slot this quiet can be taken out of the timeline unheard
 SHRINK_WAIT_S = 0.5  # no quiet slot for this long: take out the quietest one there is
+REINSERT_KEEP_S = 2.0  # a frame late again this soon after a slot was won back: keep the new slot instead
 GRID_RANGE_S = 0.010  # the grid slews within ± this of its anchor; larger phase moves are made in whole slots
 RESYNC_AFTER_LATE_FRAMES = 8  # engine frames in a row entirely late (640 ms): re-anchor, don't drop forever
 
@@ -79,6 +82,7 @@ class OutputTimeline:
         self._slew_s = 0.0  # grid shift still to apply (negative: earlier)
         self._all_late_frames = 0  # engine frames in a row that arrived after all of their slots
         self._shrink_since: float | None = None  # a slot is owed (since when)
+        self._won_back_at: float | None = None  # when a slot was last taken out of the timeline
         self._waiting_tick: float | None = None  # a first packet held back for its frame: its tick
         self._last_frame_at: float | None = None
         self._hold_tokens = float(HOLDS_BURST)
@@ -180,9 +184,17 @@ class OutputTimeline:
             # margins the grid will have once they are won back.)
             self._slot_offset -= ahead
             stats.rtp_out_expanded += -ahead
-            self.owed_slots += -ahead
-            if self._shrink_since is None:
-                self._shrink_since = now
+            won_back_at = self._won_back_at
+            if won_back_at is not None and now - won_back_at < REINSERT_KEEP_S:
+                # Late again soon after a slot was won back: the engine's phase is later than the grid, and
+                # winning this one back too would only cut speech and insert silence over and over. It is
+                # kept as a move of the grid, which the controller gives back when its margins allow.
+                stats.rtp_out_kept += -ahead
+                self.phase.moved(-ahead * PTIME_S)
+            else:
+                self.owed_slots += -ahead
+                if self._shrink_since is None:
+                    self._shrink_since = now
             margin -= ahead * PTIME_S  # the controller counts the move: give it the margin on the moved grid
             first_slot, ahead = first_slot - ahead, 0
         late_before = buffer.stats.late
@@ -245,6 +257,7 @@ class OutputTimeline:
         self._all_late_frames = 0
         self.grid_anchor = self.pacer.start
         self._shrink_since = None
+        self._won_back_at = None
         self.owed_slots = 0
         self._advance_deadline()
 
@@ -298,6 +311,7 @@ class OutputTimeline:
         self._slot_offset -= 1
         self.owed_slots -= 1
         self._shrink_since = now if self.owed_slots else None
+        self._won_back_at = now
         self.stats.rtp_out_shrunk += 1
         marks = self._frame_marks
         for slot in sorted(k for k in marks if k > dropped):

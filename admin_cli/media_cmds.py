@@ -19,7 +19,6 @@ import socket
 import sys
 import tempfile
 import time
-import wave
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -30,8 +29,9 @@ import numpy as np
 from bridge.config import BridgeSettings
 from bridge.engine_client import EngineSession
 from bridge.media.assets import load_speech_8k
+from bridge.media.audio_file import write_pcm16_wav
 from bridge.media.call_media import CallMedia
-from bridge.media.metrics import Histogram, MediaStats, merge_histograms
+from bridge.media.metrics import Histogram, merge_histograms
 from bridge.media.simleg import SimLeg
 from bridge.startup import freeze_startup_heap
 from engine.config import EngineSettings
@@ -62,13 +62,6 @@ def _bridge_settings() -> BridgeSettings:
     return BridgeSettings(rtp_port_min=40000, rtp_port_max=49999)
 
 
-def _write_wav(path: Path, pcm_8k: np.ndarray) -> None:
-    with wave.open(str(path), "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(8000)
-        wav.writeframes(pcm_8k.astype("<i2").tobytes())
-
 
 async def _demo(seconds: float | None, out: Path, engine_url: str | None) -> dict[str, Any]:
     speech = load_speech_8k()
@@ -87,7 +80,7 @@ async def _demo(seconds: float | None, out: Path, engine_url: str | None) -> dic
                 reason = await run
         finally:
             await engine.close()
-    _write_wav(out, leg.received_audio_8k())
+    write_pcm16_wav(out, leg.received_audio_8k(), 8000)
     stats = media.stats
     snap = media.snapshot()
     return {
@@ -104,6 +97,8 @@ async def _demo(seconds: float | None, out: Path, engine_url: str | None) -> dic
         "resampler_delay_ms": snap["resampler_delay_ms"],
         "pacing_jitter_p99_ms": round(leg.pacing_jitter_ms_p99, 3),
         "rtp_timestamp_errors": leg.timestamp_errors,
+        # Slots the output had to skip after a stall of this process (each makes timestamp errors after it).
+        "pacer_skipped": stats.rtp_out_skipped,
         "end_reason": reason,
         "output_wav": str(out),
     }
@@ -186,18 +181,136 @@ async def _read_json_line(stream: asyncio.StreamReader) -> Any:
     return json.loads(line)
 
 
+_HISTOGRAMS = ("added_latency_ms", "latency_in_ms", "latency_out_ms", "jitter_delay_ms", "send_lateness_ms")
+_COUNTERS = (
+    "frames_to_engine", "frames_from_engine", "engine_frames_lost", "rtp_out", "rtp_out_silence",
+    "rtp_out_skipped", "rtp_out_late_dropped", "rtp_out_expanded", "rtp_out_shrunk", "rtp_out_kept",
+    "rtp_out_waited", "rtp_out_wait_expired", "rtp_out_resyncs", "margins_unobserved", "junk_floods",
+    "rtp_in",
+)
+
+
+class _BridgeShare:
+    """The bridge side of the benchmark for some of the calls: their CallMedia endpoints in this process."""
+
+    def __init__(self, url: str, calls: int, first: int) -> None:
+        self.url, self.calls, self.first = url, calls, first
+        self.medias: list[CallMedia] = []
+        self.engines: list[EngineSession] = []
+        self.runs: list[asyncio.Task[str]] = []
+        self._cpu0 = os.times()
+
+    async def open(self) -> list[int]:
+        for i in range(self.first, self.first + self.calls):
+            self.engines.append(await EngineSession.open(self.url, None, f"bench-{i}"))
+            self.medias.append(CallMedia(_bridge_settings(), self.engines[-1], f"bench-{i}"))
+        return [(await m.bind())[1] for m in self.medias]
+
+    def lock(self, leg_ports: list[int]) -> None:
+        for media, port in zip(self.medias, leg_ports, strict=True):
+            media.lock_remote("127.0.0.1", port)
+
+    def start(self) -> None:
+        freeze_startup_heap()
+        self.runs = [asyncio.create_task(m.run()) for m in self.medias]
+        self._cpu0 = os.times()
+
+    async def stop(self) -> dict[str, Any]:
+        """Hang every call up at once, as callers would; this share's numbers (JSON-able)."""
+        now = os.times()
+        user, system = now.user - self._cpu0.user, now.system - self._cpu0.system
+        await asyncio.gather(*(m.stop() for m in self.medias))
+        reasons = await asyncio.gather(*self.runs)
+        stats = [m.stats for m in self.medias]
+        return {
+            "cpu_s": user + system,
+            "cpu_system_s": system,
+            "carried": sum(1 for m, r in zip(self.medias, reasons, strict=True)
+                           if r == "stopped" and m.stats.frames_from_engine),
+            "histograms": {name: merge_histograms(stats, name).to_sparse() for name in _HISTOGRAMS},
+            "counters": {name: sum(getattr(st, name) for st in stats) for name in _COUNTERS},
+            "round_trip_end_vs_start_ms": [m.ledger.round_trip_end_vs_start_ms() for m in self.medias],
+            "junk_dropped": sum(n for st in stats for why, n in st.rtp_dropped.items() if why != "held"),
+        }
+
+    async def close(self) -> None:
+        for m in self.medias:
+            await m.stop()
+        for e in self.engines:
+            await e.close()
+
+
+class _WorkerShare:
+    """A _BridgeShare in a worker process of its own (``python -m admin_cli.media_cmds worker``)."""
+
+    def __init__(self, url: str, calls: int, first: int) -> None:
+        self.config = {"url": url, "calls": calls, "first": first}
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def _say(self, message: Any) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps(message) + "\n").encode())
+        await self.proc.stdin.drain()
+
+    async def _hear(self) -> Any:
+        assert self.proc is not None and self.proc.stdout is not None
+        return await _read_json_line(self.proc.stdout)
+
+    async def open(self) -> list[int]:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "admin_cli.media_cmds", "worker",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=1 << 26,
+        )
+        await self._say(self.config)
+        return list(await self._hear())
+
+    def lock(self, leg_ports: list[int]) -> None:
+        self._leg_ports = leg_ports
+
+    async def start_async(self) -> None:
+        await self._say(self._leg_ports)
+        await self._hear()  # locked and running
+
+    async def stop(self) -> dict[str, Any]:
+        await self._say("stop")
+        result: dict[str, Any] = await self._hear()
+        return result
+
+    async def close(self) -> None:
+        await _end_process(self.proc)
+
+
+async def _end_process(proc: asyncio.subprocess.Process | None) -> None:
+    if proc is None or proc.returncode is not None:
+        return
+    proc.terminate()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(proc.wait(), 5)
+    if proc.returncode is None:
+        proc.kill()
+        await proc.wait()
+
+
+def _split(calls: int, workers: int) -> list[int]:
+    """Calls per worker, as even as they come (the controller's placement: least loaded first)."""
+    return [calls // workers + (1 if i < calls % workers else 0) for i in range(workers)]
+
+
 async def _bench(
-    calls: int, seconds: float, loss: float, jitter_ms: float, aligned: bool = False
+    calls: int, seconds: float, loss: float, jitter_ms: float, aligned: bool = False, workers: int = 1,
+    junk_pps: float = 0.0,
 ) -> dict[str, Any]:
     engine_proc, url = await _start_engine_process(calls)
     legs_proc: asyncio.subprocess.Process | None = None
-    medias: list[CallMedia] = []
-    engines: list[EngineSession] = []
+    in_process = workers <= 1
+    shares: list[_BridgeShare | _WorkerShare] = []
+    first = 0
+    for n in _split(calls, max(1, workers)):
+        shares.append(_BridgeShare(url, n, first) if in_process else _WorkerShare(url, n, first))
+        first += n
     try:
-        for i in range(calls):
-            engines.append(await EngineSession.open(url, None, f"bench-{i}"))
-            medias.append(CallMedia(_bridge_settings(), engines[-1], f"bench-{i}"))
-        bridge_ports = [(await m.bind())[1] for m in medias]
+        share_ports = await asyncio.gather(*(share.open() for share in shares))
+        bridge_ports = [port for ports in share_ports for port in ports]
         legs_proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "admin_cli.media_cmds",
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
@@ -205,89 +318,117 @@ async def _bench(
         )
         assert legs_proc.stdin is not None and legs_proc.stdout is not None
         config = {"ports": bridge_ports, "seconds": seconds, "loss": loss, "jitter_ms": jitter_ms,
-                  "aligned": aligned}
+                  "aligned": aligned, "junk_pps": junk_pps}
         legs_proc.stdin.write((json.dumps(config) + "\n").encode())
         await legs_proc.stdin.drain()
         leg_ports = await _read_json_line(legs_proc.stdout)
-        for media, port in zip(medias, leg_ports, strict=True):
-            media.lock_remote("127.0.0.1", port)
-        freeze_startup_heap()
-        runs = [asyncio.create_task(m.run()) for m in medias]
+        pos = 0
+        for share, ports in zip(shares, share_ports, strict=True):
+            share.lock(leg_ports[pos : pos + len(ports)])
+            pos += len(ports)
+        for share in shares:
+            if isinstance(share, _WorkerShare):
+                await share.start_async()
+            else:
+                share.start()
         children = {"engine": engine_proc.pid, "legs": legs_proc.pid}
         child_cpu0 = {name: _proc_cpu_s(pid) for name, pid in children.items()}
-        cpu0, wall0 = time.process_time(), time.monotonic()
+        wall0 = time.monotonic()
         legs_proc.stdin.write(b"go\n")
         await legs_proc.stdin.drain()
         await _read_json_line(legs_proc.stdout)  # every leg has stopped sending: the callers hang up
-        cpu = time.process_time() - cpu0
         wall = time.monotonic() - wall0
         child_cpu = {name: _proc_cpu_s(pid) - child_cpu0[name] for name, pid in children.items()}
         # All at once, as a hang-up would: calls left running while the legs write their report would measure
         # the bridge beside a legs process busy with that, not beside callers.
-        await asyncio.gather(*(m.stop() for m in medias))
-        reasons = await asyncio.gather(*runs)
+        results = await asyncio.gather(*(share.stop() for share in shares))
         legs = await _read_json_line(legs_proc.stdout)
         child_cpu["legs"] = float(legs.get("cpu_s", child_cpu["legs"]))
     finally:
-        for m in medias:
-            await m.stop()
-        for e in engines:
-            await e.close()
-        for proc in (legs_proc, engine_proc):
-            if proc is not None and proc.returncode is None:
-                proc.terminate()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(proc.wait(), 5)
-                if proc.returncode is None:
-                    proc.kill()
-                    await proc.wait()
-    stats: list[MediaStats] = [m.stats for m in medias]
-    added = merge_histograms(stats, "added_latency_ms")
-    jitter_delay = merge_histograms(stats, "jitter_delay_ms")
+        for share in shares:
+            await share.close()
+        await _end_process(legs_proc)
+        await _end_process(engine_proc)
+    report = _bench_report(calls, seconds, loss, jitter_ms, aligned, workers, results, legs, wall, child_cpu)
+    report["junk_pps_per_call"] = junk_pps
+    report["junk_dropped"] = sum(r["junk_dropped"] for r in results)
+    report["junk_floods"] = sum(r["counters"]["junk_floods"] for r in results)
+    report["rtp_in"] = sum(r["counters"]["rtp_in"] for r in results)
+    return report
+
+
+def _largest(values: list[float]) -> float | None:
+    """The value furthest from zero (sign kept), rounded; None for none."""
+    if not values:
+        return None
+    furthest = max(values, key=lambda v: abs(float(v)))
+    return round(float(furthest), 2)
+
+
+def _bench_report(
+    calls: int, seconds: float, loss: float, jitter_ms: float, aligned: bool, workers: int,
+    results: list[dict[str, Any]], legs: dict[str, Any], wall: float, child_cpu: dict[str, float],
+) -> dict[str, Any]:
+    hist: dict[str, Histogram] = {}
+    for name in _HISTOGRAMS:
+        hist[name] = Histogram()
+        for r in results:
+            hist[name].merge(Histogram.from_sparse(r["histograms"][name]))
+    count = {name: sum(r["counters"][name] for r in results) for name in _COUNTERS}
     pacing = Histogram()
     for value in legs["pacing_jitter_ms"]:
         pacing.add(value)
-    carried = sum(
-        1 for m, r in zip(medias, reasons, strict=True) if r == "stopped" and m.stats.frames_from_engine
-    )
+    end_vs_start: list[float] = [v for r in results for v in r["round_trip_end_vs_start_ms"] if v is not None]
+    cpu_percent = 100.0 * sum(r["cpu_s"] for r in results) / wall
     return {
         "calls": calls,
-        "calls_carried": carried,
+        "calls_carried": sum(r["carried"] for r in results),
+        "workers": max(1, workers),
         "seconds": seconds,
         "loss": loss,
         "jitter_ms": jitter_ms,
         "call_phases": "aligned" if aligned else "staggered",
-        "added_latency_p50_ms": round(added.percentile(50), 2),
-        "added_latency_p99_ms": round(added.percentile(99), 2),
-        "latency_in_p99_ms": round(merge_histograms(stats, "latency_in_ms").percentile(99), 2),
-        "latency_out_p99_ms": round(merge_histograms(stats, "latency_out_ms").percentile(99), 2),
-        "jitter_buffer_delay_p50_ms": round(jitter_delay.percentile(50), 2),
-        "jitter_buffer_delay_p99_ms": round(jitter_delay.percentile(99), 2),
+        "added_latency_p50_ms": round(hist["added_latency_ms"].percentile(50), 2),
+        "added_latency_p99_ms": round(hist["added_latency_ms"].percentile(99), 2),
+        "latency_in_p99_ms": round(hist["latency_in_ms"].percentile(99), 2),
+        "latency_out_p99_ms": round(hist["latency_out_ms"].percentile(99), 2),
+        "jitter_buffer_delay_p50_ms": round(hist["jitter_delay_ms"].percentile(50), 2),
+        "jitter_buffer_delay_p99_ms": round(hist["jitter_delay_ms"].percentile(99), 2),
         "pacing_jitter_p99_ms": round(pacing.percentile(99), 3),
         "pacing_jitter_max_ms": round(pacing.max_seen_ms, 3),
         # How late the bridge's own pacer woke for its deadlines (event-loop lag), p99 over all packets.
-        "send_lateness_p99_ms": round(merge_histograms(stats, "send_lateness_ms").percentile(99), 3),
-        "lost_frames": sum(s.engine_frames_lost for s in stats),
+        "send_lateness_p99_ms": round(hist["send_lateness_ms"].percentile(99), 3),
+        "lost_frames": count["engine_frames_lost"],
         "lost_packets": legs["sequence_gaps"],
         "rtp_timestamp_errors": legs["timestamp_errors"],
         "rtp_timestamp_drift_ms_max": round(legs["timestamp_drift_ms_max"], 3),
-        "frames_to_engine": sum(s.frames_to_engine for s in stats),
-        "frames_from_engine": sum(s.frames_from_engine for s in stats),
-        "output_underruns": sum(s.rtp_out_silence for s in stats),
-        "output_resyncs": sum(s.rtp_out_resyncs for s in stats),
-        "output_expanded": sum(s.rtp_out_expanded for s in stats),
-        "output_shrunk": sum(s.rtp_out_shrunk for s in stats),
-        "output_late_dropped": sum(s.rtp_out_late_dropped for s in stats),
-        "output_waited": sum(s.rtp_out_waited for s in stats),
-        "output_wait_expired": sum(s.rtp_out_wait_expired for s in stats),
-        "margins_unobserved": sum(s.margins_unobserved for s in stats),
-        "output_packets": sum(s.rtp_out for s in stats),
-        "pacer_skipped": sum(s.rtp_out_skipped for s in stats),
-        "cpu_percent": round(100.0 * cpu / wall, 1),
+        "frames_to_engine": count["frames_to_engine"],
+        "frames_from_engine": count["frames_from_engine"],
+        "output_underruns": count["rtp_out_silence"],
+        "output_resyncs": count["rtp_out_resyncs"],
+        # Slots inserted into calls' output timelines (late frames played whole), won back, and kept.
+        "output_expanded": count["rtp_out_expanded"],
+        "output_shrunk": count["rtp_out_shrunk"],
+        "output_kept": count["rtp_out_kept"],
+        "output_late_dropped": count["rtp_out_late_dropped"],
+        "output_waited": count["rtp_out_waited"],
+        "output_wait_expired": count["rtp_out_wait_expired"],
+        "margins_unobserved": count["margins_unobserved"],
+        "output_packets": count["rtp_out"],
+        "pacer_skipped": count["rtp_out_skipped"],
+        # Each call's round trip inside the bridge (first packet of a frame in -> its answer's first packet
+        # out), median of its last 2 s minus its first 2 s: delay gained and never given back.
+        "round_trip_end_vs_start_ms_max": _largest(end_vs_start),
+        "round_trip_end_vs_start_ms_mean": round(sum(end_vs_start) / len(end_vs_start), 2)
+        if end_vs_start else None,
+        "cpu_percent": round(cpu_percent, 1),
+        "cpu_percent_per_call": round(cpu_percent / calls, 3),
+        # (of which in the kernel: system calls, and on loopback the far end's receive path too)
+        "cpu_system_percent": round(100.0 * sum(r["cpu_system_s"] for r in results) / wall, 1),
         "engine_cpu_percent": round(100.0 * child_cpu["engine"] / wall, 1),
         "legs_cpu_percent": round(100.0 * child_cpu["legs"] / wall, 1),
-        "cpu_note": "cpu_percent: the bridge process alone (engine and legs run in their own processes); "
-        "100 = one core",
+        "cpu_note": "cpu_percent: the bridge process(es) alone, all workers together (engine and legs run in "
+        "their own processes); 100 = one core",
         "load_average_1m": round(os.getloadavg()[0], 2),
     }
 
@@ -299,12 +440,17 @@ async def _bench(
 @click.option("--jitter-ms", type=click.FloatRange(0, 500), default=0.0, help="Send jitter the legs inject.")
 @click.option("--aligned", is_flag=True, help="Start every call's RTP at the same instant (worst case: all "
               "calls' packets and 80 ms frames in lockstep) instead of at phases spread over one frame.")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Bridge media processes sharing the calls (1: the calls run in this process).")
+@click.option("--junk-pps", type=click.FloatRange(0, 100000), default=0.0,
+              help="Spoofed junk datagrams a second each leg sends from its own address (the call's source).")
 @click.option("--json", "as_json", is_flag=True)
 def bench_media(
-    calls: int, seconds: float, loss: float, jitter_ms: float, aligned: bool, as_json: bool
+    calls: int, seconds: float, loss: float, jitter_ms: float, aligned: bool, workers: int, junk_pps: float,
+    as_json: bool,
 ) -> None:
-    """N simultaneous simulated calls through one bridge process and the echo engine."""
-    result = asyncio.run(_bench(calls, seconds, loss, jitter_ms, aligned))
+    """N simultaneous simulated calls through the bridge (one process, or --workers) and the echo engine."""
+    result = asyncio.run(_bench(calls, seconds, loss, jitter_ms, aligned, workers, junk_pps))
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -317,7 +463,12 @@ def bench_media(
         f"{result['pacing_jitter_p99_ms']} ms (max {result['pacing_jitter_max_ms']} ms; bridge wake-up "
         f"lateness p99 {result['send_lateness_p99_ms']} ms); lost frames "
         f"{result['lost_frames']}, lost packets {result['lost_packets']}, timestamp errors "
-        f"{result['rtp_timestamp_errors']}\nCPU (100 = one core): bridge {result['cpu_percent']} %, engine "
+        f"{result['rtp_timestamp_errors']}\noutput slots inserted {result['output_expanded']}, won back "
+        f"{result['output_shrunk']}, kept {result['output_kept']}; round trip end - start: max "
+        f"{result['round_trip_end_vs_start_ms_max']} ms, mean "
+        f"{result['round_trip_end_vs_start_ms_mean']} ms\n"
+        f"CPU (100 = one core): bridge {result['cpu_percent']} % ({result['workers']} process(es), "
+        f"{result['cpu_percent_per_call']} % a call), engine "
         f"{result['engine_cpu_percent']} %, legs {result['legs_cpu_percent']} %; load average "
         f"{result['load_average_1m']}"
     )
@@ -342,7 +493,7 @@ async def _legs_main() -> None:
     reorder = 0.02 if config["jitter_ms"] else 0.0
     legs = [
         SimLeg(("127.0.0.1", port), audio, loss=config["loss"], jitter_ms=config["jitter_ms"],
-               reorder=reorder, seed=i)
+               reorder=reorder, junk_pps=config.get("junk_pps", 0.0), seed=i)
         for i, port in enumerate(config["ports"])
     ]
     try:
@@ -377,5 +528,23 @@ async def _legs_main() -> None:
             leg.close()
 
 
+async def _worker_main() -> None:
+    """A bridge worker of the benchmark: config, its ports out; leg ports in; "stop"; its numbers out."""
+    reader = asyncio.StreamReader()
+    loop = asyncio.get_running_loop()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    config = json.loads(await reader.readline())
+    share = _BridgeShare(config["url"], config["calls"], config["first"])
+    try:
+        print(json.dumps(await share.open()), flush=True)
+        share.lock(json.loads(await reader.readline()))
+        share.start()
+        print(json.dumps("running"), flush=True)
+        await reader.readline()  # "stop"
+        print(json.dumps(await share.stop()), flush=True)
+    finally:
+        await share.close()
+
+
 if __name__ == "__main__":
-    asyncio.run(_legs_main())
+    asyncio.run(_worker_main() if sys.argv[1:] == ["worker"] else _legs_main())

@@ -46,6 +46,7 @@ from bridge.call_deps import CallInfo, CallSink, CapacityGate
 from bridge.config import Settings
 from bridge.engine_client import EngineError, EngineFull, EngineRefused, EngineSession
 from bridge.http_guard import check_origin, talk_origins
+from bridge.media.prometheus import MEDIA_METRICS
 from bridge.safe_json import BadJson, parse_json_object
 from bridge.talk_token import BadTalkToken, TalkGrant, verify
 from engine.protocol import FRAME_SAMPLES, SAMPLE_RATE, AudioFrame, Closed, Error, Lag, PersonaParams, Text
@@ -297,6 +298,7 @@ async def _run_talk(
     ws: web.WebSocketResponse, engine: EngineSession, info: CallInfo, persona: PersonaParams, sink: CallSink
 ) -> None:
     sink.started(info)
+    MEDIA_METRICS.browser_talk_started()
     started = time.monotonic()
     stats = _TalkStats()
     cause = "error"
@@ -312,6 +314,7 @@ async def _run_talk(
         summary = {"channel": "browser", "duration_s": round(time.monotonic() - started, 3),
                    "frames_in": stats.frames_in, "frames_out": stats.frames_out}
         sink.ended(info.call_id, cause, summary, "".join(stats.texts), "")
+        MEDIA_METRICS.browser_talk_ended()
 
 
 async def _relay(ws: web.WebSocketResponse, engine: EngineSession, stats: _TalkStats) -> str:

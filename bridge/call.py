@@ -35,7 +35,8 @@ from bridge.ari.models import (
     StasisEnd,
     StasisStart,
 )
-from bridge.call_deps import CallInfo, CallRoute, EngineLink, EngineRefused, MediaLink
+from bridge.backoff import Backoff
+from bridge.call_deps import CallInfo, CallRoute, EngineCannotTakeCall, EngineLink, MediaLink
 
 if TYPE_CHECKING:
     from bridge.controller import CallController
@@ -255,7 +256,7 @@ class Call:
             await self._refuse(info, "capacity_full", ctl.settings.ari.refuse_reason)
         try:
             self.engine = await ctl.deps.open_engine(self.route.persona, self.id)
-        except EngineRefused as exc:
+        except EngineCannotTakeCall as exc:
             await self._refuse(info, exc.reason, "congestion")
         ctl.deps.sink.started(info)
         ready = getattr(self.engine, "ready", None)
@@ -300,6 +301,7 @@ class Call:
         ctl.deps.sink.event(self.id, "media_up", {"rtp_remote": f"{host}:{port}", "local_port": local_port})
 
     async def _add_channels(self) -> None:
+        backoff = Backoff(0.02, 0.08)
         for attempt in range(ADD_CHANNEL_RETRIES):
             try:
                 await self.ctl.ari.add_channel(self.bridge_id, [self.id, self.media_channel_id])
@@ -307,7 +309,7 @@ class Call:
             except AriUnprocessable:
                 if attempt == ADD_CHANNEL_RETRIES - 1:
                     raise
-                await asyncio.sleep(0.02 * (attempt + 1))
+                await asyncio.sleep(backoff.next_delay())
 
     async def _refuse(self, info: CallInfo, reason: str, hangup_reason: str) -> None:
         """Refuse BEFORE answering: the caller hears busy (486) or congestion (503)."""

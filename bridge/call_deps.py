@@ -7,11 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
+from bridge.state.models import DEFAULT_DTMF_ACTIONS
 from engine.protocol import PersonaParams
-
-DEFAULT_DTMF_ACTIONS: dict[str, str] = {"0": "transfer", "#": "hangup"}
 
 
 @dataclass(frozen=True)
@@ -21,8 +20,9 @@ class CallRoute:
     did: str
     persona: PersonaParams = field(default_factory=PersonaParams)
     transfer_target: str | None = None
+    # digit -> transfer | hangup | hold | engine; digits not here go to the engine as events.
     dtmf_actions: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_DTMF_ACTIONS))
-    source: str = "default"
+    source: Literal["db", "cache", "default"] = "default"
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ class MediaLink(Protocol):
     async def stop(self) -> None: ...
 
 
-class EngineRefused(Exception):
+class EngineCannotTakeCall(Exception):
     """The engine cannot take this call: ``reason`` is "engine_full" or "engine_unavailable"."""
 
     def __init__(self, reason: str, detail: str = "") -> None:

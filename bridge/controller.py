@@ -22,6 +22,7 @@ from bridge.ari.models import AriEvent, Channel, ChannelEvent, PlaybackFinished,
 from bridge.call import BRIDGE_PREFIX, MEDIA_CHANNEL_PREFIX, Call
 from bridge.call_deps import CallDeps, CallRoute
 from bridge.config import Settings
+from bridge.media.prometheus import MEDIA_METRICS
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class ControllerMetrics:
         self.reconciles = Counter(
             "aziza_ari_reconcile_total", "Reconciliations after (re)connect", ["result"], registry=r
         )
+        r.register(MEDIA_METRICS)  # the media path's numbers (bridge/media/prometheus.py)
 
 
 @dataclass

@@ -40,8 +40,7 @@ class DbRoutes:
         self.resolver = resolver
 
     async def resolve(self, did: str) -> CallRoute:
-        r = await self.resolver.resolve(did)
-        return CallRoute(r.did, r.persona, r.transfer_target, dict(r.dtmf_actions), r.source)
+        return await self.resolver.resolve(did)
 
 
 class RedisCapacity:

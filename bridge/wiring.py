@@ -13,9 +13,9 @@ from aiohttp import web
 
 from bridge.call_deps import (
     CallDeps,
+    EngineCannotTakeCall,
     EngineLink,
     EngineOpener,
-    EngineRefused,
     MediaFactory,
     MediaLink,
 )
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 def engine_opener(engines: str | EnginePool, *, timeout_s: float = 5.0) -> EngineOpener:
     """Open an engine session per call (on the pool's best engine); every engine full or unreachable
-    becomes ``EngineRefused`` so the call is refused (congestion) before it is answered."""
+    becomes ``EngineCannotTakeCall`` so the call is refused (congestion) before it is answered."""
     from bridge.engine_client import EngineError, EngineFull
     from bridge.engine_pool import EnginePool
 
@@ -43,9 +43,9 @@ def engine_opener(engines: str | EnginePool, *, timeout_s: float = 5.0) -> Engin
         try:
             return await pool.open(persona, call_id)
         except EngineFull as exc:
-            raise EngineRefused("engine_full", str(exc)) from exc
+            raise EngineCannotTakeCall("engine_full", str(exc)) from exc
         except EngineError as exc:
-            raise EngineRefused("engine_unavailable", str(exc)) from exc
+            raise EngineCannotTakeCall("engine_unavailable", str(exc)) from exc
 
     return open_engine
 

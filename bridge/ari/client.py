@@ -24,7 +24,6 @@ from urllib.parse import quote
 
 import aiohttp
 
-from bridge.ari.backoff import Backoff
 from bridge.ari.errors import AriError, AriUnavailable, error_for_status
 from bridge.ari.models import (
     AriEvent,
@@ -35,6 +34,7 @@ from bridge.ari.models import (
     UnknownEvent,
     parse_event,
 )
+from bridge.backoff import Backoff
 from bridge.config import AriSettings
 
 log = logging.getLogger(__name__)

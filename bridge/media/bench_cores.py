@@ -1,55 +1,82 @@
-"""Per-packet CPU cost of the sans-IO media cores: `.venv/bin/python -m bridge.media.bench_cores`."""
+"""CPU of one call's sans-IO media work, per second of call: `.venv/bin/python -m bridge.media.bench_cores`.
+
+Runs the call path's own cores on virtual time (no sockets, no event loop): RTP datagrams through
+:class:`~bridge.media.inbound.InboundPath` (parse, jitter buffer, decode, FIR 8k→24k, framing) and engine
+frames through the output conversion (FIR 24k→8k, µ-law, levels) and
+:class:`~bridge.media.outbound.OutputTimeline` (grid, slot buffer, RTP). Prints microseconds per
+call-second and what that is in % of a core per call; the
+I/O around it (syscalls, the engine WebSocket, the event loop) is what ``aziza-admin bench media`` adds.
+"""
+
+from __future__ import annotations
+
+import audioop
 import random
 import time
+from collections.abc import Callable
 
 import numpy as np
 
 from bridge.media.assets import load_speech_8k
-from bridge.media.codecs import codec_for_payload_type, float32_to_pcm16, ulaw_encode
-from bridge.media.framing import FrameAccumulator, PacketSplitter
-from bridge.media.jitter import JitterBuffer
-from bridge.media.resample import StreamResampler
-from bridge.media.rtp import RtpSender, parse_rtp
+from bridge.media.codecs import float32_to_pcm16, ulaw_encode
+from bridge.media.fir_resample import FirResampler
+from bridge.media.framing import PacketSplitter
+from bridge.media.inbound import InboundPath
+from bridge.media.metrics import LatencyLedger, MediaStats
+from bridge.media.outbound import OutputTimeline
+from bridge.media.rtp import PT_PCMU, RtpSender
 
-s = load_speech_8k()
-chunks = [ulaw_encode(s[i : i + 160]) for i in range(0, len(s) // 160 * 160, 160)]
-N = 20000
-snd = RtpSender(0, rng=random.Random(1))
-dgrams = [snd.next_packet(chunks[i % len(chunks)], 160) for i in range(N)]
-pk = [parse_rtp(d) for d in dgrams]
+SECONDS = 20.0
+SOURCE = ("127.0.0.1", 4000)
 
 
-def bench(name, fn):
-    t = time.perf_counter()
+def _datagrams(seconds: float) -> list[bytes]:
+    speech = np.tile(load_speech_8k(), 1 + int(seconds * 8000) // len(load_speech_8k()))
+    sender = RtpSender(PT_PCMU, rng=random.Random(1))
+    chunks = [speech[i * 160 : (i + 1) * 160] for i in range(int(seconds * 50))]
+    return [sender.next_packet(ulaw_encode(chunk), 160) for chunk in chunks]
+
+
+def inbound(datagrams: list[bytes]) -> None:
+    path = InboundPath(MediaStats(), now=0.0)
+    path.remote = SOURCE
+    for k, data in enumerate(datagrams):
+        now = k * 0.020 + 0.0003
+        path.on_datagram(data, SOURCE, now)
+        path.poll(now)
+
+
+def outbound(frames: list[np.ndarray]) -> None:
+    stats = MediaStats()
+    timeline = OutputTimeline(stats, LatencyLedger(stats))
+    down, splitter = FirResampler(24000, 8000), PacketSplitter()
+    for n, frame in enumerate(frames):
+        now = n * 0.080 + 0.010
+        chunks = splitter.push(float32_to_pcm16(down.process(frame)))
+        payloads = [ulaw_encode(c) for c in chunks]
+        levels = [audioop.rms(c.tobytes(), 2) for c in chunks]
+        timeline.on_frame(n, payloads, levels, now)
+        for j in range(4):
+            deadline = timeline.next_deadline()
+            if deadline is not None and deadline < now + 0.080 and j < 4:
+                timeline.poll(deadline, input_frames_sent=n + 1)
+
+
+def bench(name: str, seconds: float, fn: Callable[[], None]) -> None:
+    start = time.process_time()
     fn()
-    print(f"{name:40s} {(time.perf_counter() - t) / N * 1e6:7.2f} us/packet")
+    per_call_second_us = (time.process_time() - start) / seconds * 1e6
+    core_percent = per_call_second_us / 1e4
+    print(f"{name:44s} {per_call_second_us:8.1f} us per call-second = {core_percent:6.3f} % of a core")
 
 
-def inbound():
-    jb, c = JitterBuffer(), codec_for_payload_type(0)
-    up, fa = StreamResampler(8000, 24000), FrameAccumulator()
-    for i, d in enumerate(dgrams):
-        jb.push(parse_rtp(d), i * 0.02 + 0.003)
-        sl = jb.pop(i * 0.02 + 0.005)
-        fa.push(up.process(c.decode(sl.payload) if sl.payload is not None else c.conceal()))
+def main() -> None:
+    datagrams = _datagrams(SECONDS)
+    rng = np.random.default_rng(1)
+    frames = [rng.uniform(-0.3, 0.3, 1920).astype(np.float32) for _ in range(int(SECONDS * 12.5))]
+    bench("inbound (parse, jitter, decode, 8k->24k, frames)", SECONDS, lambda: inbound(datagrams))
+    bench("outbound (24k->8k, ulaw, levels, timeline, RTP)", SECONDS, lambda: outbound(frames))
 
 
-def outbound():
-    dn, sp, tx, x = StreamResampler(24000, 8000), PacketSplitter(), RtpSender(0), np.zeros(1920, np.float32)
-    for _ in range(N // 4):
-        for ch in sp.push(float32_to_pcm16(dn.process(x))):
-            tx.next_packet(ulaw_encode(ch), 160)
-
-
-bench("build (RtpSender.next_packet)", lambda: [snd.next_packet(chunks[0], 160) for _ in range(N)])
-bench("parse_rtp", lambda: [parse_rtp(d) for d in dgrams])
-def jitter_only() -> None:
-    jb = JitterBuffer()
-    for i, p in enumerate(pk):
-        jb.push(p, i * 0.02 + 0.003)
-        jb.pop(i * 0.02 + 0.005)
-
-
-bench("jitter push+pop", jitter_only)
-bench("inbound: parse+jitter+decode+8k->24k+frame", inbound)
-bench("outbound: 24k->8k+split+ulaw+RTP", outbound)
+if __name__ == "__main__":
+    main()

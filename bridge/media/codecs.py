@@ -13,6 +13,7 @@ concealment signal so that the boundary does not click.
 from __future__ import annotations
 
 import audioop
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,7 +52,8 @@ def _as_int16(pcm: npt.ArrayLike) -> Int16Array:
 
 
 def ulaw_decode(payload: bytes) -> Int16Array:
-    return np.frombuffer(audioop.ulaw2lin(payload, 2), dtype=np.int16).copy()
+    """(A read-only view on the decoded bytes: no copy. Nothing downstream writes into it.)"""
+    return np.frombuffer(audioop.ulaw2lin(payload, 2), dtype=np.int16)
 
 
 def ulaw_encode(pcm: Int16Array) -> bytes:
@@ -59,7 +61,7 @@ def ulaw_encode(pcm: Int16Array) -> bytes:
 
 
 def alaw_decode(payload: bytes) -> Int16Array:
-    return np.frombuffer(audioop.alaw2lin(payload, 2), dtype=np.int16).copy()
+    return np.frombuffer(audioop.alaw2lin(payload, 2), dtype=np.int16)
 
 
 def alaw_encode(pcm: Int16Array) -> bytes:
@@ -101,7 +103,10 @@ class LossConcealer:
 
     def __init__(self, sample_rate: int) -> None:
         self.sample_rate = sample_rate
-        self._history: Int16Array = np.zeros(0, dtype=np.int16)
+        # The last chunks heard, newest last, enough for HISTORY_MS: joined only when a loss starts (joining
+        # on every 20 ms chunk was a numpy concatenation per packet for a history rarely used).
+        self._chunks: deque[Int16Array] = deque()
+        self._chunks_len = 0
         self._period: Float32Array | None = None  # one pitch period being repeated
         self._phase = 0  # position in the period of the next concealed sample
         self._concealed = 0  # consecutive concealed samples so far
@@ -153,7 +158,7 @@ class LossConcealer:
         if n_samples <= 0:
             return np.zeros(0, dtype=np.int16)
         if self._concealed == 0:
-            hist = self._history.astype(np.float32)
+            hist = self._history().astype(np.float32)
             if len(hist) == 0 or not np.any(hist):
                 self._period = None
             else:
@@ -180,8 +185,18 @@ class LossConcealer:
         self._concealed = 0
         self._period = None
         keep = int(self.HISTORY_MS * self._ms)
-        self._history = np.concatenate([self._history, pcm])[-keep:]
+        self._chunks.append(pcm)
+        self._chunks_len += len(pcm)
+        while self._chunks_len - len(self._chunks[0]) >= keep:
+            self._chunks_len -= len(self._chunks.popleft())
         return pcm
+
+    def _history(self) -> Int16Array:
+        """The last HISTORY_MS heard (less at the start of the stream)."""
+        keep = int(self.HISTORY_MS * self._ms)
+        if not self._chunks:
+            return np.zeros(0, dtype=np.int16)
+        return np.concatenate(list(self._chunks))[-keep:]
 
 
 @dataclass(frozen=True, slots=True)

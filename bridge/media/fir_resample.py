@@ -27,8 +27,8 @@ def _lowpass(cutoff: float, taps: int, beta: float) -> npt.NDArray[np.float64]:
 
 
 class FirResampler:
-    """Streaming ``in_rate`` → ``out_rate`` for small rational ratios; same calling convention as
-    ``bridge.media.resample.StreamResampler`` (int16 or float in, float32 out in [-1, 1] scale)."""
+    """Streaming ``in_rate`` → ``out_rate`` for small rational ratios (int16 or float in, float32 out in
+    [-1, 1] scale)."""
 
     def __init__(self, in_rate: int, out_rate: int, *, taps_per_phase: int = 48, beta: float = 8.0) -> None:
         if in_rate <= 0 or out_rate <= 0:

@@ -20,20 +20,84 @@ by the last :meth:`release`, so no descriptor outlives the calls that used it.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import heapq
 import itertools
 import logging
 import os
+import sys
 import time
 import weakref
 from collections.abc import Callable
 
-from bridge.media.precise_timer import arm_timerfd, open_timerfd
-
 log = logging.getLogger(__name__)
 
-# A deadline this close ahead is served now rather than arming the timer for it (the wake-up costs more).
-COALESCE_S = 30e-6
+# -- Linux timerfd through ctypes: asyncio's own timers round epoll timeouts up to whole milliseconds and wake
+# 0-1.3 ms late, which alone breaks a 1 ms pacing p99; a timerfd armed on an absolute CLOCK_MONOTONIC
+# deadline (the clock time.monotonic reads) wakes the loop through epoll within tens of microseconds.
+
+_CLOCK_MONOTONIC = 1
+_TFD_NONBLOCK = 0o4000
+_TFD_CLOEXEC = 0o2000000
+_TFD_TIMER_ABSTIME = 1
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class _Itimerspec(ctypes.Structure):
+    _fields_ = [("it_interval", _Timespec), ("it_value", _Timespec)]
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        libc.timerfd_create.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.timerfd_settime.argtypes = [
+            ctypes.c_int, ctypes.c_int, ctypes.POINTER(_Itimerspec), ctypes.c_void_p,
+        ]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _load_libc()
+
+
+def open_timerfd() -> int:
+    """A non-blocking CLOCK_MONOTONIC timerfd, or -1 where there is none (not Linux); the caller closes it."""
+    if _LIBC is None:
+        return -1
+    fd = int(_LIBC.timerfd_create(_CLOCK_MONOTONIC, _TFD_NONBLOCK | _TFD_CLOEXEC))
+    return fd if fd >= 0 else -1
+
+
+_SPEC = _Itimerspec()  # reused: arm_timerfd runs on the event loop's thread only
+_SPEC_REF = ctypes.byref(_SPEC)
+_SETTIME = _LIBC.timerfd_settime if _LIBC is not None else None
+
+
+def arm_timerfd(fd: int, deadline: float) -> bool:
+    """Arm ``fd`` to expire once at ``deadline`` (time.monotonic scale); False if the kernel refused."""
+    if _SETTIME is None or fd < 0:
+        return False
+    deadline = max(deadline, 1e-6)  # an all-zero it_value would disarm the timer instead
+    sec = int(deadline)
+    value = _SPEC.it_value
+    value.tv_sec = sec
+    value.tv_nsec = int((deadline - sec) * 1e9)
+    return bool(_SETTIME(fd, _TFD_TIMER_ABSTIME, _SPEC_REF, None) == 0)
+
+
+
+# A deadline this close ahead is served now rather than arming the timer for it: with many calls, the sends
+# of those whose ticks fall within it share one wake-up (each costs an epoll round, a read and a re-arm), for
+# at most this much of pacing error.
+COALESCE_S = 200e-6
 BEHIND_MEMORY_S = 0.080  # a lag is remembered this long (a frame's worth: what arrives just after it is late)
 
 
@@ -57,7 +121,8 @@ _shared: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, MediaClock] = weak
 class MediaClock:
     """See the module docstring. One per event loop: :meth:`shared` gives the running loop's."""
 
-    def __init__(self) -> None:
+    def __init__(self, now: Callable[[], float] = time.monotonic) -> None:
+        self._now = now  # time.monotonic; tests give a virtual clock
         self._heap: list[tuple[float, int, ClockHandle]] = []
         self._order = itertools.count()  # ties broken by scheduling order
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -143,7 +208,7 @@ class MediaClock:
     def run_due(self) -> None:
         """Run every callback whose deadline has come; cheap when none has. Re-entrant calls are no-ops."""
         heap = self._heap
-        if self._in_run or not heap or heap[0][0] > time.monotonic() + COALESCE_S:
+        if self._in_run or not heap or heap[0][0] > self._now() + COALESCE_S:
             return
         self._in_run = True
         try:
@@ -152,7 +217,7 @@ class MediaClock:
                 if handle.cancelled:
                     heapq.heappop(heap)
                     continue
-                if deadline > time.monotonic() + COALESCE_S:
+                if deadline > self._now() + COALESCE_S:
                     break
                 heapq.heappop(heap)
                 self.callbacks_run += 1
@@ -170,6 +235,24 @@ class MediaClock:
         else:
             self._armed_at = None
 
+    async def sleep_until(self, deadline: float) -> None:
+        """Sleep until ``deadline`` (time.monotonic scale) on this clock (acquire() it first)."""
+        if deadline <= self._now():
+            await asyncio.sleep(0)
+            return
+        assert self._loop is not None
+        woken: asyncio.Future[None] = self._loop.create_future()
+
+        def wake() -> None:
+            if not woken.done():
+                woken.set_result(None)
+
+        handle = self.call_at(deadline, wake)
+        try:
+            await woken
+        finally:
+            handle.cancel()
+
     def behind(self, now: float) -> float:
         """The worst lag (seconds) the event loop ran with in the last ``BEHIND_MEMORY_S`` before ``now`` (on
         the ``time.monotonic`` scale). A message handled while the loop runs this far behind was received
@@ -179,14 +262,14 @@ class MediaClock:
     def _queue_probe(self) -> None:
         if not self._probe_queued and self._loop is not None and not self._loop.is_closed():
             self._probe_queued = True
-            self._loop.call_soon(self._on_probe, time.monotonic())
+            self._loop.call_soon(self._on_probe, self._now())
 
     def _on_probe(self, queued_at: float) -> None:
         self._probe_queued = False
-        self._note_behind(time.monotonic() - queued_at)
+        self._note_behind(self._now() - queued_at)
 
     def _note_behind(self, lag: float) -> None:
-        at = time.monotonic()
+        at = self._now()
         if lag >= self._behind_s or at - self._behind_at > BEHIND_MEMORY_S:
             self._behind_s, self._behind_at = max(lag, 0.0), at
 
@@ -218,7 +301,7 @@ class MediaClock:
         self.wakeups += 1
         armed_at, self._armed_at = self._armed_at, None  # the expiry is spent: run_due re-arms for the rest
         if armed_at is not None:  # the timer itself served late: the loop was blocked or busy until now
-            self._note_behind(time.monotonic() - armed_at)
+            self._note_behind(self._now() - armed_at)
         self._queue_probe()
         self.run_due()
         if self._heap and self._armed_at is None:

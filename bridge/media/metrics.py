@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from array import array
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,30 @@ class Histogram:
         self.total_ms += other.total_ms
         self.max_seen_ms = max(self.max_seen_ms, other.max_seen_ms)
 
+    @property
+    def raw_counts(self) -> np.ndarray:
+        """The bucket counts (a read-only view, no copy): bucket i holds [i, i+1) x BUCKET_MS."""
+        view = np.frombuffer(self._counts, dtype=np.int64)
+        view.flags.writeable = False
+        return view
+
+    def to_sparse(self) -> dict[str, Any]:
+        """A JSON-able form (non-empty buckets only), for histograms that cross a process boundary."""
+        counts = np.asarray(self._counts)
+        nonzero = np.flatnonzero(counts)
+        return {"max_ms": self.max_ms, "buckets": {int(i): int(counts[i]) for i in nonzero},
+                "total_ms": self.total_ms, "max_seen_ms": self.max_seen_ms}
+
+    @classmethod
+    def from_sparse(cls, data: dict[str, Any]) -> Histogram:
+        hist = cls(float(data["max_ms"]))
+        for idx, count in data["buckets"].items():
+            hist._counts[int(idx)] = int(count)
+            hist.count += int(count)
+        hist.total_ms = float(data["total_ms"])
+        hist.max_seen_ms = float(data["max_seen_ms"])
+        return hist
+
     def percentile(self, q: float) -> float:
         """The q-th percentile (0..100), as the upper edge of its bucket; 0.0 when empty."""
         if self.count == 0:
@@ -59,6 +84,18 @@ class Histogram:
             "max": round(self.max_seen_ms, 3),
             "mean": round(self.total_ms / self.count, 3) if self.count else 0.0,
         }
+
+
+#: Upper bounds of the jitter-buffer depth buckets (packets held as a slot is played); one more: beyond.
+DEPTH_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 10)
+_DEPTH_INDEX = [
+    next((i for i, b in enumerate(DEPTH_BUCKETS) if d <= b), len(DEPTH_BUCKETS)) for d in range(64)
+]
+
+
+def depth_bucket(depth: int) -> int:
+    """The DEPTH_BUCKETS index a jitter-buffer depth counts in."""
+    return _DEPTH_INDEX[depth] if depth < 64 else len(DEPTH_BUCKETS)
 
 
 @dataclass
@@ -87,6 +124,7 @@ class MediaStats:
     rtp_out_late_dropped: int = 0  # engine audio packets that arrived after their slot went out (as silence)
     rtp_out_expanded: int = 0  # slots the output timeline moved later to play slightly late frames whole
     rtp_out_shrunk: int = 0  # quiet slots taken out of the timeline to win those back
+    rtp_out_kept: int = 0  # inserted slots kept instead: the engine's phase had moved later for good
     rtp_out_waited: int = 0  # first packets held back for their frame (LATE_GRACE_S) that it came in time for
     rtp_out_wait_expired: int = 0  # ...and those whose frame did not come in time (silence went out)
     rtp_out_resyncs: int = 0  # engine frame numbering re-anchored on the call's timeline (skips, far ahead)
@@ -99,6 +137,10 @@ class MediaStats:
     added_latency_ms: Histogram = field(default_factory=Histogram)
     jitter_delay_ms: Histogram = field(default_factory=Histogram)
     send_lateness_ms: Histogram = field(default_factory=Histogram)
+    # inbound junk: datagrams dropped (any reason but "held") and the times the budget ran out
+    junk_floods: int = 0
+    # jitter-buffer depth when each slot was played, counted in DEPTH_BUCKETS (the last: beyond them)
+    jitter_depths: array[int] = field(default_factory=lambda: array("q", bytes(8 * (len(DEPTH_BUCKETS) + 1))))
     # algorithmic delay of the two resamplers (what soxr holds back), reported, not timed
     resampler_delay_ms: float = 0.0
     end_reason: str | None = None
@@ -109,9 +151,14 @@ class MediaStats:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for key, value in self.__dict__.items():
-            out[key] = value.summary() if isinstance(value, Histogram) else (
-                dict(value) if isinstance(value, dict) else value
-            )
+            if isinstance(value, Histogram):
+                out[key] = value.summary()
+            elif isinstance(value, dict):
+                out[key] = dict(value)
+            elif isinstance(value, array):
+                out[key] = value.tolist()
+            else:
+                out[key] = value
         out["engine_text"] = "".join(self.engine_text)
         return out
 
@@ -122,3 +169,56 @@ def merge_histograms(stats: list[MediaStats], name: str) -> Histogram:
     for s in stats:
         merged.merge(getattr(s, name))
     return merged
+
+
+class LatencyLedger:
+    """Pairs each input frame handed to the engine with the output frame that answers it (the same sequence
+    number), for the call's latency figures:
+
+    * ``latency_in_ms``, ``latency_out_ms`` and ``added_latency_ms`` in :class:`MediaStats` (see call_media);
+    * the *round trip* of each frame inside the bridge: its first RTP packet's arrival → its answer's first
+      packet sent (jitter buffer, framing, engine, output timeline). The first ``WINDOW`` frames and the last
+      ``WINDOW`` are kept, so that delay the call gained and never gave back shows as end minus start.
+    """
+
+    WINDOW = 25  # frames: 2 s
+    _MAX_PENDING = 64  # input frames the engine never answered are forgotten beyond this
+
+    def __init__(self, stats: MediaStats) -> None:
+        self.stats = stats
+        self._pending: dict[int, tuple[float, float]] = {}  # seq -> (input latency s, first arrival)
+        self.first_round_trips_s: list[float] = []
+        self.last_round_trips_s: deque[float] = deque(maxlen=self.WINDOW)
+
+    def sent(self, seq: int, latency_in_s: float, first_arrival: float) -> None:
+        """Input frame ``seq`` went to the engine ``latency_in_s`` after it was complete; its first packet
+        arrived at ``first_arrival``."""
+        pending = self._pending
+        if len(pending) >= self._MAX_PENDING:
+            pending.pop(next(iter(pending)))
+        pending[seq] = (latency_in_s, first_arrival)
+        self.stats.latency_in_ms.add(latency_in_s * 1000.0)
+
+    def played(self, seq: int, latency_out_s: float, whole: bool, now: float) -> None:
+        """Output frame ``seq``'s first packet left at ``now``, ``latency_out_s`` after the frame arrived;
+        ``whole``: none of its packets was late."""
+        self.stats.latency_out_ms.add(latency_out_s * 1000.0)
+        entry = self._pending.pop(seq, None)
+        if entry is None:
+            return
+        latency_in_s, first_arrival = entry
+        if whole:
+            self.stats.added_latency_ms.add((latency_in_s + latency_out_s) * 1000.0)
+        round_trip = now - first_arrival
+        if len(self.first_round_trips_s) < self.WINDOW:
+            self.first_round_trips_s.append(round_trip)
+        else:
+            self.last_round_trips_s.append(round_trip)
+
+    def round_trip_end_vs_start_ms(self) -> float | None:
+        """Median round trip of the call's last WINDOW frames minus its first WINDOW's (None: too short)."""
+        if len(self.first_round_trips_s) < self.WINDOW or len(self.last_round_trips_s) < self.WINDOW:
+            return None
+        start = float(np.median(self.first_round_trips_s))
+        end = float(np.median(self.last_round_trips_s))
+        return (end - start) * 1000.0

@@ -225,8 +225,17 @@ class RtpSender:
         return pkt
 
     def next_packet(self, payload: bytes, samples: int) -> bytes:
-        """The next packet, serialised."""
-        return build_rtp(self.next_rtp_packet(payload, samples))
+        """The next packet, serialised (the per-packet path: a 12-byte header and the payload, no objects)."""
+        if samples <= 0:
+            raise ValueError(f"samples must be > 0, got {samples}")
+        b1 = self.payload_type | (0x80 if self._marker_next else 0)
+        header = _HEADER.pack(RTP_VERSION << 6, b1, self.sequence, self.timestamp, self.ssrc)
+        self._marker_next = False
+        self.sequence = (self.sequence + 1) % SEQ_MOD
+        self.timestamp = (self.timestamp + samples) % TS_MOD
+        self.packets_sent += 1
+        self.octets_sent += len(payload)
+        return header + payload
 
 
 @dataclass(slots=True)

@@ -35,7 +35,7 @@ import numpy as np
 import soxr
 
 from bridge.media.codecs import alaw_encode, slin16_encode, ulaw_decode, ulaw_encode
-from bridge.media.precise_timer import PreciseTimer
+from bridge.media.media_clock import MediaClock
 from bridge.media.rtp import (
     PT_PCMA,
     PT_PCMU,
@@ -80,6 +80,7 @@ class SimLeg:
         loss: float = 0.0,
         jitter_ms: float = 0.0,
         reorder: float = 0.0,
+        junk_pps: float = 0.0,
         seed: int = 0,
         bind_host: str = "127.0.0.1",
         slin16_payload_type: int = PT_SLIN16,
@@ -91,6 +92,8 @@ class SimLeg:
         self.loss = loss
         self.jitter_s = jitter_ms / 1000.0
         self.reorder = reorder
+        self.junk_pps = junk_pps  # spoofed junk from this leg's own socket, datagrams a second
+        self.junk_sent = 0
         self._rng = random.Random(seed)
         self._bind_host = bind_host
         self._payloads = _packetize(np.asarray(audio_8k, dtype=np.int16), codec)
@@ -174,7 +177,8 @@ class SimLeg:
         if self.remote is None:
             raise RuntimeError("SimLeg has no remote address: call set_remote() first")
         self._stop.clear()
-        timer = PreciseTimer()
+        timer = MediaClock.shared()  # sub-millisecond wake-ups (one timerfd for every leg and call)
+        timer.acquire()
         # (send time, tie-break, datagram): impaired packets may leave out of order.
         pending: list[tuple[float, int, bytes]] = []
         try:
@@ -186,6 +190,8 @@ class SimLeg:
                 if end is not None and due >= end:
                     break
                 self._schedule(k, due, pending)
+                if self.junk_pps:
+                    self._send_junk(int(self.junk_pps * PTIME_S * (k + 1)) - int(self.junk_pps * PTIME_S * k))
                 k += 1
                 next_due = t0 + k * PTIME_S
                 while pending and pending[0][0] < next_due and not self._stop.is_set():
@@ -202,7 +208,7 @@ class SimLeg:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), tail_s)
         finally:
-            timer.close()
+            timer.release()
 
     def _schedule(self, k: int, due: float, pending: list[tuple[float, int, bytes]]) -> None:
         payload = self._payloads[k] if k < len(self._payloads) else self._silence
@@ -226,6 +232,20 @@ class SimLeg:
             self.packets_sent += 1
         except OSError:  # a full socket buffer or an unreachable peer: the packet is lost, the leg goes on
             self.send_errors += 1
+
+    def _send_junk(self, count: int) -> None:
+        """``count`` spoofed datagrams a real stream's receiver must drop: a wrong payload type, a foreign
+        SSRC, a truncated header, a wrong payload size, in turn."""
+        ssrc = self.sender.ssrc
+        kinds = (
+            build_rtp(RtpPacket(96, 1, 0, ssrc, self._silence)),
+            build_rtp(RtpPacket(self.sender.payload_type, 7, 0, (ssrc + 1) % 2**32, self._silence)),
+            build_rtp(RtpPacket(self.sender.payload_type, 1, 0, ssrc, self._silence))[:9],
+            build_rtp(RtpPacket(self.sender.payload_type, 1, 0, ssrc, self._silence[:40])),
+        )
+        for _ in range(count):
+            self._send(kinds[self.junk_sent % len(kinds)])
+            self.junk_sent += 1
 
     def send_raw(self, datagram: bytes) -> None:
         """Send arbitrary bytes from this leg's socket (tests: garbage, replays)."""

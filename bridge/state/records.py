@@ -23,6 +23,8 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from bridge.backoff import Backoff
+
 log = logging.getLogger(__name__)
 
 
@@ -229,7 +231,7 @@ class CallRecorder:
         }
 
     async def _run(self) -> None:
-        backoff = self._backoff_min_s
+        backoff = Backoff(self._backoff_min_s, self._backoff_max_s)
         while True:
             if not self._pending:
                 self._pending.append(await self._queue.get())
@@ -242,8 +244,7 @@ class CallRecorder:
                 self._note_error(exc)
                 self.stats.retries += 1
                 await self._drop_connection()
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self._backoff_max_s)
+                await asyncio.sleep(backoff.next_delay())
                 continue
             except Exception as exc:
                 # The database is up but refuses some row (or a row cannot be encoded): write the batch
@@ -254,12 +255,12 @@ class CallRecorder:
                 except psycopg.OperationalError as down:
                     self._note_error(down)
                     await self._drop_connection()
-                    await asyncio.sleep(backoff)
+                    await asyncio.sleep(backoff.next_delay())
                     continue
             else:
                 self.stats.written += len(self._pending)
             self.stats.db_up = True
-            backoff = self._backoff_min_s
+            backoff.reset()
             self._pending = []
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Literal
 
 import psycopg
 
+from bridge.call_deps import CallRoute
 from bridge.state.db import StateDB
 from bridge.state.models import DEFAULT_DTMF_ACTIONS, Persona
 from engine.protocol import PersonaParams
@@ -23,16 +23,6 @@ from engine.protocol import PersonaParams
 log = logging.getLogger(__name__)
 
 BUILTIN_PERSONA = PersonaParams()
-
-
-@dataclass(frozen=True)
-class Route:
-    did: str
-    persona: PersonaParams
-    transfer_target: str | None
-    # digit -> transfer | hangup | hold | engine; digits not here go to the engine as events.
-    dtmf_actions: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_DTMF_ACTIONS))
-    source: Literal["db", "cache", "default"] = "db"
 
 
 def persona_params(persona: Persona) -> PersonaParams:
@@ -57,9 +47,9 @@ class RouteResolver:
         self._db = db
         self._ttl_s = cache_ttl_s
         self._clock = clock
-        self._cache: dict[str, tuple[float, Route]] = {}
+        self._cache: dict[str, tuple[float, CallRoute]] = {}
 
-    async def resolve(self, did: str) -> Route:
+    async def resolve(self, did: str) -> CallRoute:
         cached = self._cache.get(did)
         if cached is not None and self._clock() - cached[0] < self._ttl_s:
             return replace(cached[1], source="cache")
@@ -69,7 +59,7 @@ class RouteResolver:
             log.warning("route lookup for %s: database unavailable (%s)", did, exc)
             if cached is not None:
                 return replace(cached[1], source="cache")
-            return Route(did, BUILTIN_PERSONA, None, dict(DEFAULT_DTMF_ACTIONS), "default")
+            return CallRoute(did, BUILTIN_PERSONA, None, dict(DEFAULT_DTMF_ACTIONS), "default")
         self._cache[did] = (self._clock(), route)
         return route
 
@@ -79,10 +69,10 @@ class RouteResolver:
         else:
             self._cache.pop(did, None)
 
-    async def _from_db(self, did: str) -> Route:
+    async def _from_db(self, did: str) -> CallRoute:
         found = await self._db.did_route(did)
         if found is not None and found.did.enabled:
-            return Route(
+            return CallRoute(
                 did,
                 persona_params(found.persona),
                 found.did.transfer_target,
@@ -91,4 +81,4 @@ class RouteResolver:
             )
         default = await self._db.default_persona()
         persona = persona_params(default) if default else BUILTIN_PERSONA
-        return Route(did, persona, None, dict(DEFAULT_DTMF_ACTIONS), "default")
+        return CallRoute(did, persona, None, dict(DEFAULT_DTMF_ACTIONS), "default")

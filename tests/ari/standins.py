@@ -12,7 +12,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from bridge.call_deps import CallDeps, CallInfo, CallRoute, EngineLink, EngineRefused, MediaLink
+from bridge.call_deps import CallDeps, CallInfo, CallRoute, EngineCannotTakeCall, EngineLink, MediaLink
 from engine.protocol import PersonaParams
 
 
@@ -148,7 +148,7 @@ class StandinDeps:
 
     async def open_engine(self, persona: PersonaParams, call_id: str) -> EngineLink:
         if self.engine_down:
-            raise EngineRefused("engine_unavailable", "test: engine down")
+            raise EngineCannotTakeCall("engine_unavailable", "test: engine down")
         engine = RecordingEngine()
         self.engines.append(engine)
         return engine

@@ -9,7 +9,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge.ari.backoff import Backoff
 from bridge.ari.errors import (
     AriConflict,
     AriNotFound,
@@ -25,6 +24,7 @@ from bridge.ari.models import (
     UnknownEvent,
     parse_event,
 )
+from bridge.backoff import Backoff
 from bridge.call import parse_transfer_target
 
 

@@ -1,4 +1,5 @@
-"""The call path's low-delay resampler and precise timer: regular output, streaming = one-shot, fixed delay.
+"""The call path's low-delay resampler (regular output, streaming = one-shot, fixed delay) and the media
+clock's sleep.
 (Speech fidelity of the FIR path is in test_pesq.py.)"""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from bridge.media.fir_resample import FirResampler
-from bridge.media.precise_timer import PreciseTimer
+from bridge.media.media_clock import COALESCE_S, MediaClock
 
 
 @pytest.mark.parametrize(("in_rate", "out_rate", "chunk", "out_chunk"),
@@ -61,21 +62,24 @@ def test_bad_input_is_refused() -> None:
         FirResampler(8000, 24000).process(np.zeros(160, dtype=np.int32))
 
 
-async def test_precise_timer_sleeps_until_and_wakes_early() -> None:
-    timer = PreciseTimer()
+async def test_media_clock_sleeps_until_a_deadline_never_early() -> None:
+    clock = MediaClock()
+    clock.acquire()
     try:
         deadline = time.monotonic() + 0.03
-        await timer.sleep_until(deadline)
-        assert time.monotonic() >= deadline - 1e-4  # never early
-        loop = asyncio.get_running_loop()
-        loop.call_later(0.01, timer.wake)
+        await clock.sleep_until(deadline)
+        assert time.monotonic() >= deadline - COALESCE_S  # never early (but for the coalescing window)
         start = time.monotonic()
-        await timer.sleep_until(start + 5.0)
-        assert time.monotonic() - start < 4.0  # woken by the event, not the deadline
-        await timer.sleep_until(time.monotonic() - 1)  # a past deadline returns at once
+        await clock.sleep_until(start - 1)  # a past deadline returns at once
+        sleeper = asyncio.create_task(clock.sleep_until(time.monotonic() + 5.0))
+        await asyncio.sleep(0.01)
+        sleeper.cancel()  # a cancelled sleep leaves nothing armed behind
+        with pytest.raises(asyncio.CancelledError):
+            await sleeper
+        clock.run_due()
+        assert all(entry[2].cancelled for entry in clock._heap)
     finally:
-        timer.close()
-        timer.close()
+        clock.release()
 
 
 def test_histogram_percentiles_and_merge() -> None:

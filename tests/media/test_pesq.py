@@ -2,8 +2,8 @@
 
 Reference path (what a plain G.711 call gives): speech → µ-law → decode.
 Aziza path: speech → µ-law → decode → 8k→24k → 24k→8k (both streamed in 20 ms chunks) → µ-law → decode.
-Checked for soxr (``bridge.media.resample``) and for the low-delay FIR (``bridge.media.fir_resample``) that
-the call path may use instead.
+Checked for the call path's low-delay FIR (``bridge.media.fir_resample``) and, as the reference, soxr's
+streaming resampler (which the call path does not use: it holds back 40-60 ms per direction).
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 import pytest
+import soxr
 from pesq import pesq
 
 from bridge.media.assets import load_speech_8k
 from bridge.media.codecs import codec_for_payload_type, float32_to_pcm16, ulaw_decode, ulaw_encode
+from bridge.media.fir_resample import FirResampler
 from bridge.media.jitter import JitterBuffer
-from bridge.media.resample import StreamResampler
 from bridge.media.rtp import RtpSender, parse_rtp
 
 
@@ -28,12 +29,27 @@ class _Resampler(Protocol):
     def flush(self) -> npt.NDArray[np.float32]: ...
 
 
+class _SoxrStream:
+    """soxr's streaming resampler with the FIR's calling convention (int16 in, float32 out)."""
+
+    def __init__(self, in_rate: int, out_rate: int, quality: str) -> None:
+        self._stream = soxr.ResampleStream(in_rate, out_rate, 1, dtype="float32", quality=quality)
+
+    def process(self, chunk: npt.ArrayLike) -> npt.NDArray[np.float32]:
+        audio = np.asarray(chunk)
+        if audio.dtype == np.int16:
+            audio = audio.astype(np.float32) / np.float32(32768.0)
+        return np.asarray(self._stream.resample_chunk(audio.astype(np.float32)), dtype=np.float32)
+
+    def flush(self) -> npt.NDArray[np.float32]:
+        empty = np.zeros(0, dtype=np.float32)
+        return np.asarray(self._stream.resample_chunk(empty, last=True), dtype=np.float32)
+
+
 def _make(kind: str, in_rate: int, out_rate: int) -> _Resampler:
     if kind == "fir":
-        fir = pytest.importorskip("bridge.media.fir_resample")
-        resampler: _Resampler = fir.FirResampler(in_rate, out_rate)
-        return resampler
-    return StreamResampler(in_rate, out_rate, "VHQ" if kind == "soxr-VHQ" else "HQ")
+        return FirResampler(in_rate, out_rate)
+    return _SoxrStream(in_rate, out_rate, "VHQ" if kind == "soxr-VHQ" else "HQ")
 
 
 def _via_24k(pcm: npt.NDArray[np.int16], kind: str) -> npt.NDArray[np.int16]:

@@ -1,4 +1,8 @@
-"""Reconnect backoff, sans-IO: exponential from ``min_s`` to ``max_s`` with full jitter."""
+"""The one backoff, sans-IO: exponential from ``min_s`` to ``max_s``, jittered within [ceiling/2, ceiling].
+
+Used by every retry loop: the ARI event stream's reconnects, the call-record writer's retries while the
+database is down, and a call's retries of ``addChannel`` (Asterisk's 422 before the media channel is in
+Stasis)."""
 
 from __future__ import annotations
 

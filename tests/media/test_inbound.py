@@ -1,0 +1,246 @@
+"""The input path on virtual time: scripted datagram arrivals (clean, lost, stalled, junk floods, a new
+stream) in, engine frames out. Exact verdicts; nothing depends on the machine's load."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from bridge.media.assets import load_speech_8k
+from bridge.media.codecs import ulaw_encode
+from bridge.media.inbound import FLOOD_CATCH_S, FLOOD_POLL_S, FLOOD_READS, JUNK_BURST, InboundPath, InputFrame
+from bridge.media.metrics import MediaStats
+from bridge.media.rtp import PT_PCMU, RtpPacket, RtpSender, build_rtp
+
+SOURCE = ("10.0.0.1", 4000)
+T0 = 500.0
+
+
+def _speech_payloads(count: int) -> list[bytes]:
+    speech = np.tile(load_speech_8k(), 3)
+    return [ulaw_encode(speech[i * 160 : (i + 1) * 160]) for i in range(count)]
+
+
+@dataclass
+class Datagram:
+    at: float
+    data: bytes
+    addr: tuple[str, int] = SOURCE
+    real: bool = True
+
+
+def real_stream(count: int, *, ssrc: int = 0x1111, lose: frozenset[int] = frozenset(), start: float = T0,
+                first_seq: int = 100) -> list[Datagram]:
+    sender = RtpSender(PT_PCMU, ssrc=ssrc, initial_sequence=first_seq, initial_timestamp=8000)
+    out = []
+    for k, payload in enumerate(_speech_payloads(count)):
+        data = sender.next_packet(payload, 160)
+        if k not in lose:
+            out.append(Datagram(start + k * 0.020 + 0.0003, data))
+    return out
+
+
+def junk_flood(start: float, seconds: float, per_s: float, *, ssrc: int = 0x1111) -> list[Datagram]:
+    """Spoofed datagrams from the call's own source, of every kind: wrong payload type, wrong SSRC,
+    malformed (truncated, bad version, bad padding), wrong size."""
+    rng = random.Random(9)
+    kinds = [
+        lambda: build_rtp(RtpPacket(96, rng.getrandbits(16), 0, ssrc, b"\xff" * 160)),
+        lambda: build_rtp(RtpPacket(PT_PCMU, rng.getrandbits(16), rng.getrandbits(32), rng.getrandbits(32),
+                                    b"\x00" * 160)),
+        lambda: build_rtp(RtpPacket(PT_PCMU, 1, 160, ssrc, b"\x00" * 160))[:9],
+        lambda: bytes([0x40]) + build_rtp(RtpPacket(PT_PCMU, 1, 160, ssrc, b"\x00" * 160))[1:],
+        lambda: build_rtp(RtpPacket(PT_PCMU, rng.getrandbits(16), 0, ssrc, b"\x00" * 80)),
+        lambda: build_rtp(RtpPacket(PT_PCMU, rng.getrandbits(16), 0, ssrc, b"\x00" * 1200)),
+    ]
+    n = int(seconds * per_s)
+    return [Datagram(start + i / per_s, kinds[i % len(kinds)](), real=False) for i in range(n)]
+
+
+def run_path(datagrams: list[Datagram], until: float, *, read_as_callmedia: bool = False,
+             path: InboundPath | None = None) -> tuple[InboundPath, list[InputFrame]]:
+    """Deliver ``datagrams`` and poll at the path's deadlines. ``read_as_callmedia``: datagrams wait in a
+    socket queue and are read the way CallMedia reads them: as they come, or, while the call is flooded,
+    FLOOD_READS at a time at ``flood_poll_at`` and at the path's own deadlines."""
+    stats = MediaStats()
+    path = path or InboundPath(stats, now=T0, media_timeout_s=5.0)
+    path.remote = SOURCE
+    frames: list[InputFrame] = []
+    queue = sorted(datagrams, key=lambda d: d.at)
+    pos = 0
+    now = T0
+    next_flood_read = float("inf")
+
+    def read(limit: int, at: float) -> None:
+        nonlocal pos
+        for _ in range(limit):
+            if pos >= len(queue) or queue[pos].at > at:
+                return
+            d = queue[pos]
+            pos += 1
+            path.on_datagram(d.data, d.addr, at)
+
+    while True:
+        arrival = queue[pos].at if pos < len(queue) else float("inf")
+        deadline = path.deadline if path.deadline is not None else float("inf")
+        flooded = read_as_callmedia and path.flooded
+        if flooded:
+            next_flood_read = min(next_flood_read, path.flood_poll_at(now))
+        else:
+            next_flood_read = float("inf")
+        t = min(deadline, next_flood_read, float("inf") if flooded else arrival)
+        if t > T0 + until:
+            break
+        now = max(now, t)
+        if not flooded and t == arrival:
+            read(1, now)
+        else:
+            if flooded:
+                read(FLOOD_READS, now)
+                if t == next_flood_read:
+                    next_flood_read = float("inf")
+                path.flood_over(now)
+            elif path.conceal_due(now):
+                read(64, now)
+        frames.extend(path.poll(now))
+        if path.timed_out:
+            break
+    return path, frames
+
+
+def test_a_clean_stream_makes_a_frame_per_four_packets_with_no_wait() -> None:
+    path, frames = run_path(real_stream(100), until=2.03)
+    stats = path.stats
+    assert stats.rtp_in == 100 and stats.slots_concealed == 0
+    assert len(frames) == 25
+    # Every packet popped as it came, but the first: it waited for the second to show it is a stream.
+    assert stats.jitter_delay_ms.count == 100 and stats.jitter_delay_ms.percentile(98) <= 0.05
+    assert stats.jitter_delay_ms.max_seen_ms == pytest.approx(20.0, abs=0.01)
+    for n, frame in enumerate(frames):
+        assert frame.pcm.shape == (1920,) and frame.pcm.dtype == np.float32
+        # A frame is complete the moment the packet of its last slot arrives.
+        assert frame.completed_at == pytest.approx(T0 + (4 * n + 3) * 0.020 + 0.0003, abs=1e-9)
+        assert frame.first_arrival == pytest.approx(T0 + 4 * n * 0.020 + 0.0003, abs=1e-9)
+
+
+def test_a_lost_packet_is_concealed_in_its_place_after_the_jitter_wait() -> None:
+    path, frames = run_path(real_stream(100, lose=frozenset({42})), until=2.03)
+    stats = path.stats
+    assert stats.slots_concealed == 1 and path.jitter.stats.lost == 1
+    assert len(frames) == 25
+    # Slot 42 was concealed at its deadline (nominal + 40 ms jitter target) in case packet 42 was only
+    # reordered, and packet 43 waited for its own deadline before 42 was given up: the frame holding them
+    # was 40 ms late, and the frames after it were on time again.
+    on_time = [T0 + (4 * n + 3) * 0.020 + 0.0003 for n in range(len(frames))]
+    lateness_ms = [(f.completed_at - t) * 1000.0 for f, t in zip(frames, on_time, strict=True)]
+    assert lateness_ms[10] == pytest.approx(40.0, abs=1e-6)
+    assert all(abs(x) < 1e-6 for n, x in enumerate(lateness_ms) if n != 10)
+
+
+def test_no_packets_ends_the_call_after_the_media_timeout_but_not_while_held() -> None:
+    path, _ = run_path([], until=10.0)
+    assert path.timed_out
+    held = InboundPath(MediaStats(), now=T0, media_timeout_s=5.0)
+    held.pause()
+    path, _ = run_path([], until=10.0, path=held)
+    assert not path.timed_out
+
+
+def test_a_stalled_loop_reanchors_instead_of_concealing_a_burst() -> None:
+    stats = MediaStats()
+    path = InboundPath(stats, now=T0, media_timeout_s=5.0)
+    path.remote = SOURCE
+    stream = real_stream(60)
+    for d in stream[:10]:
+        path.on_datagram(d.data, d.addr, d.at)
+        path.poll(d.at)
+    # The loop stalls for 400 ms: 20 packets wait in the socket, then are read at once.
+    late = stream[9].at + 0.400
+    for d in stream[10:30]:
+        path.on_datagram(d.data, d.addr, late)
+    path.poll(late)
+    assert stats.slots_concealed == 0  # the grid was re-anchored, not caught up with concealment
+    assert path.jitter.depth <= path.jitter.max_packets  # the backlog is bounded by the buffer's maximum
+
+
+def test_only_the_locked_source_is_heard_unless_learning() -> None:
+    stats = MediaStats()
+    path = InboundPath(stats, now=T0)
+    datagram = real_stream(1)[0]
+    assert not path.on_datagram(datagram.data, SOURCE, T0)
+    assert stats.rtp_dropped == {"not_locked": 1}
+    learning = InboundPath(MediaStats(), now=T0, learn_remote=True)
+    first, second = real_stream(2)
+    assert not learning.on_datagram(first.data, SOURCE, T0) and learning.remote == SOURCE  # (held)
+    assert learning.on_datagram(second.data, SOURCE, T0 + 0.02) and learning.stats.rtp_in == 2
+    assert not learning.on_datagram(datagram.data, ("10.0.0.2", 4000), T0)
+    assert learning.stats.rtp_dropped == {"foreign_source": 1}
+
+
+def test_a_new_stream_is_taken_up_without_losing_a_packet() -> None:
+    """The far end's SSRC changes (a re-INVITE): the old stream stops, the new one starts; its first packet
+    waits for the second to show it is a stream, and both are played."""
+    old = real_stream(50)
+    new = real_stream(50, ssrc=0x2222, start=T0 + 1.0, first_seq=7000)
+    path, frames = run_path(old + new, until=2.03)
+    stats = path.stats
+    assert stats.ssrc_changes == 1 and path.jitter.stats.resets == 1
+    assert stats.rtp_in == 100 and stats.rtp_dropped == {}
+    assert stats.slots_concealed <= 2  # (the gap between the two streams' grids)
+    assert len(frames) == 25
+
+
+def test_spoofed_junk_never_resets_the_stream_or_changes_its_audio() -> None:
+    """1000 junk datagrams a second from the call's own source (every kind) beside the real stream: the
+    frames for the engine are the same samples at the same moments as without it; every junk datagram is
+    counted by reason; the call is marked flooded while it lasts, and not after."""
+    clean_path, clean = run_path(real_stream(150), until=3.1)
+    flood = junk_flood(T0 + 0.5, 2.0, 1000.0)
+    path, frames = run_path(real_stream(150) + flood, until=3.1)
+    stats = path.stats
+    assert stats.ssrc_changes == 0 and path.jitter.stats.resets == 0
+    assert stats.rtp_in == 150
+    assert len(frames) == len(clean)
+    for a, b in zip(frames, clean, strict=True):
+        assert np.array_equal(a.pcm, b.pcm) and a.completed_at == b.completed_at
+    dropped = stats.rtp_dropped
+    assert sum(dropped.values()) == len(flood)
+    assert {"payload_type", "ssrc", "truncated", "version", "size"} <= set(dropped)
+    assert stats.junk_floods == 1
+    assert path.flood_over(T0 + 10.0)  # the budget refills once the junk stops
+    assert clean_path.stats.junk_floods == 0
+
+
+@pytest.mark.parametrize("junk_per_s", [200.0, 2000.0, 10000.0])
+def test_a_junk_flood_costs_the_real_audio_at_most_five_ms(junk_per_s: float) -> None:
+    """Read the way CallMedia reads (per datagram; once flooded, in batches at flood_poll_at): a flood of
+    junk from the call's source delays its frames to the engine by at most FLOOD_POLL_S (5 ms) at the
+    99th percentile. (Up to FLOOD_READS / FLOOD_POLL_S datagrams a second; beyond that, the socket buffer
+    decides what is lost: the flood benchmark measures it.)"""
+    _, clean = run_path(real_stream(250), until=5.1, read_as_callmedia=True)
+    flood = junk_flood(T0 + 0.3, 4.5, junk_per_s)
+    real = real_stream(250)
+    path, frames = run_path(real + flood, until=5.1, read_as_callmedia=True)
+    added = [(f.completed_at - c.completed_at) * 1000.0 for f, c in zip(frames, clean, strict=True)]
+    assert len(frames) == len(clean)
+    assert float(np.percentile(added, 99)) <= FLOOD_POLL_S * 1000.0 + 1e-6
+    # (on time, the stream's packets are read just after they are due: about FLOOD_CATCH_S late)
+    assert float(np.percentile(added, 50)) <= FLOOD_CATCH_S * 1000.0 + 1e-6
+    assert path.stats.ssrc_changes == 0 and path.stats.rtp_in == 250
+    assert path.stats.junk_floods == (1 if junk_per_s * 1.0 > JUNK_BURST else 0)
+
+
+def test_junk_that_comes_first_does_not_become_the_stream() -> None:
+    """A spoofed packet of another SSRC arrives before the real stream's first (and keeps coming): the SSRC
+    taken up is the one whose packets come in sequence."""
+    real = real_stream(50)
+    junk = [Datagram(T0 - 0.001 + k * 0.005, build_rtp(RtpPacket(PT_PCMU, 7, 0, 0xBAD, b"\xff" * 160)),
+                     real=False) for k in range(200)]
+    path, frames = run_path(junk + real, until=1.03)
+    assert path.ssrc == 0x1111
+    # (the last junk packet came after the stream's last: it is still held as a possible stream)
+    assert path.stats.rtp_in == 50 and path.stats.rtp_dropped == {"ssrc": 199}
+    assert len(frames) == 12

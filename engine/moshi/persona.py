@@ -13,7 +13,6 @@ holds exactly what a live prompt would leave there.
 from __future__ import annotations
 
 import contextlib
-import wave
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -62,18 +61,15 @@ def has_prompt(persona: PersonaParams) -> bool:
 
 
 def read_voice_prompt(path: str) -> np.ndarray:
-    """A mono 16-bit WAV at 24 kHz (resampled with soxr if another rate), as float32 in [-1, 1]."""
+    """Any file libsndfile reads (the bridge stores 16-bit mono WAV at 24 kHz; WAV of any depth,
+    WAVE_FORMAT_EXTENSIBLE, FLAC, OGG work too), mixed to mono, resampled to 24 kHz with soxr, float32."""
+    import soundfile
+
     try:
-        with wave.open(path, "rb") as wav:
-            rate, channels, width = wav.getframerate(), wav.getnchannels(), wav.getsampwidth()
-            raw = wav.readframes(wav.getnframes())
-    except (OSError, EOFError, wave.Error) as exc:
-        raise PersonaError(f"voice prompt {path!r}: {exc}") from None
-    if width != 2:
-        raise PersonaError(f"voice prompt {path!r}: need 16-bit PCM, got {8 * width}-bit")
-    pcm = np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32768.0
-    if channels > 1:
-        pcm = pcm.reshape(-1, channels).mean(axis=1)
+        data, rate = soundfile.read(path, dtype="float32", always_2d=True)
+    except (OSError, RuntimeError, soundfile.LibsndfileError) as exc:
+        raise PersonaError(f"voice prompt {path!r}: {str(exc).splitlines()[0]}") from None
+    pcm = data.mean(axis=1).astype(np.float32) if data.shape[1] > 1 else data[:, 0]
     if rate != SAMPLE_RATE:
         import soxr
 

@@ -12,34 +12,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from engine.protocol import json_depth as nesting_depth  # the one scan (the engine's wire protocol uses it)
+
 MAX_DEPTH = 32
 MAX_BYTES = 64 * 1024
 
 
 class BadJson(ValueError):
     """The text is not acceptable JSON (too big, too deep, not JSON, not UTF-8)."""
-
-
-def nesting_depth(text: str) -> int:
-    """The deepest ``[``/``{`` nesting outside string literals (a scan, no recursion)."""
-    depth = deepest = 0
-    in_string = escaped = False
-    for ch in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif ch in "]}":
-            depth -= 1
-    return deepest
 
 
 def parse_json(raw: str | bytes, *, max_bytes: int = MAX_BYTES, max_depth: int = MAX_DEPTH) -> Any:

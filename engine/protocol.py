@@ -195,8 +195,9 @@ def encode_control(msg: ControlMessage) -> str:
     return json.dumps(asdict(msg), separators=(",", ":"))
 
 
-def _json_depth(text: str) -> int:
-    """Nesting depth of JSON text, found without recursion (strings skipped): the parser recurses."""
+def json_depth(text: str) -> int:
+    """The deepest ``[``/``{`` nesting of JSON text outside string literals, by a linear scan: the parser
+    recurses once per level, so the depth is checked before it runs (here and in ``bridge/safe_json.py``)."""
     depth = deepest = 0
     in_string = escaped = False
     for ch in text:
@@ -228,7 +229,7 @@ def _parse(data: str | bytes) -> dict[str, Any]:
         text = data.decode("utf-8") if isinstance(data, bytes) else data
     except UnicodeDecodeError as exc:
         raise _bad(f"not UTF-8: {exc}") from None
-    if _json_depth(text) > MAX_JSON_DEPTH:
+    if json_depth(text) > MAX_JSON_DEPTH:
         raise _bad(f"JSON nested deeper than {MAX_JSON_DEPTH}")
     try:
         obj = json.loads(text)

@@ -8,7 +8,6 @@ those of a fresh B=1 ``LMGen`` fed the same audio, frame for frame.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,42 +21,12 @@ from moshi.models.lm import LMGen
 
 from engine.moshi.backend import MoshiBackend
 from engine.moshi.loader import LoadedModel, load_model
+from engine.moshi.selftest import SCHEDULE, call_audio
 from engine.moshi.tiny import write_tiny_model
-from engine.protocol import FRAME_SAMPLES, PersonaParams
+from engine.protocol import PersonaParams
 
-
-@dataclass(frozen=True)
-class Call:
-    name: str
-    slot: int
-    start: int  # tick of the first frame
-    frames: int
-    skip: frozenset[int] = frozenset()  # ticks on which the call has no frame ready (slot frozen)
-
-    def ticks(self) -> list[int]:
-        out: list[int] = []
-        t = self.start
-        while len(out) < self.frames:
-            if t not in self.skip:
-                out.append(t)
-            t += 1
-        return out
-
-
-CALLS = [
-    Call("a", slot=0, start=0, frames=8),
-    Call("b", slot=1, start=2, frames=9, skip=frozenset({5, 6, 9})),
-    Call("c", slot=2, start=3, frames=4),
-    Call("d", slot=0, start=9, frames=6),  # slot 0 reused after "a" (ended at tick 7; idle at tick 8)
-    Call("e", slot=2, start=7, frames=7, skip=frozenset({10})),  # slot 2 reused right after "c"
-]
-
-
-def call_audio(name: str, frames: int) -> np.ndarray:
-    rng = np.random.default_rng(sum(map(ord, name)))
-    t = np.arange(frames * FRAME_SAMPLES) / 24_000
-    tone = 0.3 * np.sin(2 * np.pi * rng.uniform(150, 900) * t)
-    return (tone + rng.normal(0, 0.05, t.size)).astype(np.float32).reshape(frames, FRAME_SAMPLES)
+# The schedule the engine's own selftest runs (calls at different ticks, a slot reused, frozen ticks).
+CALLS = SCHEDULE
 
 
 @pytest.fixture(scope="module")

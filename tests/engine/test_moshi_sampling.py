@@ -22,7 +22,7 @@ from moshi.models.lm import LMGen
 from engine.moshi.backend import MOSHI_DEFAULTS, MoshiBackend
 from engine.moshi.loader import LoadedModel, load_model
 from engine.moshi.sampling import SamplingParams
-from engine.moshi.selftest import SCHEDULE, Call, call_audio
+from engine.moshi.selftest import SCHEDULE, Call, call_audio, run_schedule
 from engine.moshi.tiny import write_tiny_model
 from engine.protocol import PersonaParams
 
@@ -54,32 +54,14 @@ def reference_tokens(loaded: LoadedModel, audio: np.ndarray, seed: int, params: 
 
 def run_batched(model_dir: Path, calls: tuple[Call, ...], seeds: dict[str, int],
                 persona: PersonaParams | None = None) -> dict[str, np.ndarray]:
-    persona = persona or PersonaParams()
     loaded = load_model(model_dir)
     backend = MoshiBackend(loaded.lm, loaded.mimi, loaded.tokenizer, 3, sampling=MOSHI_DEFAULTS)
-    audio = {c.name: call_audio(c.name, c.frames) for c in calls}
-    tokens: dict[str, list[np.ndarray]] = {c.name: [] for c in calls}
     try:
-        for tick in range(max(max(c.ticks()) for c in calls) + 1):
-            frames, owner = {}, {}
-            for call in calls:
-                ticks = call.ticks()
-                if tick == call.start:
-                    assert backend.start_slot(call.slot, persona, seeds[call.name]) == []
-                if tick in ticks:
-                    frames[call.slot] = audio[call.name][ticks.index(tick)]
-                    owner[call.slot] = call.name
-            backend.step(frames)
-            for slot, name in owner.items():
-                tok = backend.last_tokens[slot]
-                if (tok[1:] >= 0).all():
-                    tokens[name].append(tok.copy())
-            for call in calls:
-                if tick == call.ticks()[-1]:
-                    backend.end_slot(call.slot)
+        personas = {c.name: persona for c in calls} if persona is not None else None
+        tokens, _ = run_schedule(backend, calls, personas, seeds)
+        return tokens
     finally:
         backend.close()
-    return {k: np.stack(v) for k, v in tokens.items()}
 
 
 def test_batched_sampling_equals_single_stream_lmgen_with_the_same_seed(

@@ -21,7 +21,6 @@ os.environ["NO_TORCH_COMPILE"] = "1"
 pytest.importorskip("moshi")
 
 import torch
-from moshi.models.lm import LMGen
 
 from engine.assets import AssetStore
 from engine.moshi.backend import AdapterOptions, MoshiBackend
@@ -35,7 +34,7 @@ from engine.moshi.lora import (
     text_shapes,
     write_adapter,
 )
-from engine.moshi.selftest import Call, call_audio
+from engine.moshi.selftest import Call, call_audio, reference_tokens
 from engine.moshi.tiny import write_tiny_model
 from engine.protocol import PersonaParams
 
@@ -91,14 +90,7 @@ def merged_reference(tiny_dir: Path, data_dir: Path, adapter_id: str | None, aud
         with torch.no_grad():
             for name, (a, b_scaled) in adapter.weights.items():
                 loaded.lm.get_submodule(name).weight += b_scaled @ a
-    gen = LMGen(loaded.lm, temp=0.0, temp_text=0.0)
-    tokens = []
-    with torch.no_grad(), loaded.mimi.streaming(1), gen.streaming(1):
-        for frame in audio:
-            out = gen.step(loaded.mimi.encode(torch.from_numpy(frame).view(1, 1, -1)))
-            if out is not None:
-                tokens.append(out[0, :, 0].numpy().copy())
-    return np.stack(tokens)
+    return reference_tokens(loaded, audio)  # moshi's own single-stream LMGen, greedy
 
 
 def run(backend: MoshiBackend, calls: tuple[tuple[Call, str | None], ...]) -> tuple[dict[str, np.ndarray],
@@ -267,14 +259,7 @@ def extended_reference(tiny_dir: Path, directory: Path, audio: np.ndarray) -> np
     ext = adapter.extension
     install_extension(loaded.lm, Extension(ext.text_emb.float(), ext.text_linear.float(),
                                            ext.depformer_text_emb.float()), trainable=False)
-    gen = LMGen(loaded.lm, temp=0.0, temp_text=0.0)
-    tokens = []
-    with torch.no_grad(), loaded.mimi.streaming(1), gen.streaming(1):
-        for frame in audio:
-            out = gen.step(loaded.mimi.encode(torch.from_numpy(frame).view(1, 1, -1)))
-            if out is not None:
-                tokens.append(out[0, :, 0].numpy().copy())
-    return np.stack(tokens)
+    return reference_tokens(loaded, audio)  # moshi's own single-stream LMGen, greedy
 
 
 def test_an_adapter_adding_text_tokens_is_served_in_a_mixed_batch(tiny_dir: Path, data_dir: Path,

@@ -11,6 +11,8 @@ from typing import Any
 
 import click
 
+from bridge.version import package_version
+
 
 class LazyGroup(click.Group):
     """A click group whose subcommands are "module:attribute" strings, imported on first use."""
@@ -52,6 +54,7 @@ class LazyGroup(click.Group):
         "engine": "admin_cli.engine_cmds:engine",
     },
 )
+@click.version_option(package_version(), "--version", prog_name="aziza-admin", message="%(prog)s %(version)s")
 def cli() -> None:
     """Aziza appliance administration."""
 

@@ -58,12 +58,12 @@ pj_name=$(basename "$PJ_TAR")
 RECIPE_VERSION=1
 # What the appliance uses; their module dependencies are added from menuselect-tree.
 MODULES=(
-  app_stasis app_dial app_playback app_echo
+  app_stasis app_dial app_playback app_echo app_stack
   bridge_simple bridge_softmix bridge_native_rtp bridge_holding bridge_builtin_features
   chan_pjsip chan_rtp chan_bridge_media
   codec_ulaw codec_alaw codec_a_mu codec_g722 codec_resample
   format_wav format_pcm format_sln
-  func_channel func_callerid func_logic func_strings
+  func_channel func_callerid func_logic func_strings func_dialplan func_hangupcause
   pbx_config
   res_ari res_ari_model res_ari_applications res_ari_asterisk res_ari_bridges res_ari_channels
   res_ari_device_states res_ari_endpoints res_ari_events res_ari_playbacks res_ari_recordings
@@ -124,6 +124,7 @@ mkdir -p "$CACHE" || die "cannot create the cache folder $CACHE"
 # Whatever fails, the half-built tree and a half-written archive go; the build log stays.
 WORK=""
 trap '[ -z "$WORK" ] || rm -rf "$WORK"; rm -f "$ARCHIVE.tmp"' EXIT
+trap 'exit 130' INT TERM
 # One build per cache at a time (CI and an operator may run this together).
 exec 9>"$CACHE/.lock"
 flock 9

@@ -225,25 +225,25 @@ fi
 "$ASTERISK_BIN" -V >/dev/null 2>&1 || die "$ASTERISK_BIN does not run after the install"
 
 # ---- sounds and music on hold from Debian ----------------------------------------------------------
+# Asterisk's data dir is $localstatedir/lib/asterisk (/var/lib/asterisk for the /usr prefix); the
+# Debian packages install under /usr/share/asterisk, so their folders are linked in.
+VAR=$([ "$PREFIX" = /usr ] && echo /var || echo "$PREFIX/var")
+ETC=$([ "$PREFIX" = /usr ] && echo /etc/asterisk || echo "$PREFIX/etc/asterisk")
+DATADIR="$VAR/lib/asterisk"
 ensure_packages "sound and music-on-hold" "${SOUND_DEPS[@]}"
-if [ "$PREFIX" = /usr ]; then
-  DATADIR=/usr/share/asterisk  # where the Debian packages put them already
-else
-  DATADIR="$PREFIX/share/asterisk"
-  mkdir -p "$DATADIR/sounds"
-  for pair in "sounds/en:/usr/share/asterisk/sounds/en" "moh:/usr/share/asterisk/moh"; do
-    link="$DATADIR/${pair%%:*}" target=${pair#*:}
-    if [ -L "$link" ] || [ ! -e "$link" ] || [ -z "$(ls -A "$link" 2>/dev/null)" ]; then
-      rm -rf "$link"; ln -s "$target" "$link"
-    fi
-  done
-fi
+mkdir -p "$DATADIR/sounds"
+for pair in "sounds/en:/usr/share/asterisk/sounds/en" "moh:/usr/share/asterisk/moh"; do
+  link="$DATADIR/${pair%%:*}" target=${pair#*:}
+  [ -n "$(ls -A "$target" 2>/dev/null)" ] || die "$target is empty: reinstall ${SOUND_DEPS[*]}"
+  # Replace only an empty folder or a link: an operator's own files stay.
+  if [ -L "$link" ] || [ ! -e "$link" ] || [ -z "$(ls -A "$link" 2>/dev/null)" ]; then
+    rm -rf "$link"; ln -s "$target" "$link"
+  fi
+done
 
 # ---- system setup ---------------------------------------------------------------------------------
 if [ "$SERVICE" = 1 ]; then
   [ "$(id -u)" = 0 ] || die "the system setup needs root (or pass --no-service)"
-  ETC=$([ "$PREFIX" = /usr ] && echo /etc/asterisk || echo "$PREFIX/etc/asterisk")
-  VAR=$([ "$PREFIX" = /usr ] && echo /var || echo "$PREFIX/var")
   getent group asterisk >/dev/null || groupadd --system asterisk
   getent passwd asterisk >/dev/null \
     || useradd --system --gid asterisk --home-dir "$VAR/lib/asterisk" --shell /usr/sbin/nologin asterisk

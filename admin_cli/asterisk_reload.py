@@ -12,6 +12,7 @@ from bridge.ari.errors import AriError, AriUnauthorized, AriUnavailable
 from bridge.ari.models import AriEventError
 from bridge.config import Settings
 from bridge.redact import mask_url
+from bridge.state import dialplan
 from bridge.state.asterisk_render import MODULE_OF, endpoint_names
 
 # Always reloaded: they also read the operator's include files, whose changes provisioning cannot see.
@@ -39,8 +40,9 @@ def plan_reload(changed: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
     return [(m, ", ".join(reasons[m])) for m in order], notes
 
 
-async def reload_asterisk(settings: Settings, changed: list[str]) -> list[str]:
-    """Reload the modules of the changed files; the lines to print. Raises ReloadError."""
+async def reload_asterisk(settings: Settings, changed: list[str], local: dict[str, str]) -> list[str]:
+    """Reload the modules of the changed files; the lines to print. Raises ReloadError. ``local``: the
+    operator's include files (their endpoints must be in Asterisk after the reload too)."""
     steps, notes = plan_reload(changed)
     where = mask_url(settings.ari.url)
     lines: list[str] = []
@@ -72,9 +74,11 @@ async def reload_asterisk(settings: Settings, changed: list[str]) -> list[str]:
                 present = {str(e.get("resource")) for e in await ari.list_endpoints("PJSIP")}
             except (AriError, AriEventError) as exc:
                 raise ReloadError(f"cannot list Asterisk's PJSIP endpoints after the reload: {exc}") from None
-            missing = [name for name in endpoint_names(settings) if name not in present]
+            expected = endpoint_names(settings)
+            expected += dialplan.sections_of_type(local.get("pjsip_local.conf", ""), "endpoint")
+            missing = [name for name in expected if name not in present]
             if missing:
                 raise ReloadError(
-                    f"Asterisk did not take pjsip.conf: endpoint(s) {', '.join(missing)} missing after the "
-                    "reload (see asterisk -rx 'pjsip show endpoints' and Asterisk's log)")
+                    f"Asterisk did not take the PJSIP configuration: endpoint(s) {', '.join(missing)} "
+                    "missing after the reload (see asterisk -rx 'pjsip show endpoints' and Asterisk's log)")
     return lines + notes

@@ -653,7 +653,9 @@ def provision_asterisk(
         dids = repo.list_dids(conn, enabled_only=True)
     files = asterisk_render.render(settings, dids, templates)
     target = out_dir or settings.asterisk.config_dir
-    asterisk_render.check_transfer_targets(dids, files, asterisk_render.read_local_files(target))
+    local = asterisk_render.read_local_files(target)
+    asterisk_render.check_syntax(files, local)
+    asterisk_render.check_transfer_targets(dids, files, local)
     changes = asterisk_render.write(target, files, dry_run=dry_run)
     if not quiet:
         for change in changes:
@@ -677,7 +679,7 @@ def provision_asterisk(
 
         changed = [c.name for c in changes if c.status != "unchanged"]
         try:
-            lines = asyncio.run(do_reload(settings, changed))
+            lines = asyncio.run(do_reload(settings, changed, local))
         except ReloadError as exc:
             raise click.ClickException(str(exc)) from None
         for line in lines:

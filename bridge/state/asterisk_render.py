@@ -159,6 +159,15 @@ def endpoint_names(settings: Settings) -> list[str]:
     return names
 
 
+def check_syntax(files: dict[str, str], local: dict[str, str]) -> None:
+    """Refuse what Asterisk's parser would reject (it would keep its old configuration on reload)."""
+    for name, text in [*files.items(), *local.items()]:
+        problems = dialplan.syntax_errors(text, name)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise InvalidInput(f"{problems[0]}{more}: Asterisk would reject or skip it; fix the file first")
+
+
 def check_transfer_targets(dids: list[Did], files: dict[str, str], read_local: dict[str, str]) -> None:
     """Every enabled DID's dialplan transfer target must exist in the rendered extensions.conf plus the
     operator's includes (``read_local``: file name -> text); a sip: URI is dialled as given."""

@@ -123,3 +123,37 @@ def find(contexts: dict[str, Context], context: str, extension: str) -> bool:
             return True
         todo.extend(found.includes)
     return False
+
+
+def syntax_errors(text: str, name: str) -> list[str]:
+    """Lines Asterisk's config parser (main/config.c) rejects or drops: a category without its closing
+    ``]`` or template ``)`` makes it refuse the whole file on reload (keeping the old configuration, while
+    the reload itself reports success); a line without ``=`` is skipped with a warning."""
+    problems = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = _strip_comment(raw)
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("["):
+            close = line.find("]")
+            if close < 0:
+                problems.append(f"{name} line {number}: no closing ']'")
+            elif "(" in line[close:] and ")" not in line[close:]:
+                problems.append(f"{name} line {number}: no closing ')' after the category")
+        elif "=" not in line:
+            problems.append(f"{name} line {number}: no '=' (Asterisk skips the line)")
+    return problems
+
+
+def sections_of_type(text: str, kind: str) -> list[str]:
+    """Names of the ``[name]`` sections with ``type=kind`` (pjsip.conf style), in file order."""
+    found: list[str] = []
+    current: str | None = None
+    for raw in text.splitlines():
+        line = _strip_comment(raw)
+        section = _SECTION.match(line)
+        if section:
+            current = section.group(1).strip()
+        elif current is not None and line.replace(" ", "").lower() == f"type={kind}" and current not in found:
+            found.append(current)
+    return found

@@ -272,7 +272,20 @@ async def test_reload_through_ari_says_what_changed(env: dict[str, str], tmp_pat
         missing = await asyncio.to_thread(
             CliRunner().invoke, cli, ["provision", "asterisk", "--out", str(out), "--reload"], env=env)
         assert missing.exit_code == 1
-        assert "Asterisk did not take pjsip.conf: endpoint(s) trunk1 missing" in missing.stderr
+        assert "Asterisk did not take the PJSIP configuration: endpoint(s) trunk1 missing" in missing.stderr
+        # an endpoint of the operator's own pjsip_local.conf counts too
+        fake.endpoints = [{"technology": "PJSIP", "resource": "trunk1", "state": "online", "channel_ids": []}]
+        (out / "pjsip_local.conf").write_text("[operator]\ntype = endpoint\n")
+        local = await asyncio.to_thread(
+            CliRunner().invoke, cli, ["provision", "asterisk", "--out", str(out), "--reload"], env=env)
+        assert local.exit_code == 1 and "endpoint(s) operator missing" in local.stderr
+        # a file Asterisk's parser would reject: refused before anything is reloaded
+        fake.reloaded.clear()
+        (out / "pjsip_local.conf").write_text("[operator\ntype=endpoint\n")
+        broken = await asyncio.to_thread(
+            CliRunner().invoke, cli, ["provision", "asterisk", "--out", str(out), "--reload"], env=env)
+        assert broken.exit_code == 1 and not fake.reloaded
+        assert "Error: pjsip_local.conf line 1: no closing ']': Asterisk would reject" in broken.stderr
     # Asterisk not running: one line, the files are written all the same
     down = await asyncio.to_thread(
         CliRunner().invoke, cli, ["provision", "asterisk", "--out", str(tmp_path / "b"), "--reload"],

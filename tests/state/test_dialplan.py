@@ -47,3 +47,13 @@ def test_include_loops_end() -> None:
     text = "[a]\ninclude => b\n[b]\ninclude => a\n#include self.conf\n"
     contexts = dialplan.parse(text, {"self.conf": text}.get)
     assert not dialplan.find(contexts, "a", "1")
+
+
+def test_syntax_errors_and_sections() -> None:
+    text = "[ok]\ntype=endpoint\n[tmpl](!\nkey=1\n[bad\njust words\n; comment\n#include x.conf\n"
+    assert dialplan.syntax_errors(text, "f.conf") == [
+        "f.conf line 3: no closing ')' after the category", "f.conf line 5: no closing ']'",
+        "f.conf line 6: no '=' (Asterisk skips the line)"]
+    assert dialplan.syntax_errors(CONF, "extensions.conf") == []
+    assert dialplan.sections_of_type("[a]\ntype = endpoint\n[a]\ntype=aor\n[b]\ntype=endpoint\n",
+                                     "endpoint") == ["a", "b"]

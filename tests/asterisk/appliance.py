@@ -58,8 +58,8 @@ def missing_prerequisite() -> str | None:
     if not asterisk.exists():
         sources = next((d for d in SOURCES if all((d / t).exists() for t in TARBALLS)), None)
         if sources is None:
-            return ("no Asterisk build at {0} and no sources (../shared/asterisk/{1}, {2} absent): "
-                    "these tests need a real Asterisk".format(PREFIX, *TARBALLS))
+            return (f"no Asterisk build at {PREFIX} and no sources (../shared/asterisk/{TARBALLS[0]}, "
+                    f"{TARBALLS[1]} absent): these tests need a real Asterisk")
         return (f"no Asterisk build at {PREFIX}: run provisioning/asterisk-build.sh {sources / TARBALLS[0]} "
                 f"{sources / TARBALLS[1]} --prefix {PREFIX} --no-service (.ci/run does)")
     for tool, package in (("sipp", "sip-tester"), ("dumpcap", "tshark"), ("espeak-ng", "espeak-ng")):
@@ -147,9 +147,11 @@ class Asterisk:
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         out.close()
         self.starts += 1
-        wait_for(lambda: (self.proc is not None and self.proc.poll() is None
-                 and "fully booted" in self.cli("core waitfullybooted", 10).lower())
-                 or self._died(), 60, "Asterisk fully booted")
+        wait_for(lambda: self._booted() or self._died(), 60, "Asterisk fully booted")
+
+    def _booted(self) -> bool:
+        return (self.proc is not None and self.proc.poll() is None
+                and "fully booted" in self.cli("core waitfullybooted", 10).lower())
 
     def _died(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
@@ -196,8 +198,9 @@ class Service:
 
     def start(self) -> None:
         out = open(self.log, "ab")
-        self.proc = subprocess.Popen([str(BIN / self.name), *self.args], env=self.env, stdin=subprocess.DEVNULL,
-                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen([str(BIN / self.name), *self.args], env=self.env,
+                                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
         out.close()
 
     def running(self) -> bool:
@@ -237,12 +240,14 @@ class Appliance:
 
     # ---- the operator's path ---------------------------------------------------------------------------
 
-    def admin(self, *args: str, check: bool = True, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+    def admin(self, *args: str, check: bool = True,
+              timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
         self.walkthrough.append("aziza-admin " + " ".join(args))
         done = subprocess.run([str(BIN / "aziza-admin"), *args], env=self.env, capture_output=True, text=True,
                               timeout=timeout_s, check=False)
         if check and done.returncode != 0:
-            raise AssertionError(f"aziza-admin {' '.join(args)} -> {done.returncode}\n{done.stdout}{done.stderr}")
+            raise AssertionError(
+                f"aziza-admin {' '.join(args)} -> {done.returncode}\n{done.stdout}{done.stderr}")
         return done
 
     def configure(self, operator_sip_port: int, busy_sip_port: int) -> None:

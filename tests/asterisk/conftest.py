@@ -164,7 +164,8 @@ class Caller:
 
     def record(self) -> dict[str, object]:
         """This call's record (from ``aziza-admin calls list/show``)."""
-        rows = [r for r in self.app.latest_records(self.started_at, self.did) if r.get("caller") == self.number]
+        rows = [r for r in self.app.latest_records(self.started_at, self.did)
+                if r.get("caller") == self.number]
         assert len(rows) == 1, rows
         return self.app.call_record(str(rows[0]["id"]))
 

@@ -80,4 +80,5 @@ def _check_rtp(audio: list[tuple[float, media.RtpPacket]]) -> None:
     mean_ms = span_s * 1000 / (len(audio) - 1)
     assert 18.0 < mean_ms < 22.0, f"mean packet spacing {mean_ms:.2f} ms"
     ts_span_s = int(ts[-1] - ts[0]) % (1 << 32) / 8000
-    assert abs(ts_span_s - span_s) < 0.1 * span_s + 0.2, f"timestamps span {ts_span_s:.2f} s, arrivals {span_s:.2f} s"
+    assert abs(ts_span_s - span_s) < 0.1 * span_s + 0.2, (
+        f"timestamps span {ts_span_s:.2f} s, arrivals {span_s:.2f} s")

@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -64,6 +65,9 @@ def app(appliance: Appliance) -> Iterator[Appliance]:
 
 
 _CALLER_IDS = itertools.count(7770000)
+# Silence a caller sends first: the agent's media path is set up after the answer (bridge, externalMedia),
+# and words spoken before it is up are not heard. Generous, so a loaded machine does not clip them.
+LEAD_S = 1.5
 
 
 @dataclass
@@ -131,7 +135,7 @@ class Caller:
     number: str  # the caller id SIPp sends (From), on the call record as ``caller``
     sip_port: int = 0
     media_port: int = 0
-    sipp: sipp.Sipp | None = None
+    ua: sipp.Sipp | None = None  # the SIPp run
     capture: Capture | None = None
     result: sipp.SippResult | None = None
     datagrams: list[media.Datagram] = field(default_factory=list)
@@ -143,26 +147,34 @@ class Caller:
         self.timeline.write_pcap(pcap)
         self.capture = Capture(self.work / "received.pcap", self.media_port)
         await asyncio.to_thread(self.capture.start)
-        self.sipp = sipp.Sipp(self.work, "sipp", self.scenario.replace("__PCAP__", str(pcap)),
+        self.ua = sipp.Sipp(self.work, "sipp", self.scenario.replace("__PCAP__", str(pcap)),
                               sip_port=self.sip_port, media_port=self.media_port,
                               target=f"127.0.0.1:{self.app.ports['sip']}", service=self.did, timeout_s=90)
         self.started_at = time.time()
-        await self.sipp.start()
+        await self.ua.start()
 
     async def finish(self) -> sipp.SippResult:
-        assert self.sipp is not None and self.capture is not None
-        self.result = await self.sipp.wait()
+        assert self.ua is not None and self.capture is not None
+        self.result = await self.ua.wait()
         self.datagrams = await asyncio.to_thread(self.capture.stop)
         return self.result
 
     def received(self) -> media.RtpStream:
         return media.RtpStream.to_port(self.datagrams, self.media_port)
 
-    def live(self) -> dict[str, object] | None:
+    def live(self) -> dict[str, Any] | None:
         """The bridge's live view of this call (None before StasisStart and after teardown)."""
         return next((c for c in self.app.live_calls() if c.get("caller") == self.number), None)
 
-    def record(self) -> dict[str, object]:
+    async def wait_state(self, state: str = "active", within_s: float = 30) -> dict[str, Any]:
+        """The live call once it is in ``state`` (the bound catches a hang, it measures nothing)."""
+        def check() -> dict[str, Any] | None:
+            live = self.live()
+            return live if live is not None and live.get("state") == state else None
+
+        return await asyncio.to_thread(wait_for, check, within_s, f"call from {self.number} {state}")
+
+    def record(self) -> dict[str, Any]:
         """This call's record (from ``aziza-admin calls list/show``)."""
         rows = [r for r in self.app.latest_records(self.started_at, self.did)
                 if r.get("caller") == self.number]
@@ -170,8 +182,8 @@ class Caller:
         return self.app.call_record(str(rows[0]["id"]))
 
     def kill(self) -> None:
-        if self.sipp is not None:
-            self.sipp.kill()
+        if self.ua is not None:
+            self.ua.kill()
         if self.capture is not None:
             self.capture.stop()
 
@@ -181,8 +193,11 @@ async def callers(tmp_path: Path, app: Appliance) -> AsyncIterator[list[Caller]]
     """Make callers with ``new_caller``; whatever a failing test leaves running is stopped."""
     made: list[Caller] = []
     yield made
-    for caller in made:
+    for caller in made:  # a failed test's leftovers: its SIPp and, through the bridge, its call
         caller.kill()
+        live = caller.live()
+        if live is not None:
+            app.control("POST", f"/calls/{live['call_id']}/hangup", {})
 
 
 def new_caller(made: list[Caller], app: Appliance, work: Path, did: str, timeline: media.Timeline, *,

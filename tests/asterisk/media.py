@@ -74,8 +74,8 @@ class Timeline:
             self.t += 0.02
 
     def add_dtmf(self, digit: str, ms: int = 160) -> None:
-        """RFC 2833/4733: one event, its start timestamp throughout, duration growing every 20 ms, three
-        end packets; audio resumes after it."""
+        """RFC 2833/4733: one event, its start timestamp throughout, duration growing every 20 ms, the end
+        packet three times; audio resumes after it."""
         event = DTMF_EVENTS[digit]
         start_ts = self.ts
         steps = ms // 20
@@ -83,13 +83,22 @@ class Timeline:
             payload = struct.pack("!BBH", event, 10, k * FRAME)
             self._packet(PT_EVENT, payload, marker=(k == 1), ts=start_ts)
             self.t += 0.02
-        for _ in range(3):
+        for _ in range(3):  # the end packet, sent three times (20 ms apart)
             self._packet(PT_EVENT, struct.pack("!BBH", event, 0x80 | 10, steps * FRAME), ts=start_ts)
-        self.ts += steps * FRAME
+            self.t += 0.02
+        self.ts += (steps + 3) * FRAME
 
     @property
     def duration_s(self) -> float:
         return self.t
+
+    def pcm(self) -> np.ndarray:
+        """The audio this stream carries as sent; each telephone-event packet's 20 ms as silence."""
+        out = []
+        for _, datagram in self.packets:
+            rtp = parse_rtp(datagram)
+            out.append(ulaw_decode(rtp.payload) if rtp.payload_type == PT_PCMU else np.zeros(FRAME, np.int16))
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int16)
 
     def write_pcap(self, path: Path, src_port: int = 6000, dst_port: int = 6002) -> None:
         """libpcap, Ethernet/IPv4/UDP: what SIPp's play_pcap_audio reads (it rewrites addresses/ports)."""

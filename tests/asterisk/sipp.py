@@ -270,7 +270,8 @@ class Sipp:
     """One SIPp run: a client (``target`` = Asterisk's SIP address) or a server (``target`` None)."""
 
     def __init__(self, work: Path, name: str, scenario_xml: str, *, sip_port: int, media_port: int,
-                 target: str | None = None, service: str = "s", timeout_s: float = 60.0) -> None:
+                 target: str | None = None, service: str = "s", timeout_s: float = 60.0,
+                 local_ip: str = "127.0.0.1") -> None:
         self.dir = work / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.scenario = self.dir / f"{name}.xml"
@@ -280,11 +281,12 @@ class Sipp:
         self.target = target
         self.service = service
         self.timeout_s = timeout_s
+        self.local_ip = local_ip
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
-        args = ["sipp", "-sf", str(self.scenario), "-i", "127.0.0.1", "-p", str(self.sip_port),
-                "-mi", "127.0.0.1", "-mp", str(self.media_port), "-m", "1", "-nostdin",
+        args = ["sipp", "-sf", str(self.scenario), "-i", self.local_ip, "-p", str(self.sip_port),
+                "-mi", self.local_ip, "-mp", str(self.media_port), "-m", "1", "-nostdin",
                 "-timeout", f"{round(self.timeout_s)}s", "-timeout_error",
                 "-trace_msg", "-message_file", str(self.dir / "messages.log"),
                 "-trace_err", "-error_file", str(self.dir / "errors.log")]

@@ -13,15 +13,10 @@ import numpy as np
 import pytest
 
 from tests.asterisk import media
-from tests.asterisk.appliance import DID_MAIN, Appliance, wait_for
-from tests.asterisk.conftest import Caller, Voices, new_caller
+from tests.asterisk.appliance import DID_MAIN, Appliance
+from tests.asterisk.conftest import LEAD_S, Caller, Voices, new_caller
 
 pytestmark = pytest.mark.asterisk
-
-
-async def _wait_live(caller: Caller, state: str = "active", within_s: float = 30) -> dict[str, object]:
-    return await asyncio.to_thread(wait_for, lambda: (c := caller.live()) and c.get("state") == state and c,
-                                   within_s, f"call from {caller.number} {state}")
 
 
 async def test_answered_by_stasis_echo_rtp_dtmf_and_hash_hangs_up(
@@ -32,7 +27,7 @@ async def test_answered_by_stasis_echo_rtp_dtmf_and_hash_hangs_up(
     engine; '#' makes Asterisk send the BYE (after the goodbye sound); nothing is left behind."""
     engine_log_before = len(app.engine.text())
     timeline = media.Timeline()
-    timeline.add_silence(0.3)
+    timeline.add_silence(LEAD_S)
     timeline.add_audio(voices.caller)
     timeline.add_silence(1.0)
     timeline.add_dtmf("5")
@@ -41,7 +36,7 @@ async def test_answered_by_stasis_echo_rtp_dtmf_and_hash_hangs_up(
     timeline.add_silence(6.0)  # the goodbye plays, then the BYE comes
     caller = new_caller(callers, app, tmp_path, DID_MAIN, timeline, expect_bye_within_s=30)
     await caller.start()
-    live = await _wait_live(caller)
+    live = await caller.wait_state("active")
     assert live["did"] == DID_MAIN and live["persona"] == app.persona  # routed by the DID table
     result = await caller.finish()
     assert result.returncode == 0, result.describe()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -68,6 +69,14 @@ def missing_prerequisite() -> str | None:
     if os.geteuid() != 0:
         return "SIPp's pcap play and dumpcap need root (raw sockets, capture on lo)"
     return None
+
+
+def readme_local_files() -> dict[str, str]:
+    """The operator files the README's walk-through writes (``cat >> /etc/asterisk/NAME <<'END'``)."""
+    text = (REPO / "README.md").read_text()
+    found = dict(re.findall(r"cat >> /etc/asterisk/(\S+) <<'END'\n(.*?\n)END\n", text, re.S))
+    assert set(found) == {"pjsip_local.conf", "extensions_local.conf"}, f"README: {sorted(found)}"
+    return found
 
 
 def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
@@ -321,16 +330,14 @@ rtp_port_max = {p['ast_rtp_max']}
         assert not (self.asterisk.etc / "extensions.conf").exists()
         self.admin("did", "add", DID_BUSY, "--persona", self.persona, "--transfer-target", "operators,101")
         p = self.ports
+        # The README's own operator files (its operator's address made this run's), plus a busy desk.
+        readme = readme_local_files()
         (self.asterisk.etc / "pjsip_local.conf").write_text(
-            "[operator]\ntype=endpoint\ntransport=transport-udp\ncontext=aziza-inbound\ndisallow=all\n"
-            "allow=ulaw\naors=operator\n\n"
-            f"[operator]\ntype=aor\ncontact=sip:operator@127.0.0.1:{p['operator']}\n\n"
-            "[busydesk]\ntype=endpoint\ntransport=transport-udp\ncontext=aziza-inbound\ndisallow=all\n"
-            "allow=ulaw\naors=busydesk\n\n"
+            readme["pjsip_local.conf"].replace("192.0.2.10:5060", f"127.0.0.1:{p['operator']}")
+            + "\n[busydesk]\ntype=endpoint\ncontext=aziza-inbound\ndisallow=all\nallow=ulaw\naors=busydesk\n"
             f"[busydesk]\ntype=aor\ncontact=sip:busy@127.0.0.1:{p['busy']}\n")
         (self.asterisk.etc / "extensions_local.conf").write_text(
-            "[operators]\nexten => 100,1,Dial(PJSIP/operator,20)\n same => n,Hangup()\n"
-            "exten => 101,1,Dial(PJSIP/busydesk,20)\n same => n,Hangup()\n")
+            readme["extensions_local.conf"] + "exten => 101,1,Dial(PJSIP/busydesk,20)\n same => n,Hangup()\n")
         out = self.admin("provision", "asterisk", "--quiet").stdout
         assert "pjsip.conf: created" in out and "extensions.conf: created" in out, out
 

@@ -39,6 +39,10 @@ done
 AST_TAR=${positional[0]} PJ_TAR=${positional[1]}
 case "$PREFIX" in /*) ;; *) die "--prefix must be an absolute path, not '$PREFIX'" ;; esac
 PREFIX=${PREFIX%/}; [ -n "$PREFIX" ] || die "--prefix / is not supported; use /usr"
+if [ "$SERVICE" = 1 ] && [ "$(id -u)" != 0 ]; then
+  die "the system setup (user asterisk, asterisk.service) needs root; or pass --no-service"
+fi
+SYSTEMD_DIR=${AZIZA_SYSTEMD_DIR:-/etc/systemd/system}
 
 for tarball in "$AST_TAR" "$PJ_TAR"; do
   [ -e "$tarball" ] || die "tarball not found: $tarball"
@@ -243,7 +247,6 @@ done
 
 # ---- system setup ---------------------------------------------------------------------------------
 if [ "$SERVICE" = 1 ]; then
-  [ "$(id -u)" = 0 ] || die "the system setup needs root (or pass --no-service)"
   getent group asterisk >/dev/null || groupadd --system asterisk
   getent passwd asterisk >/dev/null \
     || useradd --system --gid asterisk --home-dir "$VAR/lib/asterisk" --shell /usr/sbin/nologin asterisk
@@ -284,8 +287,8 @@ EOF
 console => notice,warning,error
 messages.log => notice,warning,error
 EOF
-  if [ -d /etc/systemd/system ] && [ ! -e /etc/systemd/system/asterisk.service ]; then
-    cat >/etc/systemd/system/asterisk.service <<EOF
+  if [ -d "$SYSTEMD_DIR" ] && [ ! -e "$SYSTEMD_DIR/asterisk.service" ]; then
+    cat >"$SYSTEMD_DIR/asterisk.service" <<EOF
 [Unit]
 Description=Asterisk PBX (built by aziza asterisk-build.sh)
 After=network-online.target
@@ -301,7 +304,7 @@ RestartSec=2
 [Install]
 WantedBy=multi-user.target
 EOF
-    say "wrote /etc/systemd/system/asterisk.service (systemctl enable --now asterisk)"
+    say "wrote $SYSTEMD_DIR/asterisk.service (systemctl enable --now asterisk)"
   fi
 fi
 

@@ -68,6 +68,9 @@ _CALLER_IDS = itertools.count(7770000)
 # Silence a caller sends first: the agent's media path is set up after the answer (bridge, externalMedia),
 # and words spoken before it is up are not heard. Generous, so a loaded machine does not clip them.
 LEAD_S = 1.5
+# Share of an utterance's 0.5 s pieces that must come back (media.echo_check): a glitch on a loaded
+# machine costs a piece, a wrong or missing stream costs them all.
+ECHO_FOUND = 0.8
 
 
 @dataclass

@@ -198,5 +198,34 @@ def best_correlation(sent: np.ndarray, received: np.ndarray) -> tuple[float, int
     return float(scores[lag]), lag
 
 
+@dataclass(frozen=True)
+class EchoCheck:
+    """How much of a sent utterance came back: each 0.5 s piece of it that has speech, looked for in what
+    was received. A brief glitch (a late engine frame concealed on a loaded machine) costs one piece; a
+    wrong stream (music, silence, someone else) costs all of them."""
+
+    scores: tuple[float, ...]
+
+    @property
+    def found(self) -> float:
+        """The share of pieces found (correlation above 0.9)."""
+        return sum(s > 0.9 for s in self.scores) / max(1, len(self.scores))
+
+    def __str__(self) -> str:
+        scores = ", ".join(f"{s:.2f}" for s in self.scores)
+        return f"{self.found:.0%} of {len(self.scores)} pieces found ({scores})"
+
+
+def echo_check(sent: np.ndarray, received: np.ndarray, piece_s: float = 0.5) -> EchoCheck:
+    step = int(RATE * piece_s)
+    loud = rms(sent) * 0.3
+    scores = []
+    for start in range(0, len(sent) - step + 1, step):
+        piece = sent[start:start + step]
+        if rms(piece) > loud:
+            scores.append(best_correlation(piece, received)[0])
+    return EchoCheck(tuple(scores))
+
+
 def rms(pcm: np.ndarray) -> float:
     return float(np.sqrt(np.mean(pcm.astype(np.float64) ** 2))) if len(pcm) else 0.0

@@ -12,7 +12,7 @@ import pytest
 
 from tests.asterisk import media, sipp
 from tests.asterisk.appliance import PHONE_PASSWORD, PHONE_USER, Appliance, free_udp_pair
-from tests.asterisk.conftest import LEAD_S, Caller, Voices, new_caller
+from tests.asterisk.conftest import ECHO_FOUND, LEAD_S, Caller, Voices, new_caller
 
 pytestmark = pytest.mark.asterisk
 
@@ -66,7 +66,7 @@ async def test_a_new_did_is_live_after_provision_reload(
         await caller.start()
         result = await caller.finish()
         assert result.returncode == 0, result.describe()
-        assert media.best_correlation(voices.caller, caller.received().pcm())[0] > 0.9
+        assert media.echo_check(voices.caller, caller.received().pcm()).found >= ECHO_FOUND
         assert (await asyncio.to_thread(caller.record))["persona"] == app.persona
     finally:
         app.admin("did", "remove", DID_NEW)

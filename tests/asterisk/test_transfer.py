@@ -12,7 +12,7 @@ import pytest
 
 from tests.asterisk import media, sipp
 from tests.asterisk.appliance import DID_BUSY, DID_MAIN, Appliance, free_udp_pair
-from tests.asterisk.conftest import LEAD_S, Caller, Voices, new_caller
+from tests.asterisk.conftest import ECHO_FOUND, LEAD_S, Caller, Voices, new_caller
 
 pytestmark = pytest.mark.asterisk
 
@@ -65,9 +65,8 @@ async def test_zero_transfers_to_the_operator_who_answers(
     assert not _events(record, "transfer_failed")
     # What the caller heard: first the agent (its own words echoed), then the operator's voice.
     heard = caller.received().pcm()
-    assert media.best_correlation(voices.caller, heard)[0] > 0.9
-    score, _ = media.best_correlation(voices.operator, heard)
-    assert score > 0.9, f"the operator's voice correlates only {score:.3f}"
+    assert (echo := media.echo_check(voices.caller, heard)).found >= ECHO_FOUND, f"the agent: {echo}"
+    assert (voice := media.echo_check(voices.operator, heard)).found >= ECHO_FOUND, f"the operator: {voice}"
 
 
 async def test_busy_operator_and_missing_extension_bring_the_caller_back(
@@ -115,5 +114,5 @@ async def test_busy_operator_and_missing_extension_bring_the_caller_back(
     stream = caller.received()
     after = stream.pcm(since=back_at + 1.0)
     assert len(after) > 8000 * 2, "no audio after the failed transfers"
-    score, _ = media.best_correlation(after[: 8000 * 2], timeline.pcm())
-    assert score > 0.9, f"after the failures the echo correlates only {score:.3f}"
+    echo = media.echo_check(after[: 8000 * 3], timeline.pcm())
+    assert echo.found >= ECHO_FOUND, f"after the failures, the agent: {echo}"

@@ -70,14 +70,17 @@ async def test_hold_plays_music_on_hold_and_unhold_resumes_the_agent(
         timeline.add_silence(0.2)
         timeline.add_audio(voices.other)
         timeline.add_silence(0.2)
-    caller = new_caller(callers, app, tmp_path, DID_MAIN, timeline, hangup_after_s=12.0)
+    caller = new_caller(callers, app, tmp_path, DID_MAIN, timeline, hangup_after_s=16.0)
     await caller.start()
     call_id = (await caller.wait_state("active"))["call_id"]
     await asyncio.sleep(3.0)
+    # Each phase's window lies between the command's return and the next command's request.
+    hold_asked = time.time()
     held = await asyncio.to_thread(app.admin, "calls", "hold", str(call_id))
     held_at = time.time()
     assert "state held" in held.stdout
     await asyncio.sleep(4.0)
+    unhold_asked = time.time()
     resumed = await asyncio.to_thread(app.admin, "calls", "unhold", str(call_id))
     unheld_at = time.time()
     assert "state active" in resumed.stdout
@@ -88,8 +91,8 @@ async def test_hold_plays_music_on_hold_and_unhold_resumes_the_agent(
     sent = timeline.pcm()
     moh = _moh_audio()
     # Windows well inside each phase (the echo path adds about half a second).
-    before = stream.pcm(held_at - 1.8, held_at - 0.2)
-    during = stream.pcm(held_at + 1.0, unheld_at - 0.5)
+    before = stream.pcm(hold_asked - 2.3, hold_asked - 0.2)
+    during = stream.pcm(held_at + 1.0, unhold_asked - 0.2)
     after = stream.pcm(unheld_at + 1.2, unheld_at + 3.2)
     for name, window in (("before", before), ("during", during), ("after", after)):
         assert len(window) > 8000, f"{name} hold: only {len(window)} samples came back"

@@ -201,15 +201,16 @@ def best_correlation(sent: np.ndarray, received: np.ndarray) -> tuple[float, int
 @dataclass(frozen=True)
 class EchoCheck:
     """How much of a sent utterance came back: each 0.5 s piece of it that has speech, looked for in what
-    was received. A brief glitch (a late engine frame concealed on a loaded machine) costs one piece; a
-    wrong stream (music, silence, someone else) costs all of them."""
+    was received. A piece is found above 0.75: an echo scores 0.99+ on an idle machine and 0.88+ on a
+    loaded one (the bridge conceals a late frame now and then), while a piece of other speech or of the
+    music on hold scores 0.1-0.6 (measured). A glitch costs one piece; a wrong stream costs them all."""
 
     scores: tuple[float, ...]
 
     @property
     def found(self) -> float:
-        """The share of pieces found (correlation above 0.9)."""
-        return sum(s > 0.9 for s in self.scores) / max(1, len(self.scores))
+        """The share of pieces found (correlation above 0.75)."""
+        return sum(s > 0.75 for s in self.scores) / max(1, len(self.scores))
 
     def __str__(self) -> str:
         scores = ", ".join(f"{s:.2f}" for s in self.scores)

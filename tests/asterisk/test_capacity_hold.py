@@ -73,7 +73,7 @@ async def test_hold_plays_music_on_hold_and_unhold_resumes_the_agent(
     caller = new_caller(callers, app, tmp_path, DID_MAIN, timeline, hangup_after_s=16.0)
     await caller.start()
     call_id = (await caller.wait_state("active"))["call_id"]
-    await asyncio.sleep(3.0)
+    await asyncio.sleep(4.0)
     # Each phase's window lies between the command's return and the next command's request.
     hold_asked = time.time()
     held = await asyncio.to_thread(app.admin, "calls", "hold", str(call_id))

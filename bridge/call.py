@@ -541,8 +541,8 @@ class Call:
         finally:
             self._transfer_waiter = None
             self._ringing_target = None
-        self.transfer_attempts.append(outcome.to_json())
-        if not outcome.answered:
+        if not outcome.answered:  # (an answered one is listed before the record is written)
+            self.transfer_attempts.append(outcome.to_json())
             self.ctl.deps.sink.event(self.id, "transfer_failed", outcome.to_json())
             log.info("call %s: transfer to %s failed (%s); back with the agent", self.id, target,
                      outcome.reason)
@@ -642,6 +642,7 @@ class Call:
         self.state = CallState.TRANSFERRED  # before the agent goes: its channel's events must not end us
         self.transferred_to = target
         self._claim_end_reason("transferred")
+        self.transfer_attempts.append(TransferOutcome(target, True, "answered").to_json())
         self.ctl.deps.sink.event(self.id, "transfer", {"target": target, "outcome": "answered"})
         log.info("call %s: transferred to %s (answered)", self.id, target)
         await self._release_agent()

@@ -156,6 +156,8 @@ async def test_dtmf_zero_transfers_only_when_the_target_answers() -> None:
         assert fake.bridges[call.bridge_id].channels == [caller, target]  # media channel gone
         assert call.media_channel_id not in fake.channels and fake.channel(caller).moh_class is None
         assert sd.sink.ended_calls[caller][0] == "transferred"
+        assert sd.sink.ended_calls[caller][1]["transfers"] == [
+            {"target": "operators,100", "outcome": "answered", "reason": "answered"}]
         assert ("transfer", {"target": "operators,100", "outcome": "answered"}) in [
             (k, d) for c, k, d in sd.sink.events if c == caller]
         assert sd.capacity.held == set() and sd.engines[0].closed

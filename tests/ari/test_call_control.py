@@ -150,7 +150,9 @@ async def test_dtmf_zero_transfers_only_when_the_target_answers() -> None:
         # ringing: not transferred yet, the caller hears music and the agent is paused
         assert caller not in sd.sink.ended_calls and fake.channel(caller).moh_class == "default"
         assert sd.medias[0].paused and sd.capacity.held == {caller}
-        await eventually(lambda: call.state.value == "transferred", what="target answered")
+        # answered, joined, the agent released, the record written: in that order
+        await eventually(lambda: caller in sd.sink.ended_calls, what="target answered")
+        assert call.state.value == "transferred"
         target = call.transfer_channel_id
         assert target is not None and fake.channels[target].answered
         assert fake.bridges[call.bridge_id].channels == [caller, target]  # media channel gone

@@ -24,6 +24,8 @@ from admin_cli.settings import load_cli_settings
 from bridge.http_guard import MIN_TOKEN_CHARS, TokenFileError, read_token_file
 from bridge.talk_token import MAX_TTL_S, parse_ttl, sign, talk_key
 
+DEFAULT_TIMEOUT_S = 5.0
+
 
 def _bridge_url(explicit: str | None) -> str:
     if explicit:
@@ -68,11 +70,18 @@ def _decode(raw: bytes) -> dict[str, Any]:
 def _action(action: str, call_id: str, opts: dict[str, Any], body: dict[str, Any] | None = None) -> None:
     result = _post(_bridge_url(opts["bridge_url"]), f"/calls/{urllib.parse.quote(call_id, safe='')}/{action}",
                    body or {}, _token(opts["token_file"]), opts["timeout"])
+    transfer = result.get("transfer")
     if opts["as_json"]:
         click.echo(json.dumps(result, indent=2, sort_keys=True))
-    else:
+    elif isinstance(transfer, dict) and transfer.get("outcome") == "answered":
+        click.echo(f"transfer: call {call_id} transferred to {transfer.get('target')} (answered)")
+    elif not isinstance(transfer, dict):
         state = result.get("call", {}).get("state", "?")
         click.echo(f"{action}: call {call_id} ok (state {state})")
+    if isinstance(transfer, dict) and transfer.get("outcome") != "answered":
+        raise click.ClickException(
+            f"transfer of call {call_id} to {transfer.get('target')} failed: {transfer.get('reason')}; "
+            "the caller is back with the agent")
 
 
 _token_file_option = click.option(
@@ -84,7 +93,8 @@ _common = [
     click.option("--bridge-url", default=None, help="aziza-bridge HTTP URL (default: from settings)."),
     _token_file_option,
     click.option("--json", "as_json", is_flag=True, help="Print the bridge's JSON answer."),
-    click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for the bridge."),
+    click.option("--timeout", default=DEFAULT_TIMEOUT_S, show_default=True,
+                 help="Seconds to wait for the bridge."),
 ]
 
 
@@ -112,7 +122,11 @@ def calls_unhold(call_id: str, **opts: Any) -> None:
 @_with_common
 @click.argument("target")
 def calls_transfer(call_id: str, target: str, **opts: Any) -> None:
-    """Blind-transfer a call: TARGET is ext@context (dialplan) or sip:URI / PJSIP/endpoint (redirect)."""
+    """Transfer a call: TARGET is a dialplan location (context,exten or exten@context), PJSIP/endpoint or
+    a sip: URI. Waits for the outcome (--timeout covers ari.transfer_timeout_s): answered, or the
+    reason the caller is back with the agent (exit status 1)."""
+    if opts["timeout"] == DEFAULT_TIMEOUT_S:  # the target rings for up to ari.transfer_timeout_s
+        opts["timeout"] = load_cli_settings().ari.transfer_timeout_s + 10.0
     _action("transfer", call_id, opts, {"target": target})
 
 

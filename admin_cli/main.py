@@ -11,6 +11,8 @@ from typing import Any
 
 import click
 
+from bridge.version import package_version
+
 
 class LazyGroup(click.Group):
     """A click group whose subcommands are "module:attribute" strings, imported on first use."""
@@ -54,6 +56,7 @@ class LazyGroup(click.Group):
         "train": "admin_cli.train_cmds:train",
     },
 )
+@click.version_option(package_version(), "--version", prog_name="aziza-admin", message="%(prog)s %(version)s")
 def cli() -> None:
     """Aziza appliance administration."""
 

@@ -632,17 +632,30 @@ def provision() -> None:
     help="Template directory (default: the checkout's asterisk_conf/).",
 )
 @click.option("--quiet", is_flag=True, help="Only the summary, no diffs.")
+@click.option(
+    "--reload", "reload_asterisk", is_flag=True,
+    help="Then reload the running Asterisk through ARI (PUT /asterisk/modules/{name}) and check it took "
+    "the files.",
+)
 @database_option
 @_state_errors
 def provision_asterisk(
-    out_dir: Path | None, dry_run: bool, templates: Path | None, quiet: bool, database_url: str | None
+    out_dir: Path | None, dry_run: bool, templates: Path | None, quiet: bool, reload_asterisk: bool,
+    database_url: str | None,
 ) -> None:
-    """Render pjsip/extensions/ari/http/rtp/musiconhold.conf from the DID table, atomically."""
+    """Render pjsip/extensions/ari/http/rtp/musiconhold.conf from the DID table, atomically.
+
+    The rendered pjsip.conf and extensions.conf include pjsip_local.conf and extensions_local.conf
+    (created once, never overwritten) for your own endpoints and dialplan. Every DID's transfer target
+    must exist in that dialplan, or nothing is written. Files are 0640, group asterisk."""
     settings = _settings()
     with _db(database_url) as conn:
         dids = repo.list_dids(conn, enabled_only=True)
     files = asterisk_render.render(settings, dids, templates)
     target = out_dir or settings.asterisk.config_dir
+    local = asterisk_render.read_local_files(target)
+    asterisk_render.check_syntax(files, local)
+    asterisk_render.check_transfer_targets(dids, files, local)
     changes = asterisk_render.write(target, files, dry_run=dry_run)
     if not quiet:
         for change in changes:
@@ -653,3 +666,21 @@ def provision_asterisk(
         click.echo(f"{change.name}: {would}{change.status}")
     if all(c.status == "unchanged" for c in changes):
         click.echo("unchanged")
+    if not asterisk_render.endpoint_names(settings):
+        click.echo("warning: no SIP endpoint rendered: set asterisk.trunk_hosts (your SIP trunk's address or "
+                   "range) or asterisk.test_phone_username/password", err=True)
+    written = any(c.status != "unchanged" for c in changes)
+    if written and not dry_run and asterisk_render.asterisk_gid() is None:
+        click.echo(f"warning: no group {asterisk_render.ASTERISK_GROUP!r} here: the files are 0640 and only "
+                   "an Asterisk running as their owner can read them", err=True)
+    if reload_asterisk and not dry_run:
+        from admin_cli.asterisk_reload import ReloadError
+        from admin_cli.asterisk_reload import reload_asterisk as do_reload
+
+        changed = [c.name for c in changes if c.status != "unchanged"]
+        try:
+            lines = asyncio.run(do_reload(settings, changed, local))
+        except ReloadError as exc:
+            raise click.ClickException(str(exc)) from None
+        for line in lines:
+            click.echo(line)

@@ -8,6 +8,7 @@ browser WebSocket routes). It is an async context manager so tests run the whole
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
@@ -26,6 +27,7 @@ from bridge.controller import CallController
 from bridge.http_guard import BROWSER_PATHS, TokenSource, allowed_hosts
 from bridge.redact import mask_url
 from bridge.startup import freeze_startup_heap
+from bridge.version import package_version
 
 log = logging.getLogger("aziza.bridge")
 
@@ -137,7 +139,21 @@ async def running_bridge(settings: Settings, deps: CallDeps, **kwargs: Any) -> A
         yield service
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aziza-bridge",
+        description="The ARI Stasis app of the Aziza appliance: answers calls that Asterisk's dialplan sends "
+        "to Stasis(<ari.app>), bridges them to an engine over RTP, and serves the control API. All settings "
+        "come from $AZIZA_CONFIG (default /etc/aziza/aziza.toml) and AZIZA_* variables; see "
+        "docs/configuration.md. Stops cleanly on SIGTERM/SIGINT.",
+    )
+    parser.add_argument("--version", action="version", version=f"aziza-bridge {package_version()}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    # Arguments first: --help and --version print and exit before anything starts.
+    _parser().parse_args(argv)
     # Logging first, so configuration warnings (unknown AZIZA_* variables) are formatted like the rest.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

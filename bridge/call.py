@@ -18,19 +18,21 @@ import enum
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from bridge.ari.errors import AriError, AriNotFound, AriUnprocessable
 from bridge.ari.models import (
     AriEvent,
+    AriEventError,
     Channel,
     ChannelDestroyed,
     ChannelDtmfReceived,
     ChannelHangupRequest,
     ChannelHold,
     ChannelUnhold,
+    Dial,
     PlaybackFinished,
     StasisEnd,
     StasisStart,
@@ -45,6 +47,9 @@ log = logging.getLogger(__name__)
 
 MEDIA_CHANNEL_PREFIX = "aziza-media-"
 BRIDGE_PREFIX = "aziza-bridge-"
+TRANSFER_CHANNEL_PREFIX = "aziza-xfer-"
+# First Stasis argument of a transfer target's channel: it joins a call, it is never a call of its own.
+TRANSFER_APP_ARG = "aziza-transfer"
 TEARDOWN_TIMEOUT_S = 3.0
 MEDIA_STASIS_TIMEOUT_S = 5.0
 ADD_CHANNEL_RETRIES = 3
@@ -55,6 +60,7 @@ class CallState(enum.Enum):
     SETUP = "setup"
     ACTIVE = "active"
     HELD = "held"
+    TRANSFERRED = "transferred"  # the caller talks to the transfer target; no agent, no slot
     ENDING = "ending"
     ENDED = "ended"
 
@@ -73,47 +79,87 @@ class _SetupAbort(Exception):
 
 @dataclass(frozen=True)
 class TransferTarget:
-    """A parsed transfer target: a dialplan location (``continue``) or an endpoint (``redirect``)."""
+    """A parsed transfer target: a dialplan location or an endpoint to dial."""
 
-    kind: str  # "continue" | "redirect"
+    kind: str  # "dialplan" | "endpoint"
     extension: str = ""
     context: str | None = None
     priority: int = 1
     endpoint: str = ""
 
+    def dial_string(self, default_context: str) -> str:
+        """What the transfer dials. A dialplan target through a Local channel without optimisation
+        (``/n``): the channel that answers stays the one we bridged, so its hang-up ends the call."""
+        if self.kind == "endpoint":
+            return self.endpoint
+        return f"Local/{self.extension}@{self.context or default_context}/n"
 
-def parse_transfer_target(target: str, channel_tech: str) -> TransferTarget:
-    """Dialplan targets → continue: Goto style ``[context,]exten[,priority]`` (as the DID table stores
-    them) or ``exten@context[:priority]``. ``sip:…`` → redirect (REFER/302) through the caller's own
-    technology; ``TECH/resource`` → redirect as given."""
+
+@dataclass(frozen=True)
+class TransferOutcome:
+    """How a transfer attempt ended: ``answered``, or the reason the caller is back with the agent."""
+
+    target: str
+    answered: bool
+    reason: str  # "answered" | invalid_extension | busy | no_answer | unavailable | congestion | ...
+
+    def to_json(self) -> dict[str, Any]:
+        return {"target": self.target, "outcome": "answered" if self.answered else "failed",
+                "reason": self.reason}
+
+
+# Q.850 causes of a target that hung up before answering -> the outcome's reason.
+_FAILURE_BY_CAUSE = {
+    1: "invalid_extension", 3: "invalid_extension", 17: "busy", 18: "no_answer", 19: "no_answer",
+    20: "unavailable", 21: "rejected", 27: "unavailable", 34: "congestion", 38: "congestion",
+    41: "congestion", 42: "congestion",
+}
+# Dial event statuses that end an attempt (ARI's Dial.dialstatus).
+_FAILURE_BY_DIALSTATUS = {
+    "BUSY": "busy", "NOANSWER": "no_answer", "CHANUNAVAIL": "unavailable", "CONGESTION": "congestion",
+    "CANCEL": "no_answer",
+}
+
+
+def parse_transfer_target(target: str, channel_name: str) -> TransferTarget:
+    """Dialplan targets: Goto style ``[context,]exten[,priority]`` (as the DID table stores them) or
+    ``exten@context[:priority]``; the priority must be 1 (a Local channel starts there). ``sip:…`` is
+    dialled through the caller's own endpoint (``PJSIP/<endpoint>/sip:…``); ``TECH/resource`` as given."""
     target = target.strip()
     if not target or any(c.isspace() for c in target):
         raise ValueError(f"bad transfer target {target!r}")
     lowered = target.lower()
     if lowered.startswith(("sip:", "sips:")):
-        return TransferTarget("redirect", endpoint=f"{channel_tech}/{target}")
+        tech, _, rest = channel_name.partition("/")
+        endpoint = rest.rpartition("-")[0] if "-" in rest else rest
+        if not tech or not endpoint:
+            raise ValueError(f"cannot dial {target!r}: caller channel {channel_name!r} names no endpoint")
+        return TransferTarget("endpoint", endpoint=f"{tech}/{endpoint}/{target}")
     if "/" in target:
         tech, _, resource = target.partition("/")
         if not tech or not resource:
             raise ValueError(f"bad transfer endpoint {target!r}")
-        return TransferTarget("redirect", endpoint=target)
+        return TransferTarget("endpoint", endpoint=target)
     if "," in target:
         parts = target.split(",")
         if len(parts) == 2:
             parts = [*parts, "1"]
         if len(parts) != 3 or not all(parts) or not parts[2].isdigit():
             raise ValueError(f"bad dialplan target {target!r}")
-        return TransferTarget("continue", extension=parts[1], context=parts[0], priority=int(parts[2]))
-    extension, _, rest = target.partition("@")
-    context, _, prio = rest.partition(":")
-    if not extension or ("@" in target and not context):
-        raise ValueError(f"bad dialplan target {target!r}")
-    priority = 1
-    if prio:
-        if not prio.isdigit():
+        context, extension, priority = parts[0], parts[1], int(parts[2])
+    else:
+        extension, _, rest = target.partition("@")
+        context_part, _, prio = rest.partition(":")
+        if not extension or ("@" in target and not context_part):
+            raise ValueError(f"bad dialplan target {target!r}")
+        if prio and not prio.isdigit():
             raise ValueError(f"bad dialplan priority in {target!r}")
-        priority = int(prio)
-    return TransferTarget("continue", extension=extension, context=context or None, priority=priority)
+        context, priority = context_part, int(prio or "1")
+    if priority != 1:
+        raise ValueError(f"transfer target {target!r}: priority {priority}: a transfer starts at priority 1")
+    if any(c in "@/,:" for c in extension + (context or "")):
+        raise ValueError(f"bad dialplan target {target!r}")
+    return TransferTarget("dialplan", extension=extension, context=context or None)
 
 
 class Call:
@@ -143,9 +189,18 @@ class Call:
         self.lease: object | None = None
         self.refused = False
         self.transferred_to: str | None = None
+        self.transfer_attempts: list[dict[str, Any]] = []  # every attempt's outcome (on the record)
+        self.transfer_channel_id: str | None = None  # the target's channel of the current/last attempt
         self._goodbye_playback_id: str | None = None
         self._goodbye_started = asyncio.Event()
-        self._transfer_pending: str | None = None  # set before the ARI call: its StasisEnd may come first
+        self._transfer_waiter: asyncio.Future[TransferOutcome] | None = None  # while a target rings
+        self._ringing_target: str | None = None
+        self._transfer_hint: str | None = None  # a failure reason from the target's Dial event
+        self._transfer_channel_gone = False
+        self._agent_released = False  # engine, media and slot given up (a completed transfer)
+        self._recorded = False  # the call record's end was written
+        self._tg: asyncio.TaskGroup | None = None
+        self._side_tasks: set[asyncio.Task[None]] = set()
         self.dtmf_digits: list[str] = []
         self.far_end_held = False
         self.media_result: Any = None
@@ -164,7 +219,8 @@ class Call:
 
     @property
     def owned_ids(self) -> tuple[str, ...]:
-        return (self.id, self.media_channel_id, self.bridge_id)
+        extra = (self.transfer_channel_id,) if self.transfer_channel_id else ()
+        return (self.id, self.media_channel_id, self.bridge_id, *extra)
 
     @property
     def media_channel_ready(self) -> bool:
@@ -185,6 +241,10 @@ class Call:
             if self.state is not CallState.ENDED:
                 self.state = CallState.ENDING
             log.info("call %s ending: %s", self.id, reason)
+        elif self.state not in (CallState.ENDING, CallState.ENDED):
+            self.state = CallState.ENDING  # a transferred call's reason was fixed when the target answered
+            log.info("call %s ending (%s): %s", self.id, self.end_reason, reason)
+        self._settle_transfer(TransferOutcome(self._ringing_target or "", False, "call_ended"))
         self._ended.set()
 
     def _claim_end_reason(self, reason: str) -> None:
@@ -198,13 +258,14 @@ class Call:
         """The call's whole life. Never raises (except CancelledError on shutdown, after teardown)."""
         try:
             async with asyncio.TaskGroup() as tg:
+                self._tg = tg
                 tasks = [
                     tg.create_task(self._guard(self._process_events), name=f"call-{self.id}-events"),
                     tg.create_task(self._guard(self._setup_and_run), name=f"call-{self.id}-media"),
                     tg.create_task(self._guard(self._goodbye_watchdog), name=f"call-{self.id}-goodbye"),
                 ]
                 await self._ended.wait()
-                for task in tasks:
+                for task in [*tasks, *self._side_tasks]:
                     task.cancel()
         finally:
             try:
@@ -240,6 +301,8 @@ class Call:
             return
         assert self.media is not None
         self.media_result = await self.media.run()
+        if self.state is CallState.TRANSFERRED:
+            return  # stopped on purpose: the caller went on to the transfer target
         self.end(f"media:{_reason_text(self.media_result)}")
 
     async def _setup(self) -> None:
@@ -340,6 +403,10 @@ class Call:
             if event.playback.id == self._goodbye_playback_id:
                 self.end("dtmf_hangup")
             return
+        if isinstance(event, Dial):
+            if event.peer.id == self.transfer_channel_id and event.dialstatus in _FAILURE_BY_DIALSTATUS:
+                self._transfer_hint = _FAILURE_BY_DIALSTATUS[event.dialstatus]
+            return
         if not isinstance(event, StasisStart | StasisEnd | ChannelHangupRequest | ChannelDestroyed |
                           ChannelDtmfReceived | ChannelHold | ChannelUnhold):
             return
@@ -349,7 +416,11 @@ class Call:
                 self._media_in_stasis.set()
             elif isinstance(event, StasisEnd | ChannelDestroyed | ChannelHangupRequest):
                 self._media_channel_gone = True
-                self.end("media_channel_gone")
+                if not self._agent_released:  # after a transfer we hung it up ourselves
+                    self.end("media_channel_gone")
+            return
+        if channel_id == self.transfer_channel_id:
+            self._on_transfer_channel_event(event)
             return
         if channel_id != self.id:
             return
@@ -358,7 +429,7 @@ class Call:
             self.end("caller_hangup")
         elif isinstance(event, StasisEnd):
             self._caller_gone = True
-            self.end("transferred" if self._transfer_pending else "caller_left_stasis")
+            self.end("caller_left_stasis")
         elif isinstance(event, ChannelDtmfReceived):
             await self._on_dtmf(event.digit, event.duration_ms)
         elif isinstance(event, ChannelHold):
@@ -376,10 +447,8 @@ class Call:
             return
         action = (self.route.dtmf_actions if self.route else {}).get(digit, "engine")
         if action == "transfer" and self.route is not None and self.route.transfer_target:
-            try:
-                await self.transfer(self.route.transfer_target)
-            except (ValueError, CallStateError) as exc:
-                log.warning("call %s: DTMF transfer: %s", self.id, exc)
+            # On its own task: the attempt waits for events this task delivers.
+            self._spawn(self._dtmf_transfer(self.route.transfer_target), "transfer")
         elif action == "hangup":
             await self._hang_up_politely()
         elif action == "hold":
@@ -430,6 +499,8 @@ class Call:
     async def hold(self) -> None:
         if self.state is not CallState.ACTIVE:
             raise CallStateError(f"call is {self.state.value}, not active")
+        if self._transfer_waiter is not None:
+            raise CallStateError("a transfer is ringing")
         self.state = CallState.HELD
         self._pause_media("operator")
         try:
@@ -447,36 +518,185 @@ class Call:
     async def unhold(self) -> None:
         if self.state is not CallState.HELD:
             raise CallStateError(f"call is {self.state.value}, not held")
+        if self._transfer_waiter is not None:
+            raise CallStateError("a transfer is ringing")
         await self.ctl.ari.stop_moh(self.id)
         await self.ctl.ari.unhold(self.id)
         self.state = CallState.ACTIVE
         if not self.far_end_held:
             self._resume_media("operator")
 
-    async def transfer(self, target: str) -> None:
-        """Blind transfer; the engine session ends and the slot frees (teardown), the caller lives on."""
+    async def transfer(self, target: str) -> TransferOutcome:
+        """Attended-by-the-bridge blind transfer. The target is dialled while the caller hears music on
+        hold and the agent is paused. Answered: the target joins the caller's bridge, the engine session
+        ends, the slot frees and the record says "transferred". Anything else (no such extension, busy,
+        no answer, unavailable): the caller is back with the agent and the failure is on the record."""
         if self.state not in (CallState.ACTIVE, CallState.HELD):
             raise CallStateError(f"call is {self.state.value}, cannot transfer")
-        tech = self.channel.name.partition("/")[0] or "PJSIP"
-        parsed = parse_transfer_target(target, tech)
-        if self.state is CallState.HELD:
-            await self.ctl.ari.stop_moh(self.id)
-            await self.ctl.ari.unhold(self.id)
-        self._transfer_pending = target
+        if self._transfer_waiter is not None:
+            raise CallStateError("a transfer is already ringing")
+        parsed = parse_transfer_target(target, self.channel.name)
+        self._transfer_waiter = asyncio.get_running_loop().create_future()
+        self._ringing_target = target
         try:
-            if parsed.kind == "continue":
-                await self.ctl.ari.continue_in_dialplan(
-                    self.id, context=parsed.context, extension=parsed.extension, priority=parsed.priority
-                )
-            else:
-                await self.ctl.ari.redirect(self.id, parsed.endpoint)
-        except AriError:
-            self._transfer_pending = None
-            raise
+            outcome = await self._attempt_transfer(target, parsed)
+        finally:
+            self._transfer_waiter = None
+            self._ringing_target = None
+        if not outcome.answered:  # (an answered one is listed before the record is written)
+            self.transfer_attempts.append(outcome.to_json())
+            self.ctl.deps.sink.event(self.id, "transfer_failed", outcome.to_json())
+            log.info("call %s: transfer to %s failed (%s); back with the agent", self.id, target,
+                     outcome.reason)
+        return outcome
+
+    async def _dtmf_transfer(self, target: str) -> None:
+        try:
+            await self.transfer(target)
+        except (ValueError, CallStateError) as exc:
+            log.warning("call %s: DTMF transfer: %s", self.id, exc)
+            self.ctl.deps.sink.event(self.id, "transfer_failed",
+                                     {"target": target, "outcome": "failed", "reason": "refused",
+                                      "detail": str(exc)})
+
+    async def _attempt_transfer(self, target: str, parsed: TransferTarget) -> TransferOutcome:
+        ari, settings = self.ctl.ari, self.ctl.settings.ari
+        default_context = self.channel.dialplan.context
+        if parsed.kind == "dialplan":
+            # Asterisk would accept a dial into a missing extension and then drop the caller: ask first.
+            context = parsed.context or default_context
+            try:
+                exists = await ari.get_channel_var(
+                    self.id, f"DIALPLAN_EXISTS({context},{parsed.extension},1)")
+            except (AriError, AriEventError) as exc:
+                log.warning("call %s: cannot check %s in the dialplan (%s); dialling anyway", self.id,
+                            target, exc)
+                exists = "1"
+            if exists.strip() != "1":
+                return TransferOutcome(target, False, "invalid_extension")
+        was_held = self.state is CallState.HELD
+        self._pause_media("transfer")
+        if not was_held:
+            try:
+                await ari.start_moh(self.id, settings.moh_class)
+            except AriError as exc:  # no music is no reason to give up the transfer
+                log.warning("call %s: music while the transfer rings: %s", self.id, exc)
+        self.transfer_channel_id = TRANSFER_CHANNEL_PREFIX + uuid.uuid4().hex[:16]
+        self._transfer_hint = None
+        self._transfer_channel_gone = False
+        self.ctl.register_channel(self.transfer_channel_id, self)
+        assert self._transfer_waiter is not None
+        try:
+            await ari.originate(
+                endpoint=parsed.dial_string(default_context), app=settings.app,
+                app_args=f"{TRANSFER_APP_ARG},{self.id}", channel_id=self.transfer_channel_id,
+                caller_id=self.caller_number or None, timeout_s=settings.transfer_timeout_s,
+                originator=self.id,
+            )
+        except AriError as exc:
+            log.warning("call %s: transfer to %s: %s", self.id, target, exc)
+            self._transfer_channel_gone = True
+            outcome = TransferOutcome(target, False, "unavailable")
+        else:
+            try:
+                # Asterisk gives up after transfer_timeout_s itself; this bound only guards a lost event.
+                async with asyncio.timeout(settings.transfer_timeout_s + 5):
+                    outcome = await asyncio.shield(self._transfer_waiter)
+            except TimeoutError:
+                outcome = TransferOutcome(target, False, "no_answer")
+        if outcome.answered:
+            try:
+                await self._complete_transfer(target, was_held)
+                return outcome
+            except AriError as exc:  # the target hung up between answering and joining
+                log.warning("call %s: joining the transfer target: %s", self.id, exc)
+                outcome = TransferOutcome(target, False, "target_hung_up")
+        await self._abandon_transfer(was_held)
+        return outcome
+
+    def _on_transfer_channel_event(self, event: AriEvent) -> None:
+        if isinstance(event, StasisStart):  # it answered (an originate enters Stasis on answer)
+            self._settle_transfer(TransferOutcome(self._ringing_target or "", True, "answered"))
+        elif isinstance(event, ChannelHangupRequest | ChannelDestroyed | StasisEnd):
+            if isinstance(event, ChannelDestroyed):
+                self._transfer_channel_gone = True
+            if self.state is CallState.TRANSFERRED:
+                self.end("transfer_target_hangup")
+                return
+            cause = event.cause if isinstance(event, ChannelHangupRequest | ChannelDestroyed) else 0
+            reason = self._transfer_hint or _FAILURE_BY_CAUSE.get(cause, f"failed:cause_{cause}")
+            self._settle_transfer(TransferOutcome(self._ringing_target or "", False, reason))
+
+    def _settle_transfer(self, outcome: TransferOutcome) -> None:
+        waiter = self._transfer_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(outcome)
+
+    async def _complete_transfer(self, target: str, was_held: bool) -> None:
+        ari = self.ctl.ari
+        assert self.transfer_channel_id is not None
+        await ari.add_channel(self.bridge_id, [self.transfer_channel_id])
+        with contextlib.suppress(AriError):
+            await ari.stop_moh(self.id)
+        if was_held:
+            with contextlib.suppress(AriError):
+                await ari.unhold(self.id)
+        self.state = CallState.TRANSFERRED  # before the agent goes: its channel's events must not end us
         self.transferred_to = target
-        self._caller_gone = True  # Asterisk has it now: teardown must not hang it up
-        self.ctl.deps.sink.event(self.id, "transfer", {"target": target, "how": parsed.kind})
-        self.end("transferred")
+        self._claim_end_reason("transferred")
+        self.transfer_attempts.append(TransferOutcome(target, True, "answered").to_json())
+        self.ctl.deps.sink.event(self.id, "transfer", {"target": target, "outcome": "answered"})
+        log.info("call %s: transferred to %s (answered)", self.id, target)
+        await self._release_agent()
+        self._record_end()
+
+    async def _abandon_transfer(self, was_held: bool) -> None:
+        """Back to the agent: the target's channel goes, the music stops, the agent resumes."""
+        ari = self.ctl.ari
+        if self.transfer_channel_id is not None and not self._transfer_channel_gone:
+            with contextlib.suppress(AriError):
+                await _gone_ok(ari.hangup(self.transfer_channel_id, reason="normal"))
+        if self.end_reason is not None:
+            return  # the call is ending anyway
+        if not was_held:
+            with contextlib.suppress(AriError):
+                await ari.stop_moh(self.id)
+            if self.state is CallState.ACTIVE and not self.far_end_held:
+                self._resume_media("transfer_failed")
+
+    async def _release_agent(self) -> None:
+        """A completed transfer: the engine session, the media path and the slot are given up now; the
+        caller and the target stay bridged until one of them hangs up."""
+        self._agent_released = True
+        steps: list[Awaitable[Any]] = [self._stop_media_then_engine()]
+        if self._media_channel_tried and not self._media_channel_gone:
+            steps.append(_gone_ok(self.ctl.ari.hangup(self.media_channel_id, reason="normal")))
+        if self.lease is not None:
+            lease, self.lease = self.lease, None
+            steps.append(self.ctl.deps.capacity.release(lease))
+        results = await asyncio.gather(
+            *(_bounded(step, TEARDOWN_TIMEOUT_S) for step in steps), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                log.warning("call %s: releasing the agent: %s: %s", self.id, type(result).__name__, result)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], what: str) -> None:
+        if self._tg is None or self._ended.is_set():
+            coro.close()
+            return
+        task = self._tg.create_task(self._guard_named(coro, what), name=f"call-{self.id}-{what}")
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+
+    async def _guard_named(self, coro: Coroutine[Any, Any, None], what: str) -> None:
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("call %s: %s failed", self.id, what)
+            self.end(f"internal_error:{type(exc).__name__}")
 
     def hangup(self) -> None:
         self.end("hangup_requested")
@@ -490,13 +710,15 @@ class Call:
         if self.end_reason is None:
             self.end("shutdown")
         ari = self.ctl.ari
-        steps: list[Awaitable[Any]] = [self._stop_media_then_engine()]
+        steps: list[Awaitable[Any]] = [] if self._agent_released else [self._stop_media_then_engine()]
         if not self._caller_gone:
             steps.append(_gone_ok(ari.hangup(self.id, reason="normal")))
         if self._bridge_tried:
             steps.append(_gone_ok(ari.destroy_bridge(self.bridge_id)))
         if self._media_channel_tried and not self._media_channel_gone:
             steps.append(_gone_ok(ari.hangup(self.media_channel_id, reason="normal")))
+        if self.transfer_channel_id is not None and not self._transfer_channel_gone:
+            steps.append(_gone_ok(ari.hangup(self.transfer_channel_id, reason="normal")))
         if self.lease is not None:
             steps.append(self.ctl.deps.capacity.release(self.lease))
         results = await asyncio.gather(
@@ -507,14 +729,21 @@ class Call:
                 log.warning("call %s: teardown step failed: %s: %s", self.id, type(result).__name__, result)
         self.timeline["torn_down"] = self._clock()
         if not self.refused:
-            self.ctl.deps.sink.ended(
-                self.id,
-                self.end_reason or "unknown",
-                self.summary(),
-                _transcript(self.media),
-                "".join(self.dtmf_digits),
-            )
+            self._record_end()
         self.ctl.forget(self)
+
+    def _record_end(self) -> None:
+        """The call record's end, written once: at teardown, or when a transfer target answered."""
+        if self._recorded:
+            return
+        self._recorded = True
+        self.ctl.deps.sink.ended(
+            self.id,
+            self.end_reason or "unknown",
+            self.summary(),
+            _transcript(self.media),
+            "".join(self.dtmf_digits),
+        )
 
     async def _stop_media_then_engine(self) -> None:
         # In this order: the media's engine-receive loop must be gone before close() reads the socket.
@@ -532,6 +761,8 @@ class Call:
             "timeline_ms": {k: round((v - start) * 1000, 2) for k, v in self.timeline.items()},
             "end_reason": self.end_reason,
         }
+        if self.transfer_attempts:
+            out["transfers"] = list(self.transfer_attempts)
         if self.media is not None:
             snapshot = getattr(self.media, "snapshot", None)
             out["media"] = snapshot() if callable(snapshot) else _jsonable(getattr(self.media, "stats", None))
@@ -549,6 +780,8 @@ class Call:
             "end_reason": self.end_reason,
             "media_channel_id": self.media_channel_id,
             "bridge_id": self.bridge_id,
+            "transferred_to": self.transferred_to,
+            "transfer_channel_id": self.transfer_channel_id,
         }
 
 

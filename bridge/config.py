@@ -138,12 +138,15 @@ class AriSettings(_MaskedRepr):
     password: str = "aziza"
     app: str = "aziza"
     reconnect_min_s: float = Field(default=0.5, gt=0)
-    reconnect_max_s: float = Field(default=30.0, gt=0)
+    # Asterisk is on loopback: retrying often is cheap, and after a restart new calls wait for the retry.
+    reconnect_max_s: float = Field(default=2.0, gt=0)
     # How a call is refused when the house is full: busy -> SIP 486, congestion -> SIP 503.
     refuse_reason: Literal["busy", "congestion"] = "busy"
     moh_class: str = "default"
     # Played to the caller before a DTMF hang-up ("#"), e.g. "sound:vm-goodbye"; None hangs up at once.
     goodbye_sound: str | None = None
+    # How long a transfer target may ring before the caller comes back to the agent.
+    transfer_timeout_s: int = Field(default=30, ge=1, le=600)
 
     @field_validator("url")
     @classmethod
@@ -187,8 +190,13 @@ class AsteriskSettings(_MaskedRepr):
     sip_port: int = Field(default=5060, ge=1, le=65535)
     # Public address for SDP/Contact behind NAT (None: not behind NAT).
     external_address: str | None = None
-    # SIP trunk peers (IP or host names) whose INVITEs reach the aziza-inbound context.
+    # SIP trunk peers whose INVITEs reach the aziza-inbound context: an IP or host name (also dialled
+    # through its contact) or a CIDR range such as 198.51.100.0/24 (matched only: `identify match`).
     trunk_hosts: list[str] = []
+    # One SIP phone that registers with a username and password (a test phone or softphone); its calls
+    # reach aziza-inbound like a trunk's. None: no phone endpoint.
+    test_phone_username: str | None = None
+    test_phone_password: str | None = None
     codecs: list[str] = ["ulaw", "alaw", "g722"]
     # Asterisk's own RTP ports; must not overlap the bridge's rtp_port_min..rtp_port_max.
     rtp_port_min: int = Field(default=10000, ge=1024, le=65535)
@@ -197,6 +205,12 @@ class AsteriskSettings(_MaskedRepr):
     @model_validator(mode="after")
     def _rtp_range(self) -> Self:
         _check_port_range(self.rtp_port_min, self.rtp_port_max, "rtp_port")
+        return self
+
+    @model_validator(mode="after")
+    def _test_phone_pair(self) -> Self:
+        if (self.test_phone_username is None) != (self.test_phone_password is None):
+            raise ValueError("test_phone_username and test_phone_password go together (set both or neither)")
         return self
 
 

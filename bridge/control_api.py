@@ -70,7 +70,7 @@ def control_routes(
     async def list_calls(request: web.Request) -> web.Response:
         return web.json_response({"calls": controller.live_calls()})
 
-    def call_action(action: Callable[[Call, dict[str, Any]], Awaitable[None]]) -> Any:
+    def call_action(action: Callable[[Call, dict[str, Any]], Awaitable[dict[str, Any] | None]]) -> Any:
         async def handler(request: web.Request) -> web.Response:
             call_id = request.match_info["call_id"]
             try:
@@ -84,7 +84,7 @@ def control_routes(
                         body = parse_json_object(raw, max_bytes=MAX_CONTROL_BODY) if raw.strip() else {}
                     except BadJson as exc:
                         return _err(400, f"body: {exc}")
-                await action(call, body)
+                extra = await action(call, body)
             except UnknownCall:
                 return _err(404, f"no live call {call_id}")
             except CallStateError as exc:
@@ -93,7 +93,7 @@ def control_routes(
                 return _err(400, str(exc))
             except AriError as exc:
                 return _err(502, f"Asterisk refused: {exc}")
-            return web.json_response({"ok": True, "call": call.describe()})
+            return web.json_response({"ok": True, "call": call.describe(), **(extra or {})})
 
         return handler
 
@@ -103,11 +103,15 @@ def control_routes(
     async def do_unhold(call: Call, body: dict[str, Any]) -> None:
         await call.unhold()
 
-    async def do_transfer(call: Call, body: dict[str, Any]) -> None:
+    async def do_transfer(call: Call, body: dict[str, Any]) -> dict[str, Any]:
+        """Answers when the attempt has an outcome (the target answered, or the caller is back with the
+        agent): ``{"transfer": {"target", "outcome": "answered"|"failed", "reason"}}``."""
         target = body.get("target")
         if not isinstance(target, str) or not target.strip():
-            raise ValueError('transfer needs {"target": "ext@context" | "sip:..." | "PJSIP/..."}')
-        await call.transfer(target)
+            raise ValueError(
+                'transfer needs {"target": "context,exten" | "exten@context" | "sip:..." | "PJSIP/..."}')
+        outcome = await call.transfer(target)
+        return {"transfer": outcome.to_json()}
 
     async def do_hangup(call: Call, body: dict[str, Any]) -> None:
         call.hangup()

@@ -18,8 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from bridge.ari.client import AriClient
 from bridge.ari.errors import AriError, AriNotFound
-from bridge.ari.models import AriEvent, Channel, ChannelEvent, PlaybackFinished, StasisStart
-from bridge.call import BRIDGE_PREFIX, MEDIA_CHANNEL_PREFIX, Call
+from bridge.ari.models import AriEvent, Channel, ChannelEvent, Dial, PlaybackFinished, StasisStart
+from bridge.call import BRIDGE_PREFIX, MEDIA_CHANNEL_PREFIX, TRANSFER_APP_ARG, TRANSFER_CHANNEL_PREFIX, Call
 from bridge.call_deps import CallDeps, CallRoute
 from bridge.config import Settings
 from bridge.media.prometheus import MEDIA_METRICS
@@ -119,8 +119,9 @@ class CallController:
         """Route one event (called in arrival order by the event stream; never blocks, never raises)."""
         self.events_handled += 1
         self.metrics.events.labels(event.type).inc()
-        if isinstance(event, PlaybackFinished):
-            owner = self._owner.get(event.playback.channel_id or "")
+        if isinstance(event, PlaybackFinished | Dial):
+            key = event.playback.channel_id if isinstance(event, PlaybackFinished) else event.peer.id
+            owner = self._owner.get(key or "")
             if owner is not None:
                 owner.queue.put_nowait(event)
             return
@@ -130,6 +131,10 @@ class CallController:
         call = self._owner.get(channel.id)
         if call is not None:
             call.queue.put_nowait(event)
+            return
+        if isinstance(event, StasisStart) and event.args[:1] == (TRANSFER_APP_ARG,):
+            # A transfer target that answered after its call was gone: nobody to join.
+            self._hang_up_orphan(channel.id)
             return
         if isinstance(event, StasisStart) and not channel.is_unicast_rtp:
             self._start_call(channel, event.args)
@@ -155,6 +160,10 @@ class CallController:
             log.exception("call %s crashed", call.id)
             self.forget(call)
 
+    def _hang_up_orphan(self, channel_id: str) -> None:
+        if self._tg is not None:
+            self._tg.create_task(_ignore_gone(self.ari.hangup(channel_id)), name=f"orphan-{channel_id}")
+
     def register_channel(self, channel_id: str, call: Call) -> None:
         """A call's media channel: its events (from its own StasisStart on) go to the call."""
         self._owner[channel_id] = call
@@ -164,8 +173,8 @@ class CallController:
         if self.calls.get(call.id) is not call:
             return
         del self.calls[call.id]
-        for key in (call.id, call.media_channel_id):
-            if self._owner.get(key) is call:
+        for key in (call.id, call.media_channel_id, call.transfer_channel_id):
+            if key is not None and self._owner.get(key) is call:
                 del self._owner[key]
         self.metrics.active.set(len(self.calls))
         outcome = "refused" if call.refused else (call.end_reason or "unknown").split(":")[0]
@@ -223,7 +232,7 @@ class CallController:
                 report.ended_calls.append(call.id)
         cleanups: list[asyncio.Task[None]] = []
         for ch in channels:
-            if ch.id.startswith(MEDIA_CHANNEL_PREFIX) and ch.id not in owned:
+            if ch.id.startswith((MEDIA_CHANNEL_PREFIX, TRANSFER_CHANNEL_PREFIX)) and ch.id not in owned:
                 report.deleted_channels.append(ch.id)
                 cleanups.append(asyncio.ensure_future(_ignore_gone(self.ari.hangup(ch.id))))
             elif (

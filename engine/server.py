@@ -27,6 +27,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import aiohttp
@@ -395,6 +396,13 @@ async def run_engine(settings: EngineSettings, backend: BatchBackend | None = No
         await runner.cleanup()
 
 
+def _version() -> str:
+    try:
+        return metadata.version("aziza")
+    except metadata.PackageNotFoundError:  # a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aziza-engine", description="Aziza batched speech-model engine; flags "
                                 "override the [engine] settings (AZIZA_ENGINE__* / aziza.toml)")
@@ -409,11 +417,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="moshi backend: weights directory or cached Hugging Face repo id")
     p.add_argument("--device", help="moshi backend: auto | cpu | cuda | cuda:N")
     p.add_argument("--instance", type=int, help="aziza-engine@N: listen on port + N, use GPU N")
+    p.add_argument("--version", action="version", version=f"aziza-engine {_version()}")
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = _parser()
+    parser = _parser()  # --help/--version exit here, before any configuration is read
     args = parser.parse_args(argv)
     try:
         base = get_engine_config()

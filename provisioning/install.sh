@@ -30,8 +30,13 @@ fi
 
 VENV=${AZIZA_VENV:-.venv}
 [ "$SYSTEM" = 1 ] && VENV=/opt/aziza/venv
-[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
+STARTED=$(date +%s)
+step() { echo "install.sh: [$(( $(date +%s) - STARTED )) s] $*"; }
+step "virtual environment $VENV"
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV" \
+  || { echo "install.sh: cannot create $VENV (Debian: apt-get install python3-venv)" >&2; exit 1; }
+# pip prints a line per package it collects and installs: the progress of the long step.
+PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check --progress-bar on)
 
 extras=()
 [ "$ENGINE" = 1 ] && extras+=(engine)
@@ -41,9 +46,13 @@ if [ "$ENGINE" = 1 ] && { [ "$DEV" = 1 ] || [ "$TRAINING" = 1 ]; }; then extras+
 [ "$ENGINE" = 1 ] && [ "$QLORA" = 1 ] && extras+=(qlora)
 spec="."
 if [ ${#extras[@]} -gt 0 ]; then spec=".[$(IFS=,; echo "${extras[*]}")]"; fi
+size="about 250 MB"
+[ "$ENGINE" = 1 ] && size="about 1.3 GB with CPU torch (several GB with CUDA torch)"
+step "installing $spec ($size; about 4 min on 2 cores)"
 if [ "$SYSTEM" = 1 ]; then "${PIP[@]}" "$spec"; else "${PIP[@]}" -e "$spec"; fi
 
 if [ "$ENGINE" = 1 ]; then
+  step "installing moshi 0.2.13 (without its pins)"
   # moshi 0.2.13 pins torch<2.10 and aiohttp<3.12; its code runs on torch 2.13 (measured), so it is
   # installed without its pins and its real needs come from our `engine` extra.
   "${PIP[@]}" --no-deps "moshi==0.2.13"
@@ -52,4 +61,4 @@ fi
 if [ "$SYSTEM" = 1 ]; then
   exec provisioning/system_install.sh
 fi
-echo "installed into $VENV"
+step "installed into $VENV"

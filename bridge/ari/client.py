@@ -54,10 +54,11 @@ OPERATIONS: dict[str, Operation] = {
     "get_channel": Operation("GET", "/channels/{channelId}"),
     "answer": Operation("POST", "/channels/{channelId}/answer"),
     "hangup": Operation("DELETE", "/channels/{channelId}", ("reason",)),
-    "continue_in_dialplan": Operation(
-        "POST", "/channels/{channelId}/continue", ("context", "extension", "priority")
+    "originate": Operation(
+        "POST", "/channels",
+        ("endpoint", "app", "appArgs", "channelId", "callerId", "timeout", "originator"),
     ),
-    "redirect": Operation("POST", "/channels/{channelId}/redirect", ("endpoint",)),
+    "get_channel_var": Operation("GET", "/channels/{channelId}/variable", ("variable",)),
     "hold": Operation("POST", "/channels/{channelId}/hold"),
     "unhold": Operation("DELETE", "/channels/{channelId}/hold"),
     "start_moh": Operation("POST", "/channels/{channelId}/moh", ("mohClass",)),
@@ -74,6 +75,10 @@ OPERATIONS: dict[str, Operation] = {
     "destroy_bridge": Operation("DELETE", "/bridges/{bridgeId}"),
     "subscribe": Operation("POST", "/applications/{applicationName}/subscription", ("eventSource",)),
     "events": Operation("GET", "/events", ("app", "subscribeAll")),
+    # aziza-admin provision asterisk --reload
+    "asterisk_info": Operation("GET", "/asterisk/info", ("only",)),
+    "reload_module": Operation("PUT", "/asterisk/modules/{moduleName}"),
+    "list_endpoints_by_tech": Operation("GET", "/endpoints/{tech}"),
 }
 
 HANGUP_REASONS = ("normal", "busy", "congestion", "no_answer", "rejected", "failure")
@@ -150,19 +155,24 @@ class AriClient:
             raise ValueError(f"hangup reason {reason!r} not one of {HANGUP_REASONS}")
         await self._call("hangup", {"channelId": channel_id}, reason=reason)
 
-    async def continue_in_dialplan(
-        self, channel_id: str, *, context: str | None, extension: str, priority: int = 1
-    ) -> None:
-        await self._call(
-            "continue_in_dialplan",
-            {"channelId": channel_id},
-            context=context,
-            extension=extension,
-            priority=priority,
+    async def originate(
+        self, *, endpoint: str, app: str, app_args: str, channel_id: str, caller_id: str | None = None,
+        timeout_s: int = 30, originator: str | None = None,
+    ) -> Channel:
+        """Dial ``endpoint``; once it answers it enters Stasis(``app``, ``app_args``) (StasisStart)."""
+        data = await self._call(
+            "originate", endpoint=endpoint, app=app, appArgs=app_args, channelId=channel_id,
+            callerId=caller_id or None, timeout=timeout_s, originator=originator,
         )
+        return Channel.from_json(data)
 
-    async def redirect(self, channel_id: str, endpoint: str) -> None:
-        await self._call("redirect", {"channelId": channel_id}, endpoint=endpoint)
+    async def get_channel_var(self, channel_id: str, variable: str) -> str:
+        """A channel variable, or a dialplan function evaluated on the channel (``NAME(args)``)."""
+        data = await self._call("get_channel_var", {"channelId": channel_id}, variable=variable)
+        value = data.get("value") if isinstance(data, dict) else None
+        if not isinstance(value, str):
+            raise AriEventError(f"variable {variable}: expected {{'value': string}}, got {data!r}")
+        return value
 
     async def hold(self, channel_id: str) -> None:
         await self._call("hold", {"channelId": channel_id})
@@ -208,6 +218,20 @@ class AriClient:
 
     async def destroy_bridge(self, bridge_id: str) -> None:
         await self._call("destroy_bridge", {"bridgeId": bridge_id})
+
+    # ---- asterisk ----
+    async def asterisk_info(self, only: str = "system") -> dict[str, Any]:
+        data = await self._call("asterisk_info", only=only)
+        if not isinstance(data, dict):
+            raise AriEventError(f"asterisk info: expected an object, got {type(data).__name__}")
+        return data
+
+    async def reload_module(self, module: str) -> None:
+        await self._call("reload_module", {"moduleName": module})
+
+    async def list_endpoints(self, tech: str) -> list[dict[str, Any]]:
+        data = _list(await self._call("list_endpoints_by_tech", {"tech": tech}))
+        return [e for e in data if isinstance(e, dict)]
 
     # ---- applications ----
     async def subscribe(self, app: str, event_source: str) -> None:

@@ -219,6 +219,15 @@ class PlaybackFinished(AriEvent):
 
 
 @dataclass(frozen=True)
+class Dial(AriEvent):
+    """A dialing attempt's state changed (the outcome of an originate: ANSWER, BUSY, NOANSWER, ...).
+    Not a ChannelEvent: the dialed channel is ``peer``."""
+
+    peer: Channel
+    dialstatus: str
+
+
+@dataclass(frozen=True)
 class UnknownEvent(AriEvent):
     """Any event type this app does not act on; kept raw for logs."""
 
@@ -253,6 +262,8 @@ def parse_event(message: Any) -> AriEvent:
     }
     if kind == "PlaybackFinished":
         return PlaybackFinished(**base, playback=Playback.from_json(obj.get("playback")))
+    if kind == "Dial":
+        return Dial(**base, peer=Channel.from_json(obj.get("peer")), dialstatus=_str(obj, "dialstatus", kind))
     cls = KNOWN_EVENTS.get(kind)
     if cls is None:
         return UnknownEvent(**base, raw=obj)

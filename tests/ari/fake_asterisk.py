@@ -8,7 +8,10 @@ events sent while no WebSocket is connected are lost), and drives a real ``SimLe
 externalMedia channel that plays speech as ulaw RTP at 20 ms and records what comes back.
 Test hooks: ``originate_call``, ``hangup_caller``, ``send_dtmf``, ``far_end_hold``, ``drop_websocket``,
 ``vanish_channel`` (gone without events, as while disconnected), ``fail`` (inject HTTP errors) and
-``delay`` (answer a route late, after its events).
+``delay`` (answer a route late, after its events). Transfers: ``POST /channels`` (originate) dials an
+endpoint whose fate ``dial_outcomes`` decides (answer, busy, no_answer, unavailable; Asterisk's Dial
+events and causes), and ``DIALPLAN_EXISTS`` answers from ``dialplan``. ``modules`` and ``endpoints``
+serve ``aziza-admin provision asterisk --reload``.
 """
 
 from __future__ import annotations
@@ -59,8 +62,7 @@ class FakeChannel:
     moh_class: str | None = None
     bridge_id: str | None = None
     hangup_reason: str | None = None
-    continued_to: tuple[str | None, str, int] | None = None
-    redirected_to: str | None = None
+    originated_to: str | None = None  # the endpoint an originate dialled
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -159,6 +161,16 @@ class FakeAsterisk:
         self.media_of: dict[str, str] = {}
         self.played: list[tuple[str, str]] = []  # (channel id, media) of each playback
         self.playback_s = 0.05  # caller channel id -> media channel id bridged with it
+        # Transfers: endpoint -> "answer" | "busy" | "no_answer" | "unavailable" (default "answer"), how
+        # long a dialled endpoint rings first, and the (context, extension) pairs the dialplan has.
+        self.dial_outcomes: dict[str, str] = {}
+        self.ring_s = 0.05
+        self.dialplan: set[tuple[str, str]] = {("operators", "100")}
+        self.originates: list[dict[str, str]] = []
+        self.modules = {"res_pjsip.so", "pbx_config.so", "res_ari.so", "res_rtp_asterisk.so",
+                        "res_musiconhold.so"}
+        self.reloaded: list[str] = []
+        self.endpoints: list[dict[str, Any]] = []
 
     # ---- server lifecycle ------------------------------------------------------------------------
 
@@ -171,8 +183,11 @@ class FakeAsterisk:
         r.add_get("/ari/channels/{channelId}", self._get_channel)
         r.add_delete("/ari/channels/{channelId}", self._hangup)
         r.add_post("/ari/channels/{channelId}/answer", self._answer)
-        r.add_post("/ari/channels/{channelId}/continue", self._continue)
-        r.add_post("/ari/channels/{channelId}/redirect", self._redirect)
+        r.add_post("/ari/channels", self._originate)
+        r.add_get("/ari/channels/{channelId}/variable", self._get_variable)
+        r.add_get("/ari/asterisk/info", self._asterisk_info)
+        r.add_put("/ari/asterisk/modules/{moduleName}", self._reload_module)
+        r.add_get("/ari/endpoints/{tech}", self._endpoints_by_tech)
         r.add_post("/ari/channels/{channelId}/hold", self._hold)
         r.add_delete("/ari/channels/{channelId}/hold", self._unhold)
         r.add_post("/ari/channels/{channelId}/moh", self._start_moh)
@@ -414,25 +429,82 @@ class FakeAsterisk:
         await self._destroy_channel(chan)
         return web.Response(status=204)
 
-    async def _continue(self, request: web.Request) -> web.Response:
-        chan = self._stasis_chan(request)
-        priority = int(request.query.get("priority", "1"))
-        chan.continued_to = (request.query.get("context"), request.query.get("extension", ""), priority)
-        await self._leave_bridge(chan)
-        chan.in_stasis = False
-        await self._emit("StasisEnd", channel=chan)
+    async def _originate(self, request: web.Request) -> web.Response:
+        q = request.query
+        endpoint = q.get("endpoint", "")
+        if not endpoint or "/" not in endpoint:
+            return _error(400, "Endpoint must be specified")
+        if q.get("app") != self.app:
+            return _error(400, "Application is required (and must be this app)")
+        channel_id = q.get("channelId") or f"{self._epoch + 2}.{next(self._ids)}"
+        if channel_id in self.channels:
+            return _error(409, "Channel with given unique ID already exists")
+        self.originates.append(dict(q))
+        n = next(self._ids)
+        name = endpoint.removesuffix("/n")
+        name = f"{name}-{n:08x};1" if name.startswith("Local/") else f"{name}-{n:08x}"
+        chan = FakeChannel(
+            id=channel_id, name=name, caller_number=q.get("callerId", ""), exten="s", context="default",
+            state="Down", in_stasis=False, originated_to=endpoint,
+        )
+        self.channels[chan.id] = chan
+        args = [a for a in q.get("appArgs", "").split(",") if a]
+        timeout_s = float(q.get("timeout", "30"))
+        self._spawn(self._dial(chan, self.dial_outcomes.get(endpoint, "answer"), args, timeout_s))
+        return web.json_response(chan.to_json())
+
+    async def _dial(self, chan: FakeChannel, outcome: str, args: list[str], timeout_s: float) -> None:
+        """What Asterisk's dialler reports for an originate: Dial events, then StasisStart on answer or
+        the channel's destruction with the Q.850 cause."""
+        await self._emit("Dial", peer=chan, dialstatus="", dialstring=chan.originated_to or "")
+        await asyncio.sleep(timeout_s if outcome == "no_answer" else self.ring_s)
+        if chan.id not in self.channels:
+            return  # hung up while ringing
+        if outcome == "answer":
+            chan.state = "Up"
+            chan.answered = True
+            await self._emit("Dial", peer=chan, dialstatus="ANSWER")
+            chan.in_stasis = True
+            chan.app_data = ",".join([self.app, *args])
+            await self._emit("StasisStart", channel=chan, args=args)
+            return
+        status, cause = {"busy": ("BUSY", 17), "no_answer": ("NOANSWER", 19),
+                         "unavailable": ("CHANUNAVAIL", 20)}[outcome]
+        await self._emit("Dial", peer=chan, dialstatus=status)
+        await self._emit("ChannelHangupRequest", channel=chan, cause=cause)
+        await self._destroy_channel(chan, cause=cause)
+
+    async def _get_variable(self, request: web.Request) -> web.Response:
+        chan = self._chan(request)
+        variable = request.query.get("variable", "")
+        if not variable:
+            return _error(400, "Variable name is required")
+        if variable.startswith("DIALPLAN_EXISTS(") and variable.endswith(")"):
+            context, exten, *_ = [*variable[len("DIALPLAN_EXISTS("):-1].split(","), "", ""]
+            return web.json_response({"value": "1" if (context, exten) in self.dialplan else "0"})
+        if variable.endswith(")"):
+            return _error(500, "Unable to read provided function")
+        value = chan.channelvars.get(variable)
+        if value is None:
+            return _error(404, "Provided variable was not found")
+        return web.json_response({"value": value})
+
+    async def _asterisk_info(self, request: web.Request) -> web.Response:
+        return web.json_response({"system": {"version": "22.10.1", "entity_id": "fa:ke:00:00:00:01"}})
+
+    async def _reload_module(self, request: web.Request) -> web.Response:
+        name = request.match_info["moduleName"]
+        if name not in self.modules:
+            return _error(404, "Module not found in running modules")
+        self.reloaded.append(name)
         return web.Response(status=204)
 
-    async def _redirect(self, request: web.Request) -> web.Response:
-        chan = self._stasis_chan(request)
-        endpoint = request.query.get("endpoint")
-        if not endpoint or "/" not in endpoint:
-            return _error(400, "Endpoint parameter not provided or invalid")
-        if endpoint.partition("/")[0] != chan.name.partition("/")[0]:
-            return _error(422, "Endpoint technology does not match channel technology")
-        chan.redirected_to = endpoint
-        await self._destroy_channel(chan)  # REFER accepted: the call leaves this Asterisk
-        return web.Response(status=204)
+    async def _endpoints_by_tech(self, request: web.Request) -> web.Response:
+        tech = request.match_info["tech"]
+        found = [e for e in self.endpoints if e["technology"] == tech]
+        if not found and tech != "PJSIP":
+            return _error(404, "No Endpoints found - invalid tech")
+        return web.json_response(found)
 
     async def _hold(self, request: web.Request) -> web.Response:
         self._stasis_chan(request).held = True

@@ -136,21 +136,113 @@ async def test_our_hangup_via_control_api_and_cli() -> None:
         assert not fake.bridges
 
 
-async def test_dtmf_zero_transfers_via_continue_and_frees_slot() -> None:
-    route = CallRoute(did=DID, transfer_target="100@operators")
+async def test_dtmf_zero_transfers_only_when_the_target_answers() -> None:
+    """Issue 13: "transferred" only once the target answered; until then the caller is ours (music on
+    hold, agent paused); after it, the target is in the caller's bridge and the slot is free."""
+    route = CallRoute(did=DID, transfer_target="operators,100")
     sd = standin_deps(routes={DID: route})
-    async with fake_and_bridge(sd.deps()) as (fake, _svc):
+    async with fake_and_bridge(sd.deps()) as (fake, svc):
+        fake.ring_s = 0.3
+        caller = await _active_call(fake, sd)
+        call = svc.controller.get(caller)
+        await fake.send_dtmf(caller, "0")
+        await eventually(lambda: fake.originates, what="target dialled")
+        assert fake.originates[0]["endpoint"] == "Local/100@operators/n"
+        assert fake.originates[0]["appArgs"] == f"aziza-transfer,{caller}"
+        # ringing: not transferred yet, the caller hears music and the agent is paused
+        assert caller not in sd.sink.ended_calls and fake.channel(caller).moh_class == "default"
+        assert sd.medias[0].paused and sd.capacity.held == {caller}
+        # answered, joined, the agent released, the record written: in that order
+        await eventually(lambda: caller in sd.sink.ended_calls, what="target answered")
+        assert call.state.value == "transferred"
+        target = call.transfer_channel_id
+        assert target is not None and fake.channels[target].answered
+        assert fake.bridges[call.bridge_id].channels == [caller, target]  # media channel gone
+        assert call.media_channel_id not in fake.channels and fake.channel(caller).moh_class is None
+        assert sd.sink.ended_calls[caller][0] == "transferred"
+        assert sd.sink.ended_calls[caller][1]["transfers"] == [
+            {"target": "operators,100", "outcome": "answered", "reason": "answered"}]
+        assert ("transfer", {"target": "operators,100", "outcome": "answered"}) in [
+            (k, d) for c, k, d in sd.sink.events if c == caller]
+        assert sd.capacity.held == set() and sd.engines[0].closed
+        assert caller in svc.controller.calls  # still ours until someone hangs up
+        # the operator hangs up: the caller is hung up and nothing is left behind
+        await fake.hangup_caller(target)
+        await eventually(lambda: caller not in svc.controller.calls, what="call over")
+        assert fake.channel(caller).hangup_reason == "normal"
+        assert not fake.bridges and not fake.channels
+
+
+@pytest.mark.parametrize(("outcome", "reason"), [("busy", "busy"), ("no_answer", "no_answer"),
+                                                 ("unavailable", "unavailable")])
+async def test_failed_transfer_brings_the_caller_back_to_the_agent(outcome: str, reason: str) -> None:
+    sd = standin_deps()
+    overrides = {"ari": {"transfer_timeout_s": 1}}
+    async with fake_and_bridge(sd.deps(), settings_overrides=overrides) as (fake, svc):
+        fake.dial_outcomes["PJSIP/operator"] = outcome
+        caller = await _active_call(fake, sd)
+        status, body = await _post(f"{svc.http_url}/calls/{caller}/transfer", {"target": "PJSIP/operator"})
+        assert status == 200, body
+        assert body["transfer"] == {"target": "PJSIP/operator", "outcome": "failed", "reason": reason}
+        call = svc.controller.get(caller)
+        assert call.state.value == "active" and not sd.medias[0].paused
+        assert fake.channel(caller).moh_class is None and fake.channel(caller).hangup_reason is None
+        assert call.transfer_channel_id not in fake.channels  # the dialled leg is gone
+        assert sd.capacity.held == {caller} and not sd.engines[0].closed
+        failures = [d for c, k, d in sd.sink.events if c == caller and k == "transfer_failed"]
+        assert failures == [{"target": "PJSIP/operator", "outcome": "failed", "reason": reason}]
+        # the agent still works: digits reach the engine, and the call ends normally
+        await fake.send_dtmf(caller, "5")
+        await eventually(lambda: sd.engines[0].events == [("dtmf", "5")], what="agent back")
+        await fake.hangup_caller(caller)
+        await eventually(lambda: caller in sd.sink.ended_calls, what="ended")
+        assert sd.sink.ended_calls[caller][0] == "caller_hangup"
+        assert sd.sink.ended_calls[caller][1]["transfers"] == failures
+
+
+async def test_transfer_to_a_missing_extension_is_refused_before_dialling() -> None:
+    """The README's example target used to drop the caller ("sent to invalid extension")."""
+    route = CallRoute(did=DID, transfer_target="operators,199")
+    sd = standin_deps(routes={DID: route})
+    async with fake_and_bridge(sd.deps()) as (fake, svc):
         caller = await _active_call(fake, sd)
         await fake.send_dtmf(caller, "0")
-        await eventually(lambda: caller in sd.sink.ended_calls, what="transfer ended the call")
-        chan = fake.channel(caller)
-        assert chan.continued_to == ("operators", "100", 1)
-        assert caller in fake.channels and chan.hangup_reason is None  # the caller lives on in the dialplan
-        assert sd.sink.ended_calls[caller][0] == "transferred"
-        assert sd.capacity.held == set() and sd.engines[0].closed and not fake.bridges
+        await eventually(lambda: [e for e in sd.sink.events if e[1] == "transfer_failed"], what="failure")
+        failure = next(d for c, k, d in sd.sink.events if k == "transfer_failed")
+        assert failure == {"target": "operators,199", "outcome": "failed", "reason": "invalid_extension"}
+        assert not fake.originates and svc.controller.get(caller).state.value == "active"
+        assert not sd.medias[0].paused and fake.channel(caller).hangup_reason is None
+        # through the CLI: one line, exit 1
+        result = await asyncio.to_thread(
+            CliRunner().invoke, cli,
+            ["calls", "transfer", caller, "nowhere,404", "--bridge-url", svc.http_url,
+             "--token-file", str(control_token_file())],
+        )
+        assert result.exit_code == 1
+        assert result.output.strip().splitlines() == [
+            f"Error: transfer of call {caller} to nowhere,404 failed: invalid_extension; "
+            "the caller is back with the agent"]
 
 
-async def test_transfer_to_sip_uri_redirects_via_cli() -> None:
+async def test_caller_hangs_up_while_the_target_rings() -> None:
+    sd = standin_deps()
+    overrides = {"ari": {"transfer_timeout_s": 30}}
+    async with fake_and_bridge(sd.deps(), settings_overrides=overrides) as (fake, svc):
+        fake.dial_outcomes["PJSIP/operator"] = "no_answer"
+        caller = await _active_call(fake, sd)
+        pending = asyncio.ensure_future(_post(f"{svc.http_url}/calls/{caller}/transfer",
+                                              {"target": "PJSIP/operator"}))
+        await eventually(lambda: fake.originates, what="dialling")
+        target = svc.controller.get(caller).transfer_channel_id
+        await fake.hangup_caller(caller)
+        status, body = await asyncio.wait_for(pending, 10)
+        assert status == 200 and body["transfer"]["reason"] == "call_ended"
+        await eventually(lambda: caller in sd.sink.ended_calls, what="ended")
+        assert sd.sink.ended_calls[caller][0] == "caller_hangup"
+        assert target not in fake.channels and not fake.bridges
+
+
+async def test_transfer_to_sip_uri_dials_through_the_callers_endpoint_via_cli() -> None:
     sd = standin_deps()
     async with fake_and_bridge(sd.deps()) as (fake, svc):
         caller = await _active_call(fake, sd)
@@ -160,8 +252,10 @@ async def test_transfer_to_sip_uri_redirects_via_cli() -> None:
                                  "--token-file", str(control_token_file())],
         )
         assert result.exit_code == 0, result.output
-        await eventually(lambda: caller in sd.sink.ended_calls, what="transferred")
-        assert fake.channel(caller).redirected_to == "PJSIP/sip:desk@pbx.example"
+        assert result.output.strip() == (
+            f"transfer: call {caller} transferred to sip:desk@pbx.example (answered)")
+        # the fake names callers PJSIP/trunk-<n>: endpoint "trunk"
+        assert fake.originates[0]["endpoint"] == "PJSIP/trunk/sip:desk@pbx.example"
         assert sd.sink.ended_calls[caller][0] == "transferred"
         assert sd.capacity.held == set()
 
@@ -174,9 +268,12 @@ async def test_bad_transfer_target_is_400_and_call_continues() -> None:
         assert status == 400 and "bad transfer target" in body["error"]
         status, body = await _post(f"{svc.http_url}/calls/{caller}/transfer", {"nothing": 1})
         assert status == 400
-        # Asterisk refuses the redirect (technology mismatch -> 422): 502, call still up
+        status, body = await _post(f"{svc.http_url}/calls/{caller}/transfer", {"target": "ivr,s,2"})
+        assert status == 400 and "priority 1" in body["error"]
+        # Asterisk refuses the originate: the failure is the outcome, the call goes on
+        fake.fail("POST", "/channels", 400)
         status, body = await _post(f"{svc.http_url}/calls/{caller}/transfer", {"target": "IAX2/elsewhere"})
-        assert status == 502
+        assert status == 200 and body["transfer"]["reason"] == "unavailable"
         assert svc.controller.get(caller).state.value == "active"
 
 

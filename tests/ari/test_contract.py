@@ -51,6 +51,13 @@ def test_resource_fields_read_exist_in_models(cls: type) -> None:
         assert field.name in props, f"{cls.__name__}.{field.name} not in swagger model"
 
 
+def test_dial_fields_read_exist() -> None:
+    props = SWAGGER.event_required("Dial")
+    for field in dataclasses.fields(models.Dial):
+        assert field.name in props, f"Dial.{field.name} is not in events.json"
+    assert props["peer"]["type"] == "Channel"
+
+
 def test_playback_fields_read_exist() -> None:
     props = SWAGGER.event_required("PlaybackFinished")
     for field in dataclasses.fields(models.PlaybackFinished):
@@ -83,8 +90,8 @@ async def test_fake_payloads_and_every_client_request_match_swagger() -> None:
         await eventually(lambda: sd.sink.refused_calls, what="refused")
         await svc.controller.get(a).hold()
         await svc.controller.get(a).unhold()
-        await fake.send_dtmf(a, "0")  # continue
-        await svc.controller.get(b).transfer("sip:desk@pbx.example")  # redirect
+        await fake.send_dtmf(a, "0")  # dialplan target: checked, then dialled (originate)
+        await svc.controller.get(b).transfer("sip:desk@pbx.example")  # dialled through b's endpoint
         await eventually(lambda: len(sd.sink.ended_calls) == 2, what="both transferred")
         c = await fake.originate_call(route.did)
         await eventually(lambda: c in sd.sink.answered_calls, what="third call")
@@ -93,6 +100,9 @@ async def test_fake_payloads_and_every_client_request_match_swagger() -> None:
         async with AriClient(AriSettings(url=fake.url)) as client:
             await client.subscribe("aziza", f"channel:{refused}")
             assert await client.get_channel(a) is not None
+            assert (await client.asterisk_info())["system"]["version"] == "22.10.1"
+            await client.reload_module("pbx_config.so")
+            assert await client.list_endpoints("PJSIP") == []
         exercised = {(r.method, r.route) for r in fake.requests} | {("GET", "/events")}
         used = {(op.method, op.path) for op in OPERATIONS.values()}
         assert used <= exercised, f"operations never exercised: {used - exercised}"
@@ -116,7 +126,7 @@ async def test_fake_payloads_and_every_client_request_match_swagger() -> None:
         assert not problems, "\n".join(problems)
         kinds = {e["type"] for e in fake.events_sent}
         assert {"StasisStart", "StasisEnd", "ChannelHangupRequest", "ChannelDestroyed", "ChannelLeftBridge",
-                "ChannelDtmfReceived", "ChannelEnteredBridge", "PlaybackFinished"} <= kinds
+                "ChannelDtmfReceived", "ChannelEnteredBridge", "PlaybackFinished", "Dial"} <= kinds
 
 
 async def test_fake_rest_responses_match_models() -> None:

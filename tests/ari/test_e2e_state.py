@@ -60,6 +60,16 @@ def _call_row(database_url: str, call_id: str) -> dict[str, object] | None:
         return conn.execute("SELECT * FROM calls WHERE id = %s", (call_id,)).fetchone()
 
 
+async def _events(database_url: str, call_id: str) -> list[tuple[str, object]]:
+    def read() -> list[tuple[str, object]]:
+        with repo.connect(database_url) as conn:
+            rows = conn.execute("SELECT kind, data FROM call_events WHERE call_id = %s ORDER BY at",
+                                (call_id,)).fetchall()
+        return [(str(r["kind"]), r["data"]) for r in rows]
+
+    return await asyncio.to_thread(read)
+
+
 async def _row_when(database_url: str, call_id: str, column: str) -> dict[str, object]:
     async def probe() -> dict[str, object] | None:
         row = await asyncio.to_thread(_call_row, database_url, call_id)
@@ -117,7 +127,9 @@ async def test_production_call_routed_recorded_and_live(
         assert row["did"] == did and row["persona"] == seeded_persona.name
         summary = row["latency_summary"]
         assert isinstance(summary, dict) and summary["media"]["rtp_out"] > 0
-        assert fake.channel(caller).continued_to == ("operators", "100", 1)
+        assert fake.originates[0]["endpoint"] == "Local/100@operators/n"  # answered: then transferred
+        events = await _events(state_settings.database_url, caller)
+        assert ("transfer", {"target": "operators,100", "outcome": "answered"}) in events
 
 
 async def test_eleventh_call_refused_with_real_leases(state_settings: Settings) -> None:

@@ -114,25 +114,25 @@ def test_error_classes_by_status() -> None:
 
 
 @pytest.mark.parametrize(("target", "kind", "expect"), [
-    ("100", "continue", (None, "100", 1)),
-    ("100@operators", "continue", ("operators", "100", 1)),
-    ("s@ivr:3", "continue", ("ivr", "s", 3)),
-    ("operators,100", "continue", ("operators", "100", 1)),
-    ("ivr,s,2", "continue", ("ivr", "s", 2)),
-    ("sip:desk@pbx.example", "redirect", "PJSIP/sip:desk@pbx.example"),
-    ("PJSIP/operator", "redirect", "PJSIP/operator"),
+    ("100", "dialplan", (None, "100", "Local/100@from-trunk/n")),
+    ("100@operators", "dialplan", ("operators", "100", "Local/100@operators/n")),
+    ("s@ivr:1", "dialplan", ("ivr", "s", "Local/s@ivr/n")),
+    ("operators,100", "dialplan", ("operators", "100", "Local/100@operators/n")),
+    ("ivr,s,1", "dialplan", ("ivr", "s", "Local/s@ivr/n")),
+    ("sip:desk@pbx.example", "endpoint", "PJSIP/trunk1/sip:desk@pbx.example"),
+    ("PJSIP/operator", "endpoint", "PJSIP/operator"),
 ])
 def test_transfer_targets(target: str, kind: str, expect: Any) -> None:
-    t = parse_transfer_target(target, "PJSIP")
+    t = parse_transfer_target(target, "PJSIP/trunk1-00000002")
     assert t.kind == kind
-    if kind == "continue":
-        assert (t.context, t.extension, t.priority) == expect
+    if kind == "dialplan":
+        assert (t.context, t.extension, t.dial_string("from-trunk")) == expect
     else:
-        assert t.endpoint == expect
+        assert t.endpoint == expect == t.dial_string("from-trunk")
 
 
 @pytest.mark.parametrize("bad", ["", "a b", "@ctx", "100@", "100@ctx:x", "PJSIP/", "/x", "a,,1", "a,b,c",
-                                 "a,b,1,2"])
+                                 "a,b,1,2", "ivr,s,2", "s@ivr:3", "a@b@c"])
 def test_bad_transfer_targets(bad: str) -> None:
     with pytest.raises(ValueError):
-        parse_transfer_target(bad, "PJSIP")
+        parse_transfer_target(bad, "PJSIP/trunk1-00000002")

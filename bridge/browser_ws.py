@@ -299,6 +299,7 @@ async def _run_talk(
 ) -> None:
     sink.started(info)
     MEDIA_METRICS.browser_talk_started()
+    MEDIA_METRICS.session_started(persona.name, persona.language, "browser")
     started = time.monotonic()
     stats = _TalkStats()
     cause = "error"

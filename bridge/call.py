@@ -39,6 +39,7 @@ from bridge.ari.models import (
 )
 from bridge.backoff import Backoff
 from bridge.call_deps import CallInfo, CallRoute, EngineCannotTakeCall, EngineLink, MediaLink
+from bridge.media.prometheus import MEDIA_METRICS
 
 if TYPE_CHECKING:
     from bridge.controller import CallController
@@ -322,6 +323,7 @@ class Call:
         except EngineCannotTakeCall as exc:
             await self._refuse(info, exc.reason, "congestion")
         ctl.deps.sink.started(info)
+        MEDIA_METRICS.session_started(self.route.persona.name, self.route.persona.language, "phone")
         ready = getattr(self.engine, "ready", None)
         if ready is not None:  # the engine's seed (replay) and warnings go on the call record
             ctl.deps.sink.event(self.id, "engine", {"url": getattr(self.engine, "url", None),

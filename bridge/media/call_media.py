@@ -40,6 +40,8 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal
 
+import numpy as np
+
 from bridge.config import BridgeSettings
 from bridge.engine_client import EngineError, EngineProtocolError, EngineSession
 from bridge.media.codecs import float32_to_pcm16, ulaw_encode
@@ -51,6 +53,7 @@ from bridge.media.metrics import LatencyLedger, MediaStats
 from bridge.media.outbound import OUT_SAMPLES, OutputTimeline
 from bridge.media.prometheus import MEDIA_METRICS
 from bridge.media.rtp import MAX_DATAGRAM, PT_SLIN16
+from bridge.media.turns import VOICED_RMS, VOICED_RMS_PCM16
 from engine.protocol import SAMPLE_RATE, AudioFrame, Closed, Error, Lag, Text
 
 log = logging.getLogger(__name__)
@@ -242,7 +245,10 @@ class CallMedia:
                 self.stats.frames_to_engine_dropped += 1
                 continue
             self.stats.frames_to_engine += 1
-            self.ledger.sent(seq, time.monotonic() - frame.completed_at, frame.first_arrival)
+            pcm = frame.pcm
+            voiced = float(np.dot(pcm, pcm)) > VOICED_RMS * VOICED_RMS * len(pcm)
+            self.ledger.sent(seq, time.monotonic() - frame.completed_at, frame.first_arrival, voiced=voiced,
+                             last_arrival=frame.last_arrival)
         if inbound.timed_out:
             self._end("media_timeout")
             return
@@ -293,6 +299,7 @@ class CallMedia:
         chunks = self._packets_out.push(float32_to_pcm16(self._resample_out.process(frame.pcm)))
         payloads = [ulaw_encode(chunk) for chunk in chunks]
         levels = [audioop.rms(chunk.tobytes(), 2) for chunk in chunks]
+        self.ledger.output_level(frame.seq, bool(levels) and max(levels) > VOICED_RMS_PCM16)
         clock = self._clock
         behind = clock is not None and clock.behind(now) > LOOP_BEHIND_S
         self._send(self.timeline.on_frame(frame.seq, payloads, levels, now, loop_behind=behind))
@@ -411,6 +418,7 @@ class CallMedia:
             self._end(f"bind_failed: {exc}")
         finally:
             self._end("stopped")
+            self.ledger.turns.finish()
             MEDIA_METRICS.call_ended(self.stats)
             for handle in (self._in_handle, self._out_handle):
                 if handle is not None:

@@ -62,6 +62,7 @@ class InputFrame:
     pcm: Float32Array  # 1920 samples at 24 kHz, [-1, 1]
     completed_at: float  # when its last slot was popped
     first_arrival: float  # when its first slot's packet arrived (popped, when concealed)
+    last_arrival: float = 0.0  # when its last slot's packet arrived (popped, when concealed)
 
 
 class InboundPath:
@@ -286,11 +287,12 @@ class InboundPath:
             return
         chunk = self._pending[0] if len(self._pending) == 1 else np.concatenate(self._pending)
         first_arrival = self._pending_first_arrival
+        last_arrival = arrival
         self._pending.clear()
         self._pending_out = 0
         self._pending_first_arrival = None
         for frame in self._frames.push(resampler.process(chunk)):
-            frames.append(InputFrame(frame, now, first_arrival))
+            frames.append(InputFrame(frame, now, first_arrival, last_arrival))
 
     def _default_pt(self) -> int:
         return self._slin16_pt if self.inbound_format == "slin16" else PT_PCMU

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from bridge.media.turns import TurnStats, TurnTracker
+
 
 class Histogram:
     """Milliseconds in fixed 0.05 ms buckets up to ``max_ms`` (values above land in the last bucket), so a
@@ -137,6 +139,8 @@ class MediaStats:
     added_latency_ms: Histogram = field(default_factory=Histogram)
     jitter_delay_ms: Histogram = field(default_factory=Histogram)
     send_lateness_ms: Histogram = field(default_factory=Histogram)
+    # caller turns and their time to first byte (bridge/media/turns.py)
+    turns: TurnStats = field(default_factory=TurnStats)
     # inbound junk: datagrams dropped (any reason but "held") and the times the budget ran out
     junk_floods: int = 0
     # jitter-buffer depth when each slot was played, counted in DEPTH_BUCKETS (the last: beyond them)
@@ -187,12 +191,18 @@ class LatencyLedger:
     def __init__(self, stats: MediaStats) -> None:
         self.stats = stats
         self._pending: dict[int, tuple[float, float]] = {}  # seq -> (input latency s, first arrival)
+        self._out_voiced: dict[int, bool] = {}  # output seq -> carries agent speech (until it plays)
+        self.turns = TurnTracker(stats=stats.turns)
         self.first_round_trips_s: list[float] = []
         self.last_round_trips_s: deque[float] = deque(maxlen=self.WINDOW)
 
-    def sent(self, seq: int, latency_in_s: float, first_arrival: float) -> None:
+    def sent(
+        self, seq: int, latency_in_s: float, first_arrival: float, *, voiced: bool = False,
+        last_arrival: float | None = None,
+    ) -> None:
         """Input frame ``seq`` went to the engine ``latency_in_s`` after it was complete; its first packet
-        arrived at ``first_arrival``."""
+        arrived at ``first_arrival``, its last at ``last_arrival``; ``voiced``: it carries caller speech."""
+        self.turns.input_frame(seq, voiced, first_arrival if last_arrival is None else last_arrival)
         pending = self._pending
         if len(pending) >= self._MAX_PENDING:
             pending.pop(next(iter(pending)))
@@ -203,6 +213,7 @@ class LatencyLedger:
         """Output frame ``seq``'s first packet left at ``now``, ``latency_out_s`` after the frame arrived;
         ``whole``: none of its packets was late."""
         self.stats.latency_out_ms.add(latency_out_s * 1000.0)
+        self.turns.output_played(seq, self._out_voiced.pop(seq, False), now)
         entry = self._pending.pop(seq, None)
         if entry is None:
             return
@@ -214,6 +225,18 @@ class LatencyLedger:
             self.first_round_trips_s.append(round_trip)
         else:
             self.last_round_trips_s.append(round_trip)
+
+    def output_level(self, seq: int, voiced: bool) -> None:
+        """Output frame ``seq`` came from the engine; ``voiced``: it carries agent speech."""
+        out = self._out_voiced
+        if len(out) >= self._MAX_PENDING:  # frames that never played (resynced away) are forgotten
+            out.pop(next(iter(out)))
+        out[seq] = voiced
+
+    def recent_round_trip_ms(self) -> float | None:
+        """Median round trip inside the bridge over the call's last WINDOW frames (its current latency)."""
+        recent = self.last_round_trips_s or self.first_round_trips_s
+        return float(np.median(recent)) * 1000.0 if recent else None
 
     def round_trip_end_vs_start_ms(self) -> float | None:
         """Median round trip of the call's last WINDOW frames minus its first WINDOW's (None: too short)."""

@@ -23,6 +23,12 @@ from bridge.media.metrics import DEPTH_BUCKETS, Histogram, MediaStats
 
 #: Prometheus bucket upper bounds (seconds) of the latency histograms.
 LATENCY_BUCKETS_S = (0.001, 0.002, 0.005, 0.010, 0.015, 0.020, 0.030, 0.050, 0.100, 0.200, 0.500)
+#: ...of time to first byte (caller turn end -> first agent audio, bridge/media/turns.py): 120 ms is the
+#: acceptance threshold, so it is a bound.
+TTFB_BUCKETS_S = (0.04, 0.06, 0.08, 0.1, 0.12, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
+#: Distinct persona label values kept on the per-persona counter; personas beyond it count as "other"
+#: (personas are few and made by admins, but a label must stay bounded whatever the database holds).
+MAX_PERSONA_LABELS = 64
 #: ...and of the pacing one (how late the bridge's sends left their 20 ms grid).
 PACING_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.010, 0.020)
 DROP_REASONS = frozenset({
@@ -68,6 +74,11 @@ class MediaMetrics(Collector):
         self._calls_total = 0
         self.browser_talks_active = 0
         self.browser_talks_total = 0
+        self._ended_ttfb = np.zeros(len(TTFB_BUCKETS_S) + 1, dtype=np.int64)
+        self._ended_ttfb_sum_s = 0.0
+        self._ended_turns = 0
+        self._ended_unanswered = 0
+        self._sessions: dict[tuple[str, str, str], int] = {}  # (persona, language, channel) -> started
 
     # -- registration ----------------------------------------------------------------------------------
 
@@ -91,7 +102,22 @@ class MediaMetrics(Collector):
             for name in ("added_latency_ms", "send_lateness_ms"):
                 getattr(ended, name).merge(getattr(stats, name))
             self._ended_lost += inbound.lost_packets
+            turns = stats.turns
+            self._ended_ttfb += _ttfb_counts(turns.ttfb_ms)
+            self._ended_ttfb_sum_s += sum(turns.ttfb_ms) / 1000.0
+            self._ended_turns += turns.turns
+            self._ended_unanswered += turns.unanswered
             self._ended_depths += np.frombuffer(stats.jitter_depths, dtype=np.int64)
+
+    def session_started(self, persona: str, language: str, channel: str) -> None:
+        """A phone call (``channel`` "phone") or browser talk ("browser") got its engine session."""
+        with self._lock:
+            if persona not in {key[0] for key in self._sessions} and len(
+                {key[0] for key in self._sessions}
+            ) >= MAX_PERSONA_LABELS:
+                persona = "other"
+            key = (persona, language, channel)
+            self._sessions[key] = self._sessions.get(key, 0) + 1
 
     def browser_talk_started(self) -> None:
         self.browser_talks_active += 1
@@ -111,6 +137,36 @@ class MediaMetrics(Collector):
             for stats, _ in live:
                 depths += np.frombuffer(stats.jitter_depths, dtype=np.int64)
             calls_total = self._calls_total
+            ttfb = self._ended_ttfb.copy()
+            ttfb_sum_s = self._ended_ttfb_sum_s
+            turns = self._ended_turns
+            unanswered = self._ended_unanswered
+            for stats, _ in live:
+                ttfb += _ttfb_counts(stats.turns.ttfb_ms)
+                ttfb_sum_s += sum(stats.turns.ttfb_ms) / 1000.0
+                turns += stats.turns.turns
+                unanswered += stats.turns.unanswered
+            sessions = dict(self._sessions)
+        yield GaugeMetricFamily("aziza_active_sessions", "Sessions talking to the engine through this "
+                                "bridge: phone calls with media up plus browser talks",
+                                value=len(live) + self.browser_talks_active)
+        cumulative_ttfb = np.cumsum(ttfb)
+        yield HistogramMetricFamily(
+            "aziza_ttfb_seconds", "Caller turn end to the first agent audio sent (bridge/media/turns.py)",
+            buckets=[*((repr(b), int(c)) for b, c in zip(TTFB_BUCKETS_S, cumulative_ttfb, strict=False)),
+                     ("+Inf", int(cumulative_ttfb[-1]))],
+            sum_value=ttfb_sum_s,
+        )
+        yield CounterMetricFamily("aziza_turns", "Caller turns ended", value=turns)
+        yield CounterMetricFamily("aziza_turns_unanswered", "Caller turns with no agent audio after them",
+                                  value=unanswered)
+        by_persona = CounterMetricFamily(
+            "aziza_sessions", "Sessions started, by persona, language and channel (phone, browser)",
+            labels=["persona", "language", "channel"],
+        )
+        for (persona, language, channel), count in sorted(sessions.items()):
+            by_persona.add_metric([persona, language, channel], count)
+        yield by_persona
         yield GaugeMetricFamily("aziza_media_calls_active", "Calls whose media runs in this process",
                                 value=len(live))
         yield CounterMetricFamily("aziza_media_calls", "Calls whose media ran in this process",
@@ -145,6 +201,14 @@ class MediaMetrics(Collector):
                      ("+Inf", int(cumulative[-1]))],
             sum_value=float(np.dot(depths[:-1], DEPTH_BUCKETS)) + float(depths[-1]) * (DEPTH_BUCKETS[-1] + 1),
         )
+
+
+def _ttfb_counts(ttfb_ms: list[float]) -> np.ndarray:
+    """Per-bucket (not cumulative) counts of TTFB values over TTFB_BUCKETS_S, the last: beyond them."""
+    if not ttfb_ms:
+        return np.zeros(len(TTFB_BUCKETS_S) + 1, dtype=np.int64)
+    idx = np.searchsorted(np.asarray(TTFB_BUCKETS_S), np.asarray(ttfb_ms) / 1000.0, side="left")
+    return np.bincount(idx, minlength=len(TTFB_BUCKETS_S) + 1).astype(np.int64)
 
 
 def _histogram(

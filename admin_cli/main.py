@@ -39,6 +39,8 @@ class LazyGroup(click.Group):
     lazy={
         # media path (issue: call media)
         "demo": "admin_cli.media_cmds:demo",
+        # load test with a JSON + HTML report (issue 14)
+        "loadtest": "admin_cli.loadtest:loadtest",
         # state and provisioning (issue: appliance state)
         "persona": "admin_cli.state_cmds:persona",
         "did": "admin_cli.state_cmds:did",

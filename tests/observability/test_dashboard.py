@@ -21,7 +21,9 @@ def _exprs(dashboard: dict[str, Any]) -> dict[str, list[str]]:
     return {p["title"]: [t["expr"] for t in p.get("targets", [])] for p in dashboard["panels"]}
 
 
-def test_dashboard_names_only_exposed_metrics_and_covers_the_criteria(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dashboard_names_only_exposed_metrics_and_covers_the_criteria(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     assert dashboard["time"]["from"] == "now-24h" and dashboard["time"]["to"] == "now"
     exposed = exposed_names(monkeypatch)

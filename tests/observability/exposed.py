@@ -39,12 +39,23 @@ def _fake_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
         nvmlDeviceGetUtilizationRates=lambda h: SimpleNamespace(gpu=50)))
 
 
-def exposed_names(monkeypatch: pytest.MonkeyPatch) -> set[str]:
+def _registries(monkeypatch: pytest.MonkeyPatch) -> list[CollectorRegistry]:
     bridge = ControllerMetrics()
     bridge.watch_capacity(lambda: CapacityReport(slots=1, held=0, refused_full=0, leases_lost=0,
                                                  renew_failures=0))
     _fake_gpu(monkeypatch)
-    return _names(bridge.registry) | _names(EngineMetrics(2).registry)
+    return [bridge.registry, EngineMetrics(2).registry]
+
+
+def exposed_names(monkeypatch: pytest.MonkeyPatch) -> set[str]:
+    """Every sample name as scraped (``aziza_turns_total``, ``aziza_ttfb_seconds_bucket``, ...)."""
+    return {name for registry in _registries(monkeypatch) for name in _names(registry)}
+
+
+def family_names(monkeypatch: pytest.MonkeyPatch) -> set[str]:
+    """One name per family as an operator reads it: counters with ``_total``, histograms by their base."""
+    return {fam.name + ("_total" if fam.type == "counter" else "")
+            for registry in _registries(monkeypatch) for fam in registry.collect()}
 
 
 def metric_names(promql: str) -> set[str]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from bridge.state.models import DEFAULT_DTMF_ACTIONS
 from engine.protocol import PersonaParams
@@ -48,6 +48,24 @@ class CapacityGate(Protocol):
     async def acquire(self, call_id: str) -> object | None: ...
 
     async def release(self, lease: object) -> None: ...
+
+
+@dataclass(frozen=True)
+class CapacityReport:
+    """How a capacity gate stands, read when ``/metrics`` is scraped (counters count since start)."""
+
+    slots: int  # the configured N
+    held: int  # leases this bridge holds now (its calls and browser talks)
+    refused_full: int  # admissions refused because every slot was taken
+    leases_lost: int  # leases the store had lost, put back by renewal
+    renew_failures: int  # renewal rounds that could not reach the store
+
+
+@runtime_checkable
+class CapacityReporting(Protocol):
+    """A gate that can report itself (the Redis one); stand-in gates need not."""
+
+    def capacity_report(self) -> CapacityReport: ...
 
 
 class CallSink(Protocol):

@@ -10,17 +10,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from bridge.ari.client import AriClient
 from bridge.ari.errors import AriError, AriNotFound
 from bridge.ari.models import AriEvent, Channel, ChannelEvent, Dial, PlaybackFinished, StasisStart
 from bridge.call import BRIDGE_PREFIX, MEDIA_CHANNEL_PREFIX, TRANSFER_APP_ARG, TRANSFER_CHANNEL_PREFIX, Call
-from bridge.call_deps import CallDeps, CallRoute
+from bridge.call_deps import CallDeps, CallRoute, CapacityReport, CapacityReporting
 from bridge.config import Settings
 from bridge.media.prometheus import MEDIA_METRICS
 
@@ -55,6 +57,36 @@ class ControllerMetrics:
             "aziza_ari_reconcile_total", "Reconciliations after (re)connect", ["result"], registry=r
         )
         r.register(MEDIA_METRICS)  # the media path's numbers (bridge/media/prometheus.py)
+        self._capacity: Callable[[], CapacityReport] | None = None
+        r.register(_CapacityCollector(self))
+
+    def watch_capacity(self, report: Callable[[], CapacityReport]) -> None:
+        """Where the scrape reads the capacity gate (the gate keeps its own counts: the refusals and lost
+        leases happen in it, for phone calls and browser talks alike)."""
+        self._capacity = report
+
+
+class _CapacityCollector(Collector):
+    """The ``aziza_capacity_*`` families, absent when the gate cannot report (test stand-ins)."""
+
+    def __init__(self, metrics: ControllerMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        read = self._metrics._capacity
+        if read is None:
+            return
+        rep = read()
+        yield GaugeMetricFamily("aziza_capacity_slots", "Configured capacity: slots (calls + browser talks)",
+                                value=rep.slots)
+        yield GaugeMetricFamily("aziza_capacity_leases_held", "Capacity leases this bridge holds now",
+                                value=rep.held)
+        yield CounterMetricFamily("aziza_capacity_refused_full", "Calls and talks refused: every slot taken",
+                                  value=rep.refused_full)
+        yield CounterMetricFamily("aziza_capacity_leases_lost", "Leases Redis had lost, put back by renewal",
+                                  value=rep.leases_lost)
+        yield CounterMetricFamily("aziza_capacity_renew_failures",
+                                  "Lease renewal rounds Redis did not answer", value=rep.renew_failures)
 
 
 @dataclass
@@ -79,6 +111,8 @@ class CallController:
         self.ari = ari
         self.deps = deps
         self.metrics = metrics or ControllerMetrics()
+        if isinstance(deps.capacity, CapacityReporting):
+            self.metrics.watch_capacity(deps.capacity.capacity_report)
         self.clock = clock
         self.calls: dict[str, Call] = {}
         self._owner: dict[str, Call] = {}  # caller and media channel ids -> call

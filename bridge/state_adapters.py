@@ -17,7 +17,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from bridge.call_deps import CallInfo, CallRoute
+from bridge.call_deps import CallInfo, CallRoute, CapacityReport
 from bridge.config import Settings
 from bridge.control_api import HealthProbe
 from bridge.state.db import StateDB
@@ -55,6 +55,12 @@ class RedisCapacity:
 
     async def release(self, lease: object) -> None:
         await self.keeper.release(cast(Lease, lease))
+
+    def capacity_report(self) -> CapacityReport:
+        st = self.keeper.stats
+        return CapacityReport(slots=self.keeper.slots, held=len(self.keeper.held),
+                              refused_full=st.refused_full, leases_lost=st.reregistered,
+                              renew_failures=st.renew_failures)
 
 
 class StateSink:

@@ -193,6 +193,7 @@ class KeeperStats:
     renewals: int = 0
     renew_failures: int = 0
     reregistered: int = 0  # leases Redis had lost and the keeper put back
+    refused_full: int = 0  # admissions refused: the house was full (or over N)
     in_use: int | None = None  # the house, as of the last successful renewal
     over_capacity: bool = False
     last_error: str | None = None
@@ -234,7 +235,9 @@ class LeaseKeeper:
     async def acquire(self, call_id: str) -> Lease | None:
         """Admission: a lease, or None when the house is full (or over N). Raises CapacityUnavailable."""
         lease = await self.leases.acquire(call_id)
-        if lease is not None:
+        if lease is None:
+            self.stats.refused_full += 1
+        else:
             self.held[call_id] = lease
         return lease
 
@@ -303,7 +306,8 @@ class LeaseKeeper:
         return {
             "held": len(self.held), "in_use": st.in_use, "slots": self.slots,
             "over_capacity": st.over_capacity, "renewals": st.renewals,
-            "renew_failures": st.renew_failures, "reregistered": st.reregistered, "last_error": st.last_error,
+            "renew_failures": st.renew_failures, "reregistered": st.reregistered,
+            "refused_full": st.refused_full, "last_error": st.last_error,
         }
 
 

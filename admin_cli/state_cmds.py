@@ -485,8 +485,9 @@ def calls_show(call_id: str, as_json: bool, database_url: str | None) -> None:
 )
 @json_option
 def calls_live(once: bool, watch_s: float | None, as_json: bool) -> None:
-    """Live calls from Redis: channel, DID, caller, persona, language, duration, current latency (median
-    round trip inside the bridge, last 2 s) and last TTFB; then follow call events until Ctrl-C.
+    """Live calls from Redis: channel, DID, caller, persona, language, duration, current latency in ms
+    (median round trip inside the bridge, last 2 s) and the last caller turn's TTFB in ms; then follow
+    call events until Ctrl-C.
 
     With --json: {"live": [...]}, each call's raw fields plus duration_s, then one event per line (with
     --watch: one {"live": [...]} line per redraw)."""

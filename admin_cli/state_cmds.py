@@ -12,6 +12,7 @@ import contextlib
 import functools
 import json
 import sys
+import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -478,33 +479,62 @@ def calls_show(call_id: str, as_json: bool, database_url: str | None) -> None:
 
 @click.command("live")
 @click.option("--once", is_flag=True, help="Print the live calls and exit (do not follow events).")
+@click.option(
+    "--watch", "watch_s", type=click.FloatRange(min=0.5), default=None, metavar="SECONDS",
+    help="Redraw the table every SECONDS until Ctrl-C, instead of following events.",
+)
 @json_option
-def calls_live(once: bool, as_json: bool) -> None:
-    """Live calls from Redis, then follow call events until Ctrl-C."""
+def calls_live(once: bool, watch_s: float | None, as_json: bool) -> None:
+    """Live calls from Redis: channel, DID, caller, persona, language, duration, current latency in ms
+    (median round trip inside the bridge, last 2 s) and the last caller turn's TTFB in ms; then follow
+    call events until Ctrl-C.
+
+    With --json: {"live": [...]}, each call's raw fields plus duration_s, then one event per line (with
+    --watch: one {"live": [...]} line per redraw)."""
+    if once and watch_s is not None:
+        raise click.UsageError("give --once or --watch, not both")
     try:
-        asyncio.run(_calls_live(_settings(), once, as_json))
+        asyncio.run(_calls_live(_settings(), once, watch_s, as_json))
     except KeyboardInterrupt:
         pass
 
 
-async def _calls_live(settings: Settings, once: bool, as_json: bool) -> None:
+def _show_live(calls: list[dict[str, str]], as_json: bool) -> None:
+    from admin_cli.live_view import LIVE_HEADERS, in_start_order, live_json, live_row
+
+    now = time.time()
+    calls = in_start_order(calls)
+    if as_json:
+        click.echo(json.dumps({"live": [live_json(c, now) for c in calls]}))
+        return
+    click.echo(f"{len(calls)} live call(s) at {datetime.fromtimestamp(now):%H:%M:%S}")
+    if calls:
+        _table([live_row(c, now) for c in calls], LIVE_HEADERS)
+
+
+async def _calls_live(settings: Settings, once: bool, watch_s: float | None, as_json: bool) -> None:
     import redis.asyncio as aioredis
     from redis.exceptions import RedisError
 
     from bridge.state.live import LiveCalls
 
-    client = aioredis.from_url(settings.redis_url, socket_connect_timeout=3)
+    client = aioredis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=5)
     try:
         live = LiveCalls(client, settings.redis_prefix)
-        calls = await live.list_live()
-        if as_json:
-            click.echo(json.dumps({"live": calls}))
-        else:
-            click.echo(f"{len(calls)} live call(s)")
-            for call in calls:
-                click.echo("  " + "  ".join(f"{k}={v}" for k, v in call.items()))
+        _show_live(await live.list_live(), as_json)
         if once:
             return
+        if watch_s is not None:
+            while True:
+                await asyncio.sleep(watch_s)
+                try:
+                    calls = await live.list_live()
+                except RedisError as exc:  # a Redis restart should not end the operator's watch
+                    click.echo(f"redis: {_one_line(exc)} (retrying)", err=True)
+                    continue
+                if not as_json:
+                    click.clear()  # a no-op unless stdout is a terminal
+                _show_live(calls, as_json)
         async for event in live.events():
             if as_json:
                 click.echo(event.to_json())

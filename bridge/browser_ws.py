@@ -242,7 +242,7 @@ async def _talk(ws: web.WebSocketResponse, token: str, call_id: str, engine_url:
     except _Refused as refused:
         await ws.send_json(_error(refused.code, refused.message))
         return
-    info = CallInfo(call_id, "", "browser", persona.name, "WebSocket/talk")
+    info = CallInfo(call_id, "", "browser", persona.name, "WebSocket/talk", persona.language, "browser")
     deps.live_links.add(grant.nonce)
     lease: object | None = None
     engine: EngineSession | None = None

@@ -309,7 +309,8 @@ class Call:
     async def _setup(self) -> None:
         ctl, ari = self.ctl, self.ctl.ari
         self.route = await ctl.resolve_route(self.did)
-        info = CallInfo(self.id, self.did, self.caller_number, self.route.persona.name, self.channel.name)
+        info = CallInfo(self.id, self.did, self.caller_number, self.route.persona.name, self.channel.name,
+                        language=self.route.persona.language)
         try:
             self.lease = await ctl.deps.capacity.acquire(self.id)
         except Exception as exc:  # Redis down: we cannot promise a slot, so refuse like a full house

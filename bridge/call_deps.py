@@ -34,6 +34,8 @@ class CallInfo:
     caller: str
     persona: str
     channel_name: str
+    language: str = ""
+    kind: Literal["phone", "browser"] = "phone"
 
 
 class RouteSource(Protocol):

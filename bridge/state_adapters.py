@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 LIVE_QUEUE_MAX = 10_000
 LIVE_REFRESH_S = 20.0  # well inside LiveCalls' TTL, so a long call never drops off `calls live`
+LIVE_GAUGES_S = 2.0  # how often a phone call's latency reaches its live hash (`calls live`)
 
 
 class DbRoutes:
@@ -63,20 +64,46 @@ class RedisCapacity:
                               renew_failures=st.renew_failures)
 
 
+def media_gauges(media: object) -> dict[str, str | int | float]:
+    """A call's current latency figures for its live hash, read from its media (CallMedia's ``ledger``
+    and ``stats.turns``); figures not known yet are left out. Duck-typed: stand-in media has neither."""
+    gauges: dict[str, str | int | float] = {}
+    ledger = getattr(media, "ledger", None)
+    if ledger is not None and (round_trip := ledger.recent_round_trip_ms()) is not None:
+        gauges["latency_ms"] = round(float(round_trip), 1)
+    turns = getattr(getattr(media, "stats", None), "turns", None)
+    if turns is not None:
+        gauges["turns"] = int(turns.turns)
+        if (ttfb := turns.last_ttfb_ms) is not None:
+            gauges["ttfb_ms"] = round(float(ttfb), 1)
+    return gauges
+
+
 class StateSink:
     """Call records (CallRecorder: queued, retried) and live state (Redis hash + pub/sub).
 
     Every method returns at once. Live-state writes go through a bounded queue drained by one writer
     task that ``run()`` owns; when Redis is slow or down they are dropped and counted, never waited on.
+    The same task writes each watched call's latency (``watch``) every ``gauges_every_s``, all calls in
+    one pipeline, so the load on Redis grows with the calls, never with their events; the calls
+    themselves never wait on Redis, so an outage costs `calls live` its figures, not a call.
     """
 
-    def __init__(self, recorder: CallRecorder, live: LiveCalls) -> None:
+    def __init__(
+        self, recorder: CallRecorder, live: LiveCalls, *, gauges_every_s: float = LIVE_GAUGES_S,
+        refresh_every_s: float = LIVE_REFRESH_S,
+    ) -> None:
         self.recorder = recorder
         self.live = live
+        self.gauges_every_s = gauges_every_s
+        self.refresh_every_s = refresh_every_s
         self._queue: asyncio.Queue[tuple[str, str, dict[str, Any]]] = asyncio.Queue(LIVE_QUEUE_MAX)
         self._live_fields: dict[str, dict[str, str | int | float]] = {}
+        self._media: dict[str, object] = {}  # call id -> its media, for media_gauges
         self.live_dropped = 0
         self.live_errors = 0
+        self._failing = False  # in a Redis outage: logged at its start and its end, not per write
+        self._gauge_errors = 0
         self._stopping = False
 
     def stop(self) -> None:
@@ -93,11 +120,16 @@ class StateSink:
     def started(self, info: CallInfo) -> None:
         self.recorder.record_start(CallStart(info.call_id, info.did or None, info.caller, info.persona))
         self._live_fields[info.call_id] = {
-            "did": info.did, "caller": info.caller, "persona": info.persona, "state": "setup",
-            "started_at": time.time(),
+            "did": info.did, "caller": info.caller, "persona": info.persona, "language": info.language,
+            "channel": info.kind, "state": "setup", "started_at": round(time.time(), 3),
         }
         self._enqueue("update", info.call_id, {})
         self._enqueue("publish", info.call_id, {"kind": "start", "did": info.did, "caller": info.caller})
+
+    def watch(self, call_id: str, media: object) -> None:
+        """Put the call's latency (media_gauges) on its live hash until it ends (a started call only)."""
+        if call_id in self._live_fields:
+            self._media[call_id] = media
 
     def refused(self, info: CallInfo, reason: str) -> None:
         self.recorder.record_refused(info.call_id, info.did or None, info.caller, reason, info.persona)
@@ -128,6 +160,7 @@ class StateSink:
     ) -> None:
         self.recorder.record_end(call_id, cause, summary, transcript, dtmf_digits)
         self._live_fields.pop(call_id, None)
+        self._media.pop(call_id, None)
         self._enqueue("remove", call_id, {})
         self._enqueue("publish", call_id, {"kind": "end", "cause": cause})
 
@@ -140,20 +173,32 @@ class StateSink:
     # -- writer ------------------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Drain live-state writes; refresh every live call's TTL. Runs until cancelled."""
-        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that races
-        # with its inner result, and this task would never stop.
-        next_refresh = time.monotonic() + LIVE_REFRESH_S
+        """Drain live-state writes; every gauges_every_s write the watched calls' latency, and every
+        refresh_every_s refresh every live call's TTL. Runs until stopped or cancelled."""
+        now = time.monotonic()
+        next_gauges, next_refresh = now + self.gauges_every_s, now + self.refresh_every_s
         while not self._stopping:
-            try:
-                async with asyncio.timeout(max(0.0, next_refresh - time.monotonic())):
-                    op, call_id, data = await self._queue.get()
-                if op == "stop":
-                    return
-            except TimeoutError:
-                await self._write_safely(self._refresh_all())
-                next_refresh = time.monotonic() + LIVE_REFRESH_S
+            now = time.monotonic()
+            # Checked before the queue, not only on its timeout: Queue.get() does not yield while
+            # events are queued, so a steady stream of them would starve the periodic writes.
+            if now >= next_gauges:
+                everyone = now >= next_refresh
+                batch = self._periodic_batch(everyone)
+                if batch:  # an empty write would "succeed" and pass for the end of an outage
+                    await self._write_safely(self.live.update_many(batch))
+                next_gauges = time.monotonic() + self.gauges_every_s
+                if everyone:
+                    next_refresh = time.monotonic() + self.refresh_every_s
                 continue
+            try:
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that races
+                # with its inner result, and this task would never stop.
+                async with asyncio.timeout(next_gauges - now):
+                    op, call_id, data = await self._queue.get()
+            except TimeoutError:
+                continue
+            if op == "stop":
+                return
             await self._write_safely(self._apply(op, call_id, data))
 
     async def _apply(self, op: str, call_id: str, data: dict[str, Any]) -> None:
@@ -167,9 +212,25 @@ class StateSink:
             kind = str(data.pop("kind", op))
             await self.live.publish(CallEvent(call_id, kind, data))
 
-    async def _refresh_all(self) -> None:
-        for call_id, fields in list(self._live_fields.items()):
-            await self.live.update(call_id, fields)
+    def _periodic_batch(self, everyone: bool) -> dict[str, dict[str, str | int | float]]:
+        """For one pipeline: the watched calls with fresh gauges (and, when ``everyone``, all live calls,
+        for their TTL); a call's whole hash is rewritten, so one that expired in an outage comes back
+        whole."""
+        batch: dict[str, dict[str, str | int | float]] = {}
+        for call_id, media in list(self._media.items()):
+            fields = self._live_fields.get(call_id)
+            if fields is None:
+                continue
+            try:
+                fields.update(media_gauges(media))
+            except Exception as exc:  # a figure we cannot read must not stop the live state of all calls
+                self._gauge_errors += 1
+                if self._gauge_errors == 1:
+                    log.warning("call %s: latency figures unreadable for `calls live`: %r", call_id, exc)
+            batch[call_id] = fields
+        if everyone:
+            batch.update(self._live_fields)
+        return {call_id: dict(fields) for call_id, fields in batch.items()}
 
     async def _write_safely(self, aw: Any) -> None:
         try:
@@ -180,8 +241,14 @@ class StateSink:
             if task is not None and task.cancelling():  # redis-py may turn a cancel into an error
                 raise asyncio.CancelledError from exc
             self.live_errors += 1
-            if self.live_errors == 1 or self.live_errors % 100 == 0:
-                log.warning("live call state write failed (%d so far): %s", self.live_errors, exc)
+            if not self._failing:  # once per outage: the periodic writes would repeat it every 2 s
+                self._failing = True
+                log.warning("live call state write failed, calls go on; `calls live` is stale until Redis "
+                            "answers (failures are counted in /health): %s", exc)
+            return
+        if self._failing:
+            self._failing = False
+            log.warning("live call state writes work again (%d failed)", self.live_errors)
 
 
 @dataclass

@@ -26,7 +26,7 @@ from engine.protocol import PersonaParams
 if TYPE_CHECKING:
     from bridge.browser_ws import TalkDeps
     from bridge.engine_pool import EnginePool
-    from bridge.state_adapters import OpenState
+    from bridge.state_adapters import OpenState, StateSink
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,18 @@ def media_factory(settings: BridgeSettings) -> MediaFactory:
     return make_media
 
 
+def watched_media(factory: MediaFactory, sink: StateSink) -> MediaFactory:
+    """``factory``, with each call's media handed to the sink's live monitor (its latency on the call's
+    live hash, for `aziza-admin calls live`): the call itself needs to know nothing of it."""
+
+    def make_media(engine: EngineLink, call_id: str) -> MediaLink:
+        media = factory(engine, call_id)
+        sink.watch(call_id, media)
+        return media
+
+    return make_media
+
+
 @dataclass
 class Wired:
     deps: CallDeps
@@ -82,7 +94,7 @@ async def production_deps(settings: Settings) -> AsyncIterator[Wired]:
             capacity=state.capacity,
             sink=state.sink,
             open_engine=engine_opener(pool),
-            make_media=media_factory(settings.bridge),
+            make_media=watched_media(media_factory(settings.bridge), state.sink),
         )
         routes: list[web.RouteDef] = []
         try:

@@ -2,6 +2,12 @@
 an index of live calls (``{prefix}:live``, a sorted set scored by expiry), and a pub/sub channel of call
 events (``{prefix}:events``) that ``aziza-admin calls live`` follows. A bridge that dies leaves nothing
 behind for longer than the TTL.
+
+A call's hash (written by bridge.state_adapters.StateSink; every value a string, any may be missing):
+``did``, ``caller``, ``persona``, ``language``, ``channel`` (phone | browser), ``state`` (setup | active |
+held), ``started_at`` (epoch seconds) and, for phone calls every ~2 s, ``latency_ms`` (median round trip
+inside the bridge over the last 2 s), ``ttfb_ms`` (the last caller turn's time to first agent audio) and
+``turns``.
 """
 
 from __future__ import annotations
@@ -54,12 +60,19 @@ class LiveCalls:
 
     async def update(self, call_id: str, fields: dict[str, str | int | float]) -> None:
         """Set fields of the call's hash and refresh its TTL (call this at least every ttl_s)."""
+        await self.update_many({call_id: fields})
+
+    async def update_many(self, calls: dict[str, dict[str, str | int | float]]) -> None:
+        """``update`` for several calls in one round trip: at most one HSET per call."""
+        if not calls:
+            return
         expiry = time.time() + self.ttl_s
         async with self._redis.pipeline(transaction=True) as pipe:
-            if fields:
-                pipe.hset(self._key(call_id), mapping={k: str(v) for k, v in fields.items()})
-            pipe.expire(self._key(call_id), max(1, int(self.ttl_s)))
-            pipe.zadd(self._index, {call_id: expiry})
+            for call_id, fields in calls.items():
+                if fields:
+                    pipe.hset(self._key(call_id), mapping={k: str(v) for k, v in fields.items()})
+                pipe.expire(self._key(call_id), max(1, int(self.ttl_s)))
+            pipe.zadd(self._index, dict.fromkeys(calls, expiry))
             await pipe.execute()
 
     async def remove(self, call_id: str) -> None:

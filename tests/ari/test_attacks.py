@@ -28,6 +28,7 @@ from bridge.state.live import LiveCalls
 from bridge.state.models import Persona
 from bridge.state_adapters import open_state
 from bridge.talk_token import sign, talk_key
+from bridge.wiring import watched_media
 from tests.ari.fake_asterisk import FakeAsterisk
 from tests.ari.harness import bridge_settings, control_headers, eventually, fake_and_bridge
 from tests.ari.standins import StandinDeps, standin_deps
@@ -194,7 +195,9 @@ async def _bridge_with_state(
         update={"slots": slots, "lease_ttl_s": ttl_s, "renew_every_s": renew_s})})
     sd = standin_deps()
     async with open_state(settings) as opened, FakeAsterisk() as fake:
-        deps = CallDeps(sd.routes, opened.capacity, opened.sink, sd.open_engine, sd.make_media)
+        # media watched as production does: the live monitor's periodic writes go on through the outages
+        deps = CallDeps(sd.routes, opened.capacity, opened.sink, sd.open_engine,
+                        watched_media(sd.make_media, opened.sink))
         bridge = bridge_settings(
             fake.url, database_url=settings.database_url, redis_url=settings.redis_url,
             redis_prefix=settings.redis_prefix,

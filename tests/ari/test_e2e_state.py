@@ -114,6 +114,18 @@ async def test_production_call_routed_recorded_and_live(
         leg = fake.leg_for(caller)
         assert leg is not None
         await eventually(lambda: leg.packets_received >= 25, within_s=10, what="echo audio back")
+        # `calls live`: the call's hash has its persona's language and, within a period (2 s), the
+        # current latency measured by its real media
+        redis = aioredis.from_url(state_settings.redis_url, decode_responses=True)
+        try:
+            key = f"{state_settings.redis_prefix}:call:{caller}"
+            async with asyncio.timeout(15):
+                while "latency_ms" not in (live_hash := await redis.hgetall(key)):  # noqa: ASYNC110 (Redis)
+                    await asyncio.sleep(0.1)
+        finally:
+            await redis.aclose()
+        assert live_hash["language"] == seeded_persona.language and live_hash["channel"] == "phone"
+        assert float(live_hash["latency_ms"]) > 0 and live_hash["turns"].isdigit()
         async with aiohttp.ClientSession() as http, http.get(
             f"{svc.http_url}/health", headers=control_headers()
         ) as resp:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import redis.asyncio as aioredis
@@ -75,7 +76,8 @@ async def test_calls_live_once(redis_url: str, redis_prefix: str, tmp_path: Path
     }
     result = await asyncio.to_thread(CliRunner().invoke, cli, ["calls", "live", "--once", "--json"], env=env)
     assert result.exit_code == 0, result.stderr
-    assert json.loads(result.stdout) == {"live": [{"call_id": "c9", "did": "+15550001234"}]}
+    expected = {"call_id": "c9", "did": "+15550001234", "duration_s": None}  # no started_at: no duration
+    assert json.loads(result.stdout) == {"live": [expected]}
     env["AZIZA_REDIS_URL"] = "redis://127.0.0.1:1/0"
     down = await asyncio.to_thread(CliRunner().invoke, cli, ["calls", "live", "--once"], env=env)
     assert down.exit_code == 1 and down.stderr.startswith("Error: redis:")
@@ -116,6 +118,89 @@ async def test_calls_live_follows_events_until_interrupted(
                 await asyncio.sleep(0.05)
         event = json.loads(await asyncio.wait_for(proc.stdout.readline(), 60))
         assert (event["call_id"], event["kind"], event["data"]) == ("c1", "dtmf", {"digit": "0"})
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), 60) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await client.aclose()
+
+
+def _env(redis_url: str, redis_prefix: str, tmp_path: Path) -> dict[str, str]:
+    return {"AZIZA_REDIS_URL": redis_url, "AZIZA_REDIS_PREFIX": redis_prefix,
+            "AZIZA_CONFIG": empty_config(tmp_path)}
+
+
+async def test_calls_live_shows_persona_language_duration_and_latency(
+    redis_url: str, redis_prefix: str, tmp_path: Path
+) -> None:
+    """The session monitor's table, from hashes as the bridge writes them (the columns' formatting is
+    tests/cli/test_live_view.py's; here: the hashes reach it, oldest call first, gaps as "-")."""
+    started = time.time() - 65
+    client = aioredis.from_url(redis_url)
+    try:
+        live = LiveCalls(client, redis_prefix)
+        await live.update("c1", {"channel": "phone", "did": "+15550001234", "caller": "+15557654321",
+                                 "persona": "anna", "language": "ru", "started_at": started,
+                                 "latency_ms": 41.6, "ttfb_ms": 212.4, "turns": 3})
+        await live.update("b2", {"channel": "browser", "persona": "max", "started_at": started + 30})
+    finally:
+        await client.aclose()
+    env = _env(redis_url, redis_prefix, tmp_path)
+    result = await asyncio.to_thread(CliRunner().invoke, cli, ["calls", "live", "--once"], env=env)
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("2 live call(s) at ")
+    assert lines[1].split() == ["ID", "CHANNEL", "DID", "CALLER", "PERSONA", "LANG", "DURATION", "LATENCY",
+                                "TTFB"]
+    phone, browser = (line.split() for line in lines[2:])
+    assert phone[:6] + phone[7:] == ["c1", "phone", "+15550001234", "+15557654321", "anna", "ru", "42", "212"]
+    assert browser[:6] + browser[7:] == ["b2", "browser", "-", "-", "max", "-", "-", "-"]
+    # mm:ss of time.time() - started_at; the bound only absorbs a slow machine between write and read
+    assert 65 <= _seconds(phone[6]) < 125 and 35 <= _seconds(browser[6]) < 95
+
+    as_json = await asyncio.to_thread(CliRunner().invoke, cli, ["calls", "live", "--once", "--json"], env=env)
+    rows = json.loads(as_json.stdout)["live"]
+    assert [r["call_id"] for r in rows] == ["c1", "b2"]
+    assert rows[0]["latency_ms"] == "41.6" and rows[0]["turns"] == "3" and 65 <= rows[0]["duration_s"] < 125
+
+    both = await asyncio.to_thread(CliRunner().invoke, cli, ["calls", "live", "--once", "--watch", "2"],
+                                   env=env)
+    assert both.exit_code == 2 and "not both" in both.stderr
+
+
+def _seconds(mm_ss: str) -> int:
+    minutes, seconds = mm_ss.split(":")
+    return int(minutes) * 60 + int(seconds)
+
+
+async def test_calls_live_watch_redraws_until_interrupted(
+    redis_url: str, redis_prefix: str, tmp_path: Path
+) -> None:
+    import os
+    import signal
+    import sys
+
+    client = aioredis.from_url(redis_url)
+    live = LiveCalls(client, redis_prefix)
+    await live.update("c1", {"persona": "anna", "latency_ms": 40, "started_at": time.time()})
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "admin_cli.main", "calls", "live", "--watch", "0.5", "--json",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **_env(redis_url, redis_prefix, tmp_path)},
+    )
+    try:
+        assert proc.stdout is not None
+        first = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
+        assert [(c["call_id"], c["latency_ms"]) for c in first["live"]] == [("c1", "40")]
+        await live.update("c1", {"latency_ms": 55})
+        # The bound only catches a hang: a subprocess on a loaded 2-core machine can take seconds per step.
+        async with asyncio.timeout(60):
+            while True:
+                redrawn = json.loads(await proc.stdout.readline())
+                if redrawn["live"] and redrawn["live"][0]["latency_ms"] == "55":
+                    break
         proc.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(proc.wait(), 60) == 0
     finally:

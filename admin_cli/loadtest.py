@@ -55,19 +55,20 @@ class LoadTestError(click.ClickException):
 # -- engine metrics ------------------------------------------------------------------------------------------
 
 
-def metrics_url(engine_url: str) -> tuple[str, aiohttp.BaseConnector | None]:
-    """The engine's /metrics URL (and connector) for its session URL (ws://, wss://, unix://)."""
+def metrics_url(engine_url: str) -> tuple[str, str | None]:
+    """The engine's /metrics URL (and its Unix socket, if on one) for its session URL (ws://, wss://, unix://)."""
     parts = urlsplit(engine_url)
     if parts.scheme == "unix":
         path = (parts.netloc + parts.path) if parts.netloc else parts.path
-        return "http://localhost/metrics", aiohttp.UnixConnector(path=path)
+        return "http://localhost/metrics", path
     scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
     if scheme not in ("http", "https"):
         raise LoadTestError(f"engine URL must be ws://, wss:// or unix://, got {engine_url!r}")
     return f"{scheme}://{parts.netloc}/metrics", None
 
 
-async def fetch_metrics(url: str, connector: aiohttp.BaseConnector | None, timeout_s: float = 3.0) -> str:
+async def fetch_metrics(url: str, unix_socket: str | None = None, timeout_s: float = 3.0) -> str:
+    connector = aiohttp.UnixConnector(path=unix_socket) if unix_socket else None
     async with (
         aiohttp.ClientSession(connector=connector) as http,
         http.get(url, timeout=aiohttp.ClientTimeout(total=timeout_s)) as response,
@@ -261,9 +262,9 @@ async def _start_echo_engine(slots: int) -> tuple[asyncio.subprocess.Process, st
 
 
 async def _check_engine(url: str) -> EngineMetrics:
-    target, connector = metrics_url(url)
+    target, unix_socket = metrics_url(url)
     try:
-        return parse_engine_metrics(await fetch_metrics(target, connector))
+        return parse_engine_metrics(await fetch_metrics(target, unix_socket))
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         raise LoadTestError(f"the engine at {url} is unreachable ({type(exc).__name__}: {exc})") from None
 

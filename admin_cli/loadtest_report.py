@@ -198,6 +198,7 @@ def svg_plot(
     threshold: float | None = None,
     points: bool = False,
     step: bool = False,
+    x_from_zero: bool = False,
 ) -> str:
     """One inline SVG chart: lines (or points) per named series, axes with min/max labels."""
     xs = [x for _, s in series for x, _ in s]
@@ -212,7 +213,7 @@ def svg_plot(
             f'<text x="{_W / 2}" y="{_H / 2}" text-anchor="middle" class="empty">no data</text></svg>'
         )
         return "".join(parts)
-    x0, x1 = min(xs), max(xs)
+    x0, x1 = (0.0 if x_from_zero else min(xs)), max(xs)
     y0, y1 = min(0.0, min(ys)), max(ys) * 1.05 or 1.0
     sx, sy = _scale(x0, x1, _PAD, _W - 12), _scale(y0, y1, _H - 32, 24)
     parts.append(
@@ -275,7 +276,7 @@ def render_html(report: dict[str, Any]) -> str:
             "ttfb_over_time",
             "TTFB per caller turn",
             [("TTFB", ttfb_points)],
-            x_label="run time (s)",
+            x_label="run time (s)", x_from_zero=True,
             y_label="ms",
             threshold=thresholds["ttfb_p95_ms"],
             points=True,
@@ -292,7 +293,7 @@ def render_html(report: dict[str, Any]) -> str:
             "concurrency",
             "Calls up",
             [("calls", [(float(t), float(c)) for t, c in series["concurrency"]])],
-            x_label="run time (s)",
+            x_label="run time (s)", x_from_zero=True,
             y_label="calls",
             step=True,
         ),
@@ -303,7 +304,7 @@ def render_html(report: dict[str, Any]) -> str:
                 ("p50", [(float(t), float(p50)) for t, p50, _, _ in ticks if p50 is not None]),
                 ("p99", [(float(t), float(p99)) for t, _, p99, _ in ticks if p99 is not None]),
             ],
-            x_label="run time (s)",
+            x_label="run time (s)", x_from_zero=True,
             y_label="ms",
         ),
     ]
@@ -333,6 +334,13 @@ def render_html(report: dict[str, Any]) -> str:
         ("interrupted", report["interrupted"]),
     ]
     fact_rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts)
+    call_rows = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
+            c["id"], c["outcome"], c["end_reason"], c["turns"], c["unanswered"],
+            _pct(c["ttfb_ms"], 50), _pct(c["ttfb_ms"], 95), c["added_latency_p99_ms"], c["pacing_p99_ms"],
+        )) + "</tr>"
+        for c in report["per_call"]
+    )
     verdict = "PASS" if report["passed"] else "FAIL"
     return (
         '<!DOCTYPE html><html><head><meta charset="utf-8"><title>Aziza load test</title><style>'
@@ -344,7 +352,10 @@ def render_html(report: dict[str, Any]) -> str:
         f"{report['config'].get('calls')} calls{' (ramp)' if report['config'].get('ramp') else ''}</p>"
         f'<h2>Criteria</h2><table id="criteria"><tr><th>criterion</th><th>value</th><th>threshold</th>'
         f"<th>result</th></tr>{rows}</table><h2>Numbers</h2><table>{fact_rows}</table>"
-        f'<h2>Plots</h2><div class="plots">{"".join(plots)}</div></body></html>'
+        f'<h2>Plots</h2><div class="plots">{"".join(plots)}</div>'
+        '<h2>Calls</h2><table id="calls"><tr><th>call</th><th>outcome</th><th>end</th><th>turns</th>'
+        "<th>unanswered</th><th>TTFB p50 (ms)</th><th>TTFB p95 (ms)</th><th>added latency p99 (ms)</th>"
+        f"<th>pacing p99 (ms)</th></tr>{call_rows}</table></body></html>"
     )
 
 

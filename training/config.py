@@ -65,6 +65,8 @@ class DataConfig(_Section):
 class TokenizerConfig(_Section):
     extend: bool = True  # learn new pieces for the languages' scripts and grow the text embedding/head
     new_pieces: int = Field(default=4000, ge=8)  # size of the corpus model the new pieces come from
+    # at most this many are added (best first): the engine serves up to engine.lora_max_added_tokens (2048)
+    max_added: int = Field(default=2048, ge=1)
     character_coverage: float = Field(default=1.0, gt=0, le=1)
 
 
@@ -251,6 +253,7 @@ data:
 tokenizer:
   extend: true                            # new pieces for Cyrillic / Uzbek; base ids unchanged
   new_pieces: 4000                        # vocabulary of the corpus model the new pieces are taken from
+  max_added: 2048                         # at most this many added: the engine's lora_max_added_tokens
   character_coverage: 1.0
 
 lora:

@@ -54,7 +54,8 @@ def learn_tokenizer(config: Config) -> VocabExtension | None:
         raise PipelineError(f"model {config.model!r}: {exc}") from None
     out = config.tokenizer_path
     ext = tokenizer_ext.extend_tokenizer(files.tokenizer, corpus, out, int(files.config["text_card"]),
-                                         config.tokenizer.new_pieces, config.tokenizer.character_coverage)
+                                         config.tokenizer.new_pieces, config.tokenizer.character_coverage,
+                                         max_added=config.tokenizer.max_added)
     (out / VOCAB_FILE).write_text(json.dumps(asdict(ext), ensure_ascii=False, indent=1) + "\n")
     return ext
 

@@ -66,8 +66,9 @@ def _needs_new_piece(base: sentencepiece.SentencePieceProcessor, text: str) -> b
 
 
 def extend_tokenizer(base_model: Path, corpus: list[str], out_dir: Path, text_card: int, new_pieces: int,
-                     character_coverage: float = 1.0) -> VocabExtension:
-    """Write ``out_dir/tokenizer.model`` (base + new pieces) and return what was added."""
+                     character_coverage: float = 1.0, max_added: int | None = None) -> VocabExtension:
+    """Write ``out_dir/tokenizer.model`` (base + new pieces) and return what was added: at most ``max_added``
+    pieces, the corpus model's best first (the engine serves at most ``engine.lora_max_added_tokens``)."""
     import sentencepiece as spm
     from sentencepiece import sentencepiece_model_pb2 as pb
 
@@ -89,6 +90,8 @@ def extend_tokenizer(base_model: Path, corpus: list[str], out_dir: Path, text_ca
     by_script: dict[str, int] = {}
     skipped = 0
     for piece, score in learned:
+        if max_added is not None and len(added) >= max_added:
+            break
         if piece in existing:
             continue
         if not _needs_new_piece(base_sp, piece.replace("\u2581", " ")):

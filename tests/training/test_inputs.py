@@ -195,3 +195,15 @@ def test_extension_keeps_base_ids_and_base_tokenization(tiny_dir: Path, tmp_path
     assert got.unk_id() not in ids and any(i >= 128 for i in ids)
     assert base.unk_id() in base.encode("Здравствуйте")
     assert ext.model_id(5) == 5 and ext.model_id(128) == 129
+
+
+def test_extension_is_bounded_by_max_added(tiny_dir: Path, tmp_path: Path) -> None:
+    # The engine serves at most engine.lora_max_added_tokens new rows: the export never brings more.
+    base_file = tiny_dir / "tokenizer.model"
+    full = extend_tokenizer(base_file, CORPUS, tmp_path / "full", text_card=128, new_pieces=300)
+    capped = extend_tokenizer(base_file, CORPUS, tmp_path / "capped", text_card=128, new_pieces=300,
+                              max_added=10)
+    assert full.added > 10 and capped.added == 10
+    assert capped.pieces == full.pieces[:10]  # the corpus model's best pieces first
+    got = spm.SentencePieceProcessor(model_file=str(tmp_path / "capped" / "tokenizer.model"))
+    assert got.vocab_size() == 128 + 10

@@ -53,7 +53,7 @@ from bridge.media.metrics import LatencyLedger, MediaStats
 from bridge.media.outbound import OUT_SAMPLES, OutputTimeline
 from bridge.media.prometheus import MEDIA_METRICS
 from bridge.media.rtp import MAX_DATAGRAM, PT_SLIN16
-from bridge.media.turns import VOICED_RMS, VOICED_RMS_PCM16
+from bridge.media.turns import VOICED_RMS
 from engine.protocol import SAMPLE_RATE, AudioFrame, Closed, Error, Lag, Text
 
 log = logging.getLogger(__name__)
@@ -299,7 +299,10 @@ class CallMedia:
         chunks = self._packets_out.push(float32_to_pcm16(self._resample_out.process(frame.pcm)))
         payloads = [ulaw_encode(chunk) for chunk in chunks]
         levels = [audioop.rms(chunk.tobytes(), 2) for chunk in chunks]
-        self.ledger.output_level(frame.seq, bool(levels) and max(levels) > VOICED_RMS_PCM16)
+        # Voiced by the input's rule (the 24 kHz frame's RMS): an echo's frame n is voiced exactly when input
+        # frame n was, however the resampler's delay spreads a syllable's tail over the packets.
+        pcm = frame.pcm.astype(np.float32) * (1.0 / 32768.0)  # int16 on the wire; float for the sum
+        self.ledger.output_level(frame.seq, float(np.dot(pcm, pcm)) > VOICED_RMS * VOICED_RMS * len(pcm))
         clock = self._clock
         behind = clock is not None and clock.behind(now) > LOOP_BEHIND_S
         self._send(self.timeline.on_frame(frame.seq, payloads, levels, now, loop_behind=behind))

@@ -23,10 +23,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-#: Voiced threshold on a frame's RMS, full scale 1.0: -40 dBFS, well above a line's idle noise, below speech.
+#: Voiced threshold on an 80 ms frame's RMS (24 kHz, full scale 1.0), input and output alike: -40 dBFS, well
+#: above a line's idle noise, below speech.
 VOICED_RMS = 0.01
-#: The same threshold on 16-bit samples (what the output side measures, after its resampler).
-VOICED_RMS_PCM16 = VOICED_RMS * 32768.0
 
 
 @dataclass

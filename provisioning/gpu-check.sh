@@ -16,6 +16,14 @@
 # Environment: PYTHON (default .venv/bin/python, else python3), GPU_CHECK_SHAPE (moshi-7b),
 # GPU_CHECK_DEVICE (cuda), GPU_CHECK_TICKS (30), GPU_CHECK_QUICK=1 (tiny shape, few slots: a dry run).
 # Each step has its own timeout so one hang cannot eat the rest; a failed step is reported, not fatal.
+#
+# On a machine with torch but not this project's venv (a lent GPU box that cannot reach PyPI), bring the
+# pure-Python wheels along and put them on PYTHONPATH:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl moshi==0.2.13 pydantic \
+#     pydantic-core pydantic-settings annotated-types typing-inspection python-dotenv   # (here)
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl       # (there)
+#   PYTHONPATH=/tmp/site PYTHON=python3 provisioning/gpu-check.sh gpu-check.json
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

@@ -25,7 +25,7 @@
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl       # (there)
 #   PYTHONPATH=/tmp/site PYTHON=python3 provisioning/gpu-check.sh gpu-check.json
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 
 out=${1:-gpu-check.json}
 py=${PYTHON:-}

@@ -247,7 +247,7 @@ def test_no_control_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(loadtest_sip.os, "geteuid", lambda: 0)
     monkeypatch.delenv("AZIZA_CONFIG", raising=False)
     monkeypatch.setenv("AZIZA_BRIDGE__CONTROL_TOKEN_FILE", str(tmp_path / "missing.token"))
-    with pytest.raises(LoadTestError, match="control token: .*missing.token does not exist"):
+    with pytest.raises(LoadTestError, match=r"control token: .*missing\.token does not exist"):
         check_sip_prerequisites("http://127.0.0.1:9", "127.0.0.1:5060", "100")
 
 
@@ -269,7 +269,7 @@ async def test_reachable_bridge_gets_the_token(
     async with serve_on_loopback(app) as port:
         url = f"http://127.0.0.1:{port}"
         await asyncio.to_thread(check_sip_prerequisites, url, "127.0.0.1:5060", "100")
-        token_file.write_text("w" * 40 + "\n")
+        await asyncio.to_thread(token_file.write_text, "w" * 40 + "\n")
         with pytest.raises(LoadTestError, match=r"refused /metrics \(HTTP 401"):
             await asyncio.to_thread(check_sip_prerequisites, url, "127.0.0.1:5060", "100")
     assert seen == [f"Bearer {TOKEN}", f"Bearer {'w' * 40}"]

@@ -559,6 +559,7 @@ class SipRun:
             turns = sum(c.result.turns for c in self.calls)
             progress.show(min(t, total), up, opts.calls, turns, self._p95(), self._errors())
             await self._sleep_until(min(t + 0.5, next_scrape))
+        self._reap(self.now())  # calls that ended since the last pass end now, not at the final scrape
         self.data.interrupted = self.stop.is_set()
         progress.done()
         if self.data.interrupted:

@@ -122,7 +122,9 @@ def test_prometheus_ttfb_histogram_and_sessions() -> None:
     metrics.call_ended(stats)  # folded into the ended totals: the same histogram after the call
     families = {f.name: f for f in metrics.collect()}
     assert families["aziza_active_sessions"].samples[0].value == 0
-    after = {s.labels["le"]: s.value for s in families["aziza_ttfb_seconds"].samples if s.name.endswith("_bucket")}
+    after = {
+        s.labels["le"]: s.value for s in families["aziza_ttfb_seconds"].samples if s.name.endswith("_bucket")
+    }
     assert after == buckets
 
 

@@ -142,6 +142,43 @@ def parse_engine_metrics(text: str) -> EngineMetrics:
     return EngineMetrics(step, batch, queue, gpu)
 
 
+def record_engine_interval(data: RunData, previous: EngineMetrics, current: EngineMetrics, t: float) -> None:
+    """One engine scrape interval into the run: tick p50/p99 and mean batch (bucket deltas), queue depth,
+    GPU memory and largest batch (shared by ``--via rtp`` and ``--via sip``)."""
+    step = current.step.minus(previous.step)
+    batch = current.batch.minus(previous.batch)
+    p50, p99 = step.quantile(0.5), step.quantile(0.99)
+    data.ticks.append(
+        (
+            round(t, 3),
+            None if p50 is None else round(p50 * 1000, 3),
+            None if p99 is None else round(p99 * 1000, 3),
+            None if batch.mean is None else round(batch.mean, 2),
+        )
+    )
+    if current.queue_depth is not None:
+        data.queue_depth_max = max(data.queue_depth_max or 0.0, current.queue_depth)
+    if current.gpu_memory_bytes is not None:
+        data.gpu_memory_peak_bytes = max(data.gpu_memory_peak_bytes or 0.0, current.gpu_memory_bytes)
+    if batch.count > 0:
+        seen = [le for le, n in batch.buckets.items() if n < batch.count and le != float("inf")]
+        top = min((le for le, n in batch.buckets.items() if n >= batch.count), default=None)
+        if top is not None:
+            data.batch_size_max = max(
+                data.batch_size_max or 0.0, top if not seen or top != float("inf") else max(seen)
+            )
+
+
+def record_engine_totals(data: RunData, first: EngineMetrics, last: EngineMetrics) -> None:
+    """The whole run's tick p50/p99 and mean batch size, from the first and last scrapes."""
+    step = last.step.minus(first.step)
+    batch = last.batch.minus(first.batch)
+    p50, p99 = step.quantile(0.5), step.quantile(0.99)
+    data.tick_p50_ms = None if p50 is None else round(p50 * 1000, 3)
+    data.tick_p99_ms = None if p99 is None else round(p99 * 1000, 3)
+    data.batch_size_mean = None if batch.mean is None else round(batch.mean, 2)
+
+
 # -- the run -------------------------------------------------------------------------------------------------
 
 
@@ -423,39 +460,11 @@ class RtpRun:
             current = parse_engine_metrics(await fetch_metrics(*metrics_url(url)))
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
             return previous  # one missed scrape is a gap in the plot, not an error of the run
-        step = current.step.minus(previous.step)
-        batch = current.batch.minus(previous.batch)
-        p50, p99 = step.quantile(0.5), step.quantile(0.99)
-        self.data.ticks.append(
-            (
-                round(t, 3),
-                None if p50 is None else round(p50 * 1000, 3),
-                None if p99 is None else round(p99 * 1000, 3),
-                None if batch.mean is None else round(batch.mean, 2),
-            )
-        )
-        if current.queue_depth is not None:
-            self.data.queue_depth_max = max(self.data.queue_depth_max or 0.0, current.queue_depth)
-        if current.gpu_memory_bytes is not None:
-            self.data.gpu_memory_peak_bytes = max(
-                self.data.gpu_memory_peak_bytes or 0.0, current.gpu_memory_bytes
-            )
-        if batch.count > 0:
-            seen = [le for le, n in batch.buckets.items() if n < batch.count and le != float("inf")]
-            top = min((le for le, n in batch.buckets.items() if n >= batch.count), default=None)
-            if top is not None:
-                self.data.batch_size_max = max(
-                    self.data.batch_size_max or 0.0, top if not seen or top != float("inf") else max(seen)
-                )
+        record_engine_interval(self.data, previous, current, t)
         return current
 
     def _engine_totals(self, first: EngineMetrics, last: EngineMetrics) -> None:
-        step = last.step.minus(first.step)
-        batch = last.batch.minus(first.batch)
-        p50, p99 = step.quantile(0.5), step.quantile(0.99)
-        self.data.tick_p50_ms = None if p50 is None else round(p50 * 1000, 3)
-        self.data.tick_p99_ms = None if p99 is None else round(p99 * 1000, 3)
-        self.data.batch_size_mean = None if batch.mean is None else round(batch.mean, 2)
+        record_engine_totals(self.data, first, last)
 
     async def _hang_up_all(self) -> None:
         for call in self.calls:

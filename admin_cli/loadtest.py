@@ -36,6 +36,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from admin_cli.loadtest_report import CallResult, RunData, Thresholds, build_report, write_report
+from admin_cli.procs import end_process, proc_cpu_s
 from bridge.config import BridgeSettings
 from bridge.engine_client import EngineError, EngineSession
 from bridge.media.audio_file import AudioFileError
@@ -206,14 +207,6 @@ class _Call:
     ttfb_seen: int = 0
 
 
-def _proc_cpu_s(pid: int) -> float | None:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 class _Progress:
     """The live line: elapsed, calls up, p95 so far. Redrawn in place on a terminal, every 10 s otherwise."""
 
@@ -278,18 +271,7 @@ class _Legs:
         return json.loads(line)
 
     async def close(self) -> None:
-        await _end_process(self.proc)
-
-
-async def _end_process(proc: asyncio.subprocess.Process | None) -> None:
-    if proc is None or proc.returncode is not None:
-        return
-    proc.terminate()
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(proc.wait(), 5)
-    if proc.returncode is None:
-        proc.kill()
-        await proc.wait()
+        await end_process(self.proc)
 
 
 async def _start_echo_engine(slots: int) -> tuple[asyncio.subprocess.Process, str]:
@@ -338,7 +320,7 @@ class RtpRun:
             await self._hang_up_all()
             if legs is not None:
                 await legs.close()
-            await _end_process(engine_proc)
+            await end_process(engine_proc)
         return self.data
 
     async def _add_call(self, url: str, legs: _Legs, seconds: float) -> None:
@@ -364,7 +346,7 @@ class RtpRun:
         opts = self.opts
         total = opts.seconds
         cpu0 = os.times()
-        engine_cpu0 = _proc_cpu_s(engine_proc.pid) if engine_proc else None
+        engine_cpu0 = proc_cpu_s(engine_proc.pid) if engine_proc else None
         self.t0 = self.clock()
         progress = _Progress(total)
         scrape_every = QUICK_SCRAPE_EVERY_S if opts.quick else SCRAPE_EVERY_S
@@ -408,7 +390,7 @@ class RtpRun:
             self._engine_totals(first, last)
         await self._hang_up_all()
         self._sample(wall)
-        engine_cpu1 = _proc_cpu_s(engine_proc.pid) if engine_proc else None
+        engine_cpu1 = proc_cpu_s(engine_proc.pid) if engine_proc else None
         self.data.cpu_percent = {
             "bridge": round(100.0 * (now.user - cpu0.user + now.system - cpu0.system) / wall, 1),
             "engine": round(100.0 * (engine_cpu1 - engine_cpu0) / wall, 1)

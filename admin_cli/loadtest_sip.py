@@ -52,8 +52,6 @@ from admin_cli.loadtest import (
     LoadTestError,
     Options,
     _config,
-    _end_process,
-    _proc_cpu_s,
     _Progress,
     fetch_metrics,
     metrics_url,
@@ -63,6 +61,7 @@ from admin_cli.loadtest import (
 )
 from admin_cli.loadtest_legs import SAMPLE_RATE, caller_turns, load_caller_speech
 from admin_cli.loadtest_report import CallResult, RunData
+from admin_cli.procs import end_process, proc_cpu_s
 from bridge.media.codecs import ulaw_encode
 from bridge.media.rtp import PT_PCMU, RtpPacket, build_rtp
 
@@ -470,7 +469,7 @@ class SipRun:
             if self.engine_url is not None and engine0 is None:
                 self.notes["engine"] = f"no engine metrics: {self.engine_url} did not answer /metrics"
             pids = self._pids()
-            cpu0 = {name: _proc_cpu_s(pid) for name, pid in pids.items()}
+            cpu0 = {name: proc_cpu_s(pid) for name, pid in pids.items()}
             children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             try:
                 await self._drive(bridge0, engine0)
@@ -482,7 +481,7 @@ class SipRun:
             cpu: dict[str, float | None] = {}
             for name in ("bridge", "engine", "asterisk"):
                 before = cpu0.get(name)
-                after = _proc_cpu_s(pids[name]) if name in pids else None
+                after = proc_cpu_s(pids[name]) if name in pids else None
                 if before is not None and after is not None:
                     cpu[name] = round(100.0 * (after - before) / wall, 1)
                 else:
@@ -750,7 +749,7 @@ class SipRun:
         for call in self.calls:
             if call.up:
                 call.hung_up_by_us = call.hung_up_by_us or self.stop.is_set()
-                await _end_process(call.proc)
+                await end_process(call.proc)
         self._reap(self.now())
 
     def _finish(self) -> None:

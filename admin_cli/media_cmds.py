@@ -26,6 +26,7 @@ from typing import Any
 import click
 import numpy as np
 
+from admin_cli.procs import end_process, proc_cpu_s
 from bridge.config import BridgeSettings
 from bridge.engine_client import EngineSession
 from bridge.media.assets import load_speech_8k
@@ -135,15 +136,6 @@ def demo(as_json: bool, out: Path, seconds: float | None, engine_url: str | None
 
 
 # -- bench media --------------------------------------------------------------------------------------------
-
-
-def _proc_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) a child process has used so far; 0.0 where /proc is not there."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _free_port() -> int:
@@ -277,18 +269,7 @@ class _WorkerShare:
         return result
 
     async def close(self) -> None:
-        await _end_process(self.proc)
-
-
-async def _end_process(proc: asyncio.subprocess.Process | None) -> None:
-    if proc is None or proc.returncode is not None:
-        return
-    proc.terminate()
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(proc.wait(), 5)
-    if proc.returncode is None:
-        proc.kill()
-        await proc.wait()
+        await end_process(self.proc)
 
 
 def _split(calls: int, workers: int) -> list[int]:
@@ -332,13 +313,13 @@ async def _bench(
             else:
                 share.start()
         children = {"engine": engine_proc.pid, "legs": legs_proc.pid}
-        child_cpu0 = {name: _proc_cpu_s(pid) for name, pid in children.items()}
+        child_cpu0 = {name: (proc_cpu_s(pid) or 0.0) for name, pid in children.items()}
         wall0 = time.monotonic()
         legs_proc.stdin.write(b"go\n")
         await legs_proc.stdin.drain()
         await _read_json_line(legs_proc.stdout)  # every leg has stopped sending: the callers hang up
         wall = time.monotonic() - wall0
-        child_cpu = {name: _proc_cpu_s(pid) - child_cpu0[name] for name, pid in children.items()}
+        child_cpu = {name: (proc_cpu_s(pid) or 0.0) - child_cpu0[name] for name, pid in children.items()}
         # All at once, as a hang-up would: calls left running while the legs write their report would measure
         # the bridge beside a legs process busy with that, not beside callers.
         results = await asyncio.gather(*(share.stop() for share in shares))
@@ -347,8 +328,8 @@ async def _bench(
     finally:
         for share in shares:
             await share.close()
-        await _end_process(legs_proc)
-        await _end_process(engine_proc)
+        await end_process(legs_proc)
+        await end_process(engine_proc)
     report = _bench_report(calls, seconds, loss, jitter_ms, aligned, workers, results, legs, wall, child_cpu)
     report["junk_pps_per_call"] = junk_pps
     report["junk_dropped"] = sum(r["junk_dropped"] for r in results)

@@ -1,0 +1,29 @@
+"""Child processes of the benchmarks and the load test: their CPU time, and ending them on every path."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from pathlib import Path
+
+
+def proc_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) process ``pid`` has used so far; None where /proc does not say."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def end_process(proc: asyncio.subprocess.Process | None, grace_s: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace_s``; reaped either way (no zombie, no pipe left open)."""
+    if proc is None or proc.returncode is not None:
+        return
+    proc.terminate()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(proc.wait(), grace_s)
+    if proc.returncode is None:
+        proc.kill()
+        await proc.wait()

@@ -323,7 +323,7 @@ class RtpRun:
             await end_process(engine_proc)
         return self.data
 
-    async def _add_call(self, url: str, legs: _Legs, seconds: float) -> None:
+    async def _add_call(self, url: str, legs: _Legs, leg_port: int) -> None:
         i = len(self.calls)
         call = _Call(CallResult(id=i, started_t=round(self.now(), 3)))
         self.calls.append(call)
@@ -335,18 +335,15 @@ class RtpRun:
             return
         call.media = CallMedia(self.settings, call.engine, f"loadtest-{i}")
         _, port = await call.media.bind()
-        reply = await legs.ask({"op": "add", "calls": [{"id": i, "port": port, "seconds": seconds}]})
-        call.media.lock_remote("127.0.0.1", int(reply["ports"][0]))
+        call.media.lock_remote("127.0.0.1", leg_port)
         call.run = asyncio.create_task(call.media.run(), name=f"loadtest-call-{i}")
-        await legs.ask({"op": "start", "ids": [i]})
+        await legs.ask({"op": "start", "calls": [{"id": i, "port": port}]})
 
     async def _drive(
         self, url: str, legs: _Legs, previous: EngineMetrics, engine_proc: asyncio.subprocess.Process | None
     ) -> None:
         opts = self.opts
         total = opts.seconds
-        cpu0 = os.times()
-        engine_cpu0 = proc_cpu_s(engine_proc.pid) if engine_proc else None
         self.t0 = self.clock()
         progress = _Progress(total)
         scrape_every = QUICK_SCRAPE_EVERY_S if opts.quick else SCRAPE_EVERY_S
@@ -354,18 +351,28 @@ class RtpRun:
         next_scrape = scrape_every
         first = previous
         ramp_open = True
+        # When each call would start: spread over a second (calls do not arrive in lockstep), or one per ramp
+        # step. Every caller is built first, so building one never stalls the others' packets.
+        planned = [k / opts.calls for k in range(opts.calls)] if not opts.ramp else [
+            k * ramp_step for k in range(opts.calls) if k * ramp_step < total]
+        reply = await legs.ask({"op": "add", "calls": [{"id": k, "seconds": total - start}
+                                                       for k, start in enumerate(planned)]})
+        leg_ports = [int(p) for p in reply["ports"]]
+        cpu0 = os.times()
+        engine_cpu0 = proc_cpu_s(engine_proc.pid) if engine_proc else None
+        self.t0 = self.clock()
         if not opts.ramp:
-            for k in range(opts.calls):  # start times spread over a second: calls do not arrive in lockstep
-                await self._sleep_until(k / opts.calls)
-                await self._add_call(url, legs, total - self.now())
+            for k, start in enumerate(planned):
+                await self._sleep_until(start)
+                await self._add_call(url, legs, leg_ports[k])
         next_ramp = 0.0
         while not self.stop.is_set() and self.now() < total:
             t = self.now()
-            if opts.ramp and ramp_open and t >= next_ramp and len(self.calls) < opts.calls:
+            if opts.ramp and ramp_open and t >= next_ramp and len(self.calls) < len(leg_ports):
                 if self.calls and not self._last_step_stable(next_ramp - ramp_step, next_ramp):
                     ramp_open = False  # p95 passed the threshold or errors appeared: no more calls
                 else:
-                    await self._add_call(url, legs, total - t)
+                    await self._add_call(url, legs, leg_ports[len(self.calls)])
                 next_ramp += ramp_step
             self._sample(t)
             if t >= next_scrape:

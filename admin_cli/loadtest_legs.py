@@ -4,8 +4,10 @@ the bridge's CPU and pacing are measured beside them, not inside them.
 JSON lines on stdin/stdout. In: a config line, ``{"audio_path": str | null, "seed": int}`` (null: the bundled
 speech sample), then commands:
 
-* ``{"op": "add", "calls": [{"id": i, "port": p, "seconds": s}]}`` -> ``{"ports": [leg port per call]}``
-* ``{"op": "start", "ids": [...]}`` -> ``{"ok": true}`` (those legs start sending their turns)
+* ``{"op": "add", "calls": [{"id": i, "seconds": s}]}`` -> ``{"ports": [leg port per call]}``: every leg is
+  built (its turns and their packets, ~0.1 s of CPU for 10 minutes) before any leg sends, so building one
+  never delays another's packets
+* ``{"op": "start", "calls": [{"id": i, "port": bridge port}]}`` -> ``{"ok": true}`` (they start sending)
 * ``{"op": "report"}`` -> ``{"legs": {id: summary}}`` (so far; a finished leg's is final)
 * ``{"op": "stop"}`` -> the final report, then the process exits.
 """
@@ -112,13 +114,15 @@ class Legs:
         for call in calls:
             i = int(call["id"])
             audio = caller_turns(self.speech, float(call["seconds"]), self.seed + i)
-            leg = SimLeg(("127.0.0.1", int(call["port"])), audio.pcm, seed=self.seed + i)
+            leg = SimLeg(None, audio.pcm, seed=self.seed + i)
             self.legs[i], self.audio[i], self.seconds[i] = leg, audio, float(call["seconds"])
             ports.append((await leg.bind())[1])
         return ports
 
-    def start(self, ids: list[int]) -> None:
-        for i in ids:
+    def start(self, calls: list[dict[str, Any]]) -> None:
+        for call in calls:
+            i = int(call["id"])
+            self.legs[i].set_remote(("127.0.0.1", int(call["port"])))
             self.runs[i] = asyncio.create_task(self.legs[i].run(self.seconds[i], tail_s=0.3))
 
     def report(self) -> dict[str, Any]:
@@ -169,7 +173,7 @@ async def _main() -> None:
             if op == "add":
                 say({"ports": await legs.add(command["calls"])})
             elif op == "start":
-                legs.start([int(i) for i in command["ids"]])
+                legs.start(command["calls"])
                 say({"ok": True})
             elif op == "report":
                 say({"legs": legs.report()})

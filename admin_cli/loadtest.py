@@ -479,6 +479,9 @@ class RtpRun:
             if stats.added_latency_ms.count:
                 result.added_latency_p50_ms = round(stats.added_latency_ms.percentile(50), 2)
                 result.added_latency_p99_ms = round(stats.added_latency_ms.percentile(99), 2)
+            if stats.jitter_delay_ms.count:
+                result.jitter_buffer_p50_ms = round(stats.jitter_delay_ms.percentile(50), 2)
+                result.jitter_buffer_p99_ms = round(stats.jitter_delay_ms.percentile(99), 2)
             reason = call.run.result() if call.run.done() and not call.run.cancelled() else None
             result.end_reason = reason
             leg = legs.get(str(result.id), {})

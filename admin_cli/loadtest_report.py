@@ -43,6 +43,8 @@ class CallResult:
     ttfb_ms: list[float] = field(default_factory=list)
     added_latency_p50_ms: float | None = None
     added_latency_p99_ms: float | None = None
+    jitter_buffer_p50_ms: float | None = None  # how long caller packets waited in the jitter buffer
+    jitter_buffer_p99_ms: float | None = None
     pacing_p99_ms: float | None = None
     packets_sent: int = 0
     packets_received: int = 0
@@ -337,7 +339,8 @@ def render_html(report: dict[str, Any]) -> str:
     call_rows = "".join(
         "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
             c["id"], c["outcome"], c["end_reason"], c["turns"], c["unanswered"],
-            _pct(c["ttfb_ms"], 50), _pct(c["ttfb_ms"], 95), c["added_latency_p99_ms"], c["pacing_p99_ms"],
+            _pct(c["ttfb_ms"], 50), _pct(c["ttfb_ms"], 95), c["added_latency_p99_ms"],
+            c.get("jitter_buffer_p50_ms"), c["pacing_p99_ms"],
         )) + "</tr>"
         for c in report["per_call"]
     )
@@ -355,6 +358,7 @@ def render_html(report: dict[str, Any]) -> str:
         f'<h2>Plots</h2><div class="plots">{"".join(plots)}</div>'
         '<h2>Calls</h2><table id="calls"><tr><th>call</th><th>outcome</th><th>end</th><th>turns</th>'
         "<th>unanswered</th><th>TTFB p50 (ms)</th><th>TTFB p95 (ms)</th><th>added latency p99 (ms)</th>"
+        "<th>jitter buffer p50 (ms)</th>"
         f"<th>pacing p99 (ms)</th></tr>{call_rows}</table></body></html>"
     )
 

@@ -62,6 +62,7 @@ from admin_cli.loadtest import (
 from admin_cli.loadtest_legs import SAMPLE_RATE, caller_turns, load_caller_speech
 from admin_cli.loadtest_report import CallResult, RunData
 from admin_cli.procs import end_process, proc_cpu_s
+from admin_cli.sipp_scenarios import ACK_2XX, ACK_ERROR, BYE_OK, INVITE, OUR_BYE, scenario
 from bridge.media.codecs import ulaw_encode
 from bridge.media.rtp import PT_PCMU, RtpPacket, build_rtp
 
@@ -132,102 +133,23 @@ def _ip_checksum(header: bytes) -> int:
 
 # -- the SIPp scenario -------------------------------------------------------------------------------------
 
-_SCENARIO = """<?xml version="1.0" encoding="ISO-8859-1" ?>
-<!DOCTYPE scenario SYSTEM "sipp.dtd">
-<scenario name="aziza-loadtest-caller">
-  <send retrans="500">
-    <![CDATA[
-      INVITE sip:[service]@[remote_ip]:[remote_port] SIP/2.0
-      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-      From: "Load test" <sip:__CALLER__@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
-      To: <sip:[service]@[remote_ip]:[remote_port]>
-      Call-ID: [call_id]
-      CSeq: 1 INVITE
-      Contact: <sip:__CALLER__@[local_ip]:[local_port]>
-      Max-Forwards: 70
-      Content-Type: application/sdp
-      Content-Length: [len]
-
-      v=0
-      o=- 1 1 IN IP[local_ip_type] [local_ip]
-      s=-
-      c=IN IP[media_ip_type] [media_ip]
-      t=0 0
-      m=audio [media_port] RTP/AVP 0 101
-      a=rtpmap:0 PCMU/8000
-      a=rtpmap:101 telephone-event/8000
-      a=fmtp:101 0-16
-      a=ptime:20
-      a=sendrecv
-    ]]>
-  </send>
-  <recv response="100" optional="true"/>
-  <recv response="180" optional="true"/>
-  <recv response="183" optional="true"/>
-  <recv response="486" optional="true" next="refused"/>
-  <recv response="503" optional="true" next="refused"/>
-  <recv response="200" rtd="true"/>
-  <send>
-    <![CDATA[
-      ACK sip:[service]@[remote_ip]:[remote_port] SIP/2.0
-      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-      From: "Load test" <sip:__CALLER__@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
-      To: <sip:[service]@[remote_ip]:[remote_port]>[peer_tag_param]
-      Call-ID: [call_id]
-      CSeq: 1 ACK
-      Contact: <sip:__CALLER__@[local_ip]:[local_port]>
-      Max-Forwards: 70
-      Content-Length: 0
-    ]]>
-  </send>
-  <nop><action><exec play_pcap_audio="__PCAP__"/></action></nop>
-  <!-- The call's length: a BYE from Asterisk before it ends the call early (dropped, or our Ctrl-C). -->
-  <recv request="BYE" timeout="__CALL_MS__" ontimeout="hangup"/>
-  <send>
-    <![CDATA[
-      SIP/2.0 200 OK
-      [last_Via:]
-      [last_From:]
-      [last_To:]
-      [last_Call-ID:]
-      [last_CSeq:]
-      Content-Length: 0
-    ]]>
-  </send>
-  <nop next="end"/>
-  <label id="hangup"/>
-  <send retrans="500">
-    <![CDATA[
-      BYE sip:[service]@[remote_ip]:[remote_port] SIP/2.0
-      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-      From: "Load test" <sip:__CALLER__@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
-      To: <sip:[service]@[remote_ip]:[remote_port]>[peer_tag_param]
-      Call-ID: [call_id]
-      CSeq: 2 BYE
-      Contact: <sip:__CALLER__@[local_ip]:[local_port]>
-      Max-Forwards: 70
-      Content-Length: 0
-    ]]>
-  </send>
-  <recv response="200" crlf="true"/>
-  <nop next="end"/>
-  <label id="refused"/>
-  <send>
-    <![CDATA[
-      ACK sip:[service]@[remote_ip]:[remote_port] SIP/2.0
-      [last_Via:]
-      [last_From:]
-      [last_To:]
-      [last_Call-ID:]
-      CSeq: 1 ACK
-      Contact: <sip:__CALLER__@[local_ip]:[local_port]>
-      Max-Forwards: 70
-      Content-Length: 0
-    ]]>
-  </send>
-  <label id="end"/>
-</scenario>
-"""
+# INVITE; refused (486/503: ACKed) or answered; after the ACK the pcap plays; the call's length waiting for a
+# BYE from Asterisk (one that comes ends the call early: dropped, or our Ctrl-C); then our own BYE.
+_SCENARIO = scenario("loadtest-caller", (
+    INVITE
+    + '  <recv response="486" optional="true" next="refused"/>\n'
+    + '  <recv response="503" optional="true" next="refused"/>\n'
+    + '  <recv response="200" rtd="true"/>\n'
+    + ACK_2XX
+    + '  <nop><action><exec play_pcap_audio="__PCAP__"/></action></nop>\n'
+    + '  <recv request="BYE" timeout="__CALL_MS__" ontimeout="hangup"/>\n'
+    + BYE_OK
+    + '  <nop next="end"/>\n  <label id="hangup"/>\n'
+    + OUR_BYE
+    + '  <nop next="end"/>\n  <label id="refused"/>\n'
+    + ACK_ERROR
+    + '  <label id="end"/>\n'
+))
 
 
 def caller_scenario(pcap: Path, call_s: float, caller_id: str) -> str:

@@ -16,87 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-HEAD = '<?xml version="1.0" encoding="ISO-8859-1" ?>\n<!DOCTYPE scenario SYSTEM "sipp.dtd">\n'
-
-_INVITE = """
-  <send retrans="500">
-    <![CDATA[
-      INVITE sip:[service]@[remote_ip]:[remote_port] SIP/2.0
-      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-      From: "Caller" <sip:__CALLER__@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
-      To: <sip:[service]@[remote_ip]:[remote_port]>
-      Call-ID: [call_id]
-      CSeq: 1 INVITE
-      Contact: <sip:__CALLER__@[local_ip]:[local_port]>
-      Max-Forwards: 70
-      Content-Type: application/sdp
-      Content-Length: [len]
-
-      v=0
-      o=- 1 1 IN IP[local_ip_type] [local_ip]
-      s=-
-      c=IN IP[media_ip_type] [media_ip]
-      t=0 0
-      m=audio [media_port] RTP/AVP 0 101
-      a=rtpmap:0 PCMU/8000
-      a=rtpmap:101 telephone-event/8000
-      a=fmtp:101 0-16
-      a=ptime:20
-      a=sendrecv
-    ]]>
-  </send>
-  <recv response="100" optional="true"/>
-  <recv response="180" optional="true"/>
-  <recv response="183" optional="true"/>
-"""
-
-_ACK_2XX = """
-  <send>
-    <![CDATA[
-      ACK sip:[service]@[remote_ip]:[remote_port] SIP/2.0
-      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-      From: "Caller" <sip:__CALLER__@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
-      To: <sip:[service]@[remote_ip]:[remote_port]>[peer_tag_param]
-      Call-ID: [call_id]
-      CSeq: 1 ACK
-      Contact: <sip:__CALLER__@[local_ip]:[local_port]>
-      Max-Forwards: 70
-      Content-Length: 0
-    ]]>
-  </send>
-"""
-
-_OUR_BYE = """
-  <send retrans="500">
-    <![CDATA[
-      BYE sip:[service]@[remote_ip]:[remote_port] SIP/2.0
-      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
-      From: "Caller" <sip:__CALLER__@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
-      To: <sip:[service]@[remote_ip]:[remote_port]>[peer_tag_param]
-      Call-ID: [call_id]
-      CSeq: 2 BYE
-      Contact: <sip:__CALLER__@[local_ip]:[local_port]>
-      Max-Forwards: 70
-      Content-Length: 0
-    ]]>
-  </send>
-  <recv response="200" crlf="true"/>
-"""
-
-_TAKE_BYE = """
-  <recv request="BYE" timeout="__BYE_TIMEOUT_MS__"/>
-  <send>
-    <![CDATA[
-      SIP/2.0 200 OK
-      [last_Via:]
-      [last_From:]
-      [last_To:]
-      [last_Call-ID:]
-      [last_CSeq:]
-      Content-Length: 0
-    ]]>
-  </send>
-"""
+from admin_cli.sipp_scenarios import ACK_2XX, ACK_ERROR, INVITE, OUR_BYE, TAKE_BYE, scenario
 
 
 def caller(pcap: Path, *, hangup_after_s: float | None = None, expect_bye_within_s: float | None = None,
@@ -105,36 +25,22 @@ def caller(pcap: Path, *, hangup_after_s: float | None = None, expect_bye_within
     ``expect_bye_within_s`` (a BYE that never comes fails the run)."""
     if (hangup_after_s is None) == (expect_bye_within_s is None):
         raise ValueError("either hangup_after_s or expect_bye_within_s")
-    body = _INVITE + '  <recv response="200" rtd="true"/>\n' + _ACK_2XX
+    body = INVITE + '  <recv response="200" rtd="true"/>\n' + ACK_2XX
     body += f'  <nop><action><exec play_pcap_audio="{pcap}"/></action></nop>\n'
     if hangup_after_s is not None:
-        body += f'  <pause milliseconds="{round(hangup_after_s * 1000)}"/>\n' + _OUR_BYE
+        body += f'  <pause milliseconds="{round(hangup_after_s * 1000)}"/>\n' + OUR_BYE
     else:
         assert expect_bye_within_s is not None
-        body += _TAKE_BYE.replace("__BYE_TIMEOUT_MS__", str(round(expect_bye_within_s * 1000)))
+        body += TAKE_BYE.replace("__BYE_TIMEOUT_MS__", str(round(expect_bye_within_s * 1000)))
     return _scenario("caller", body.replace("__CALLER__", caller_id))
 
 
 def refused(caller_id: str = "15557770002") -> str:
     """The INVITE must be refused with 486 or 503 (never answered); the ACK reuses the INVITE's Via."""
-    body = _INVITE + """
+    body = INVITE + """
   <recv response="486" optional="true" next="refused"/>
   <recv response="503" next="refused"/>
-  <label id="refused"/>
-  <send>
-    <![CDATA[
-      ACK sip:[service]@[remote_ip]:[remote_port] SIP/2.0
-      [last_Via:]
-      [last_From:]
-      [last_To:]
-      [last_Call-ID:]
-      CSeq: 1 ACK
-      Contact: <sip:__CALLER__@[local_ip]:[local_port]>
-      Max-Forwards: 70
-      Content-Length: 0
-    ]]>
-  </send>
-"""
+  <label id="refused"/>""" + ACK_ERROR
     return _scenario("refused", body.replace("__CALLER__", caller_id))
 
 
@@ -196,7 +102,7 @@ def operator(pcap: Path, *, ring_s: float = 0.5) -> str:
   <recv request="ACK" rtd="true" crlf="true"/>
   <nop><action><exec play_pcap_audio="{pcap}"/></action></nop>
 """
-    body += _TAKE_BYE.replace("__BYE_TIMEOUT_MS__", "60000")
+    body += TAKE_BYE.replace("__BYE_TIMEOUT_MS__", "60000")
     return _scenario("operator", body)
 
 
@@ -244,7 +150,7 @@ def register(username: str, password: str) -> str:
 
 
 def _scenario(name: str, body: str) -> str:
-    return f'{HEAD}<scenario name="aziza-{name}">\n{body}</scenario>\n'
+    return scenario(name, body)
 
 
 @dataclass

@@ -21,6 +21,12 @@ at :attr:`InboundPath.deadline` (a slot whose packet never came is concealed the
   arrival: slot k is popped as soon as its packet is there (at most one ptime ahead of the grid), or
   concealed at ``nominal + jitter_target`` if it never comes. A grid left ``STALL_SLOTS`` behind (the loop
   stalled) is re-anchored rather than concealing a burst.
+* **Delay comes back.** Each underrun (a packet later than ``nominal + jitter_target``) moves the stream a
+  slot later on the grid; two of them leave every packet waiting about a slot for its turn, a delay the
+  jitter buffer's own shedding (which needs a whole spare packet) does not see. So over each
+  ``REPHASE_WINDOW`` played packets with no underrun, when every one of them waited at least
+  ``REPHASE_MIN_S``, the grid moves earlier by the least wait (never past the latest packet's nominal
+  time): the same audio goes to the engine that much sooner, and nothing is dropped or concealed.
 * **Frames.** Slots are decoded (or concealed) and resampled to 24 kHz once per 80 ms frame (a quarter of
   the numpy calls, the same samples: the FIR is streaming).
 """
@@ -50,6 +56,8 @@ FLOOD_POLL_S = 0.005  # a flooded call's socket is read this often: its real pac
 FLOOD_READS = 64  # datagrams read per poll of a flooded socket (the rest is the kernel's to drop)
 FLOOD_CATCH_S = 0.001  # ...and it is also read this long after the stream's next packet is expected
 MAX_CANDIDATES = 4  # SSRCs held as possible streams at once (junk with random SSRCs cycles through them)
+REPHASE_WINDOW = 50  # played packets (1 s) that must all have waited before the grid moves earlier...
+REPHASE_MIN_S = 0.002  # ...by at least this much each (less is not worth a move)
 
 InboundFormat = Literal["ulaw", "slin16"]
 Float32Array = npt.NDArray[np.float32]
@@ -105,6 +113,9 @@ class InboundPath:
         self.last_packet_at = now
         self._anchor: float | None = None
         self._slot = 0
+        self._wait_min = float("inf")  # this window's least wait of a played packet for its slot (s)
+        self._late_max = float("-inf")  # ...and the latest arrival relative to its slot's nominal time
+        self._window_played = 0
         self.held = False
         self.timed_out = False
         self.deadline: float | None = now  # when poll() must run next
@@ -184,6 +195,7 @@ class InboundPath:
         if self._anchor is None:
             self._anchor = now
             self._slot = 0
+            self._reset_waits()
         self.jitter.push(pkt, now)
 
     def _drop(self, reason: str, now: float) -> None:
@@ -246,14 +258,38 @@ class InboundPath:
             if now - deadline > STALL_SLOTS * PTIME_S:
                 self._anchor = None if jitter.depth == 0 else now
                 self._slot = 0
+                self._reset_waits()
                 continue
             early = nominal - PTIME_S
             if now >= deadline or (now >= early and jitter.next_ready()):
-                self._play_slot(jitter.pop(now), now, frames)
+                playout = jitter.pop(now)
+                self._play_slot(playout, now, frames)
                 self._slot += 1
+                self._track_waits(playout, nominal, now)
                 continue
             self.deadline = min(deadline if now >= early else early, last + self.media_timeout_s)
             return frames
+
+    def _track_waits(self, playout: Playout, nominal: float, now: float) -> None:
+        """See "Delay comes back" in the module docstring."""
+        if playout.kind == "underrun":  # the grid just moved later: start a new window
+            self._reset_waits()
+            return
+        if playout.kind != "packet" or playout.buffered_s is None:
+            return  # (a gap's concealment is loss, not timing)
+        self._wait_min = min(self._wait_min, playout.buffered_s)
+        self._late_max = max(self._late_max, now - playout.buffered_s - nominal)
+        self._window_played += 1
+        if self._window_played < REPHASE_WINDOW:
+            return
+        shift = min(self._wait_min, -self._late_max)
+        self._reset_waits()
+        if shift >= REPHASE_MIN_S and self._anchor is not None:
+            self._anchor -= shift
+            self.stats.rtp_in_rephased += 1
+
+    def _reset_waits(self) -> None:
+        self._wait_min, self._late_max, self._window_played = float("inf"), float("-inf"), 0
 
     def _play_slot(self, playout: Playout, now: float, frames: list[InputFrame]) -> None:
         if playout.kind == "idle":

@@ -106,6 +106,7 @@ class MediaStats:
 
     # inbound RTP
     rtp_in: int = 0  # datagrams accepted into the jitter buffer
+    rtp_in_rephased: int = 0  # times the input grid moved earlier because every packet waited (inbound.py)
     # reason -> count: foreign_source, not_locked, payload_type, held and the RTP parse reasons
     rtp_dropped: dict[str, int] = field(default_factory=dict)
     ssrc_changes: int = 0

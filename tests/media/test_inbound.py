@@ -244,3 +244,55 @@ def test_junk_that_comes_first_does_not_become_the_stream() -> None:
     # (the last junk packet came after the stream's last: it is still held as a possible stream)
     assert path.stats.rtp_in == 50 and path.stats.rtp_dropped == {"ssrc": 199}
     assert len(frames) == 12
+
+
+def _stalled_stream(count: int, stalls: dict[int, int]) -> list[Datagram]:
+    """A clean stream but for sender stalls: ``stalls[k] = n`` holds packets k..k+n-1 back until packet k+n
+    is sent (they leave together, 5 ms after it)."""
+    out = real_stream(count)
+    for first, n in stalls.items():
+        release = out[first + n].at + 0.005
+        for d in out[first : first + n]:
+            d.at = release
+    return out
+
+
+def _slot_waits_ms(frames: list[InputFrame]) -> list[float]:
+    """Per frame: how long after its last packet arrived it was complete (the wait for its slot)."""
+    return [(f.completed_at - f.last_arrival) * 1000.0 for f in frames]
+
+
+def _stalls_with_jitter() -> list[Datagram]:
+    """Two sender stalls later than the 40 ms jitter target (65 ms, then 85 ms), and 3 ms of jitter on every
+    other packet: enough that the jitter buffer's shedding (a whole spare packet buffered at every pop for a
+    second) never sees the delay the stalls leave."""
+    stream = _stalled_stream(400, {100: 3, 200: 4})
+    for k, d in enumerate(stream):
+        if k % 2 and not (100 <= k < 104 or 200 <= k < 205):
+            d.at += 0.003
+    return stream
+
+
+def test_delay_left_by_underruns_comes_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each stall conceals slots and moves the stream later on the grid: every packet then waits 17-40 ms for
+    # its slot. The grid moves earlier by the least wait once a second of packets all waited.
+    path, frames = run_path(_stalls_with_jitter(), until=8.1)
+    waits = _slot_waits_ms(frames)
+    assert max(waits[20:25]) < 1.0 and min(waits[27:47]) > 15.0  # the first stall's delay...
+    assert path.stats.rtp_in_rephased >= 2
+    assert max(waits[-25:]) < 4.0  # ...and the second's are gone: the last 2 s wait no more than the jitter
+
+    monkeypatch.setattr("bridge.media.inbound.REPHASE_WINDOW", 10**9)  # without the re-phasing:
+    path, frames = run_path(_stalls_with_jitter(), until=8.1)
+    assert path.stats.rtp_in_rephased == 0
+    assert min(_slot_waits_ms(frames)[-25:]) > 15.0  # every frame waits most of a slot, to the end
+
+
+def test_the_grid_never_moves_for_packets_that_do_not_wait() -> None:
+    # On time, or read late by the I/O layer (a busy loop): played as read, no wait to win back.
+    stream = real_stream(300)
+    for k, d in enumerate(stream):
+        d.at += 0.003 * (k % 2)  # jitter within the slot
+    path, _ = run_path(stream, until=5.99)  # (the stream's end would conceal the slots after it)
+    assert path.stats.rtp_in_rephased == 0
+    assert path.stats.slots_concealed == 0

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import soxr
 
+from admin_cli.loadtest_sip import write_rtp_pcap
 from bridge.media.codecs import ulaw_decode, ulaw_encode
 from bridge.media.rtp import PT_PCMU, RtpPacket, build_rtp, parse_rtp
 
@@ -102,23 +103,7 @@ class Timeline:
 
     def write_pcap(self, path: Path, src_port: int = 6000, dst_port: int = 6002) -> None:
         """libpcap, Ethernet/IPv4/UDP: what SIPp's play_pcap_audio reads (it rewrites addresses/ports)."""
-        out = [struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1)]
-        for t, rtp in self.packets:
-            udp = struct.pack("!HHHH", src_port, dst_port, 8 + len(rtp), 0) + rtp
-            ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0,
-                             bytes([127, 0, 0, 1]), bytes([127, 0, 0, 1]))
-            ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
-            frame = bytes(12) + b"\x08\x00" + ip + udp
-            sec = int(t)
-            out.append(struct.pack("<IIII", sec, round((t - sec) * 1e6), len(frame), len(frame)) + frame)
-        path.write_bytes(b"".join(out))
-
-
-def _checksum(header: bytes) -> int:
-    total = sum(struct.unpack(f"!{len(header) // 2}H", header))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
+        write_rtp_pcap(path, self.packets, src_port, dst_port)
 
 
 @dataclass(frozen=True)

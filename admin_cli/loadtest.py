@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -34,8 +35,10 @@ import aiohttp
 import click
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from admin_cli.loadtest_report import CallResult, RunData, Thresholds, build_report, write_report
+from admin_cli.media_cmds import start_echo_engine_process
 from admin_cli.procs import end_process, proc_cpu_s
 from bridge.config import BridgeSettings
 from bridge.engine_client import EngineError, EngineSession
@@ -113,6 +116,15 @@ class HistogramSnapshot:
     def mean(self) -> float | None:
         return self.total / self.count if self.count > 0 else None
 
+    def take(self, sample: Sample) -> None:
+        """One sample of the histogram's family (``_bucket``, ``_sum`` or ``_count``)."""
+        if sample.name.endswith("_bucket"):
+            self.buckets[float(sample.labels["le"])] = sample.value
+        elif sample.name.endswith("_sum"):
+            self.total = sample.value
+        elif sample.name.endswith("_count"):
+            self.count = sample.value
+
 
 @dataclass
 class EngineMetrics:
@@ -130,12 +142,7 @@ def parse_engine_metrics(text: str) -> EngineMetrics:
         for sample in family.samples:
             target = {"aziza_engine_step_seconds": step, "aziza_engine_batch_size": batch}.get(family.name)
             if target is not None:
-                if sample.name.endswith("_bucket"):
-                    target.buckets[float(sample.labels["le"])] = sample.value
-                elif sample.name.endswith("_sum"):
-                    target.total = sample.value
-                elif sample.name.endswith("_count"):
-                    target.count = sample.value
+                target.take(sample)
             elif family.name == "aziza_engine_queue_depth":
                 queue = sample.value
             elif family.name == "aziza_engine_gpu_memory_bytes" and sample.labels.get("kind") == "peak":
@@ -162,12 +169,13 @@ def record_engine_interval(data: RunData, previous: EngineMetrics, current: Engi
     if current.gpu_memory_bytes is not None:
         data.gpu_memory_peak_bytes = max(data.gpu_memory_peak_bytes or 0.0, current.gpu_memory_bytes)
     if batch.count > 0:
-        seen = [le for le, n in batch.buckets.items() if n < batch.count and le != float("inf")]
+        # The largest batch is within the first bucket holding them all (beyond the last bound: that bound).
         top = min((le for le, n in batch.buckets.items() if n >= batch.count), default=None)
+        finite = [le for le in batch.buckets if le != float("inf")]
+        if top == float("inf") and finite:
+            top = max(finite)
         if top is not None:
-            data.batch_size_max = max(
-                data.batch_size_max or 0.0, top if not seen or top != float("inf") else max(seen)
-            )
+            data.batch_size_max = max(data.batch_size_max or 0.0, top)
 
 
 def record_engine_totals(data: RunData, first: EngineMetrics, last: EngineMetrics) -> None:
@@ -254,15 +262,11 @@ class _Legs:
         return legs
 
     async def _say(self, message: Any) -> None:
-        import json
-
         assert self.proc.stdin is not None
         self.proc.stdin.write((json.dumps(message) + "\n").encode())
         await self.proc.stdin.drain()
 
     async def ask(self, message: Any) -> Any:
-        import json
-
         await self._say(message)
         assert self.proc.stdout is not None
         line = await self.proc.stdout.readline()
@@ -272,12 +276,6 @@ class _Legs:
 
     async def close(self) -> None:
         await end_process(self.proc)
-
-
-async def _start_echo_engine(slots: int) -> tuple[asyncio.subprocess.Process, str]:
-    from admin_cli.media_cmds import _start_engine_process
-
-    return await _start_engine_process(slots)
 
 
 async def _check_engine(url: str) -> EngineMetrics:
@@ -312,7 +310,7 @@ class RtpRun:
         url = opts.engine_url
         try:
             if url is None:
-                engine_proc, url = await _start_echo_engine(opts.calls)
+                engine_proc, url = await start_echo_engine_process(opts.calls)
             previous = await _check_engine(url)
             legs = await _Legs.start(opts.audio, opts.seed)
             await self._drive(url, legs, previous, engine_proc)
@@ -633,8 +631,6 @@ def loadtest(
     as_json: bool,
 ) -> None:
     """Calls with turns through bridge and engine; report.json + report.html; exit 1 if a criterion fails."""
-    import json
-
     folder = report_dir or Path(f"loadtest-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
     _check_report_dir(folder)
     _check_audio(audio)

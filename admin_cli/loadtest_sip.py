@@ -218,12 +218,8 @@ def parse_bridge_metrics(text: str) -> BridgeMetrics:
                 turns = sample.value
             elif sample.name == "aziza_turns_unanswered_total":
                 unanswered = sample.value
-            elif sample.name == "aziza_ttfb_seconds_bucket":
-                ttfb.buckets[float(sample.labels["le"])] = sample.value
-            elif sample.name == "aziza_ttfb_seconds_sum":
-                ttfb.total = sample.value
-            elif sample.name == "aziza_ttfb_seconds_count":
-                ttfb.count = sample.value
+            elif family.name == "aziza_ttfb_seconds":
+                ttfb.take(sample)
     if ttfb.buckets and not ttfb.count:
         ttfb.count = ttfb.buckets.get(float("inf"), 0.0)
     return BridgeMetrics(active, ttfb, turns, unanswered)

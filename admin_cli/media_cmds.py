@@ -144,7 +144,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def _start_engine_process(slots: int) -> tuple[asyncio.subprocess.Process, str]:
+async def start_echo_engine_process(slots: int) -> tuple[asyncio.subprocess.Process, str]:
+    """``aziza-engine --backend echo`` as a child on a free loopback port, unbatched; (process, session URL)
+    once it accepts connections (bench media and the load test)."""
     port = _free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "engine.server", "--host", "127.0.0.1", "--port", str(port),
@@ -281,7 +283,7 @@ async def _bench(
     calls: int, seconds: float, loss: float, jitter_ms: float, aligned: bool = False, workers: int = 1,
     junk_pps: float = 0.0,
 ) -> dict[str, Any]:
-    engine_proc, url = await _start_engine_process(calls)
+    engine_proc, url = await start_echo_engine_process(calls)
     legs_proc: asyncio.subprocess.Process | None = None
     in_process = workers <= 1
     shares: list[_BridgeShare | _WorkerShare] = []

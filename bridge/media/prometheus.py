@@ -113,9 +113,8 @@ class MediaMetrics(Collector):
     def session_started(self, persona: str, language: str, channel: str) -> None:
         """A phone call (``channel`` "phone") or browser talk ("browser") got its engine session."""
         with self._lock:
-            if persona not in {key[0] for key in self._sessions} and len(
-                {key[0] for key in self._sessions}
-            ) >= MAX_PERSONA_LABELS:
+            personas = {key[0] for key in self._sessions}
+            if persona not in personas and len(personas) >= MAX_PERSONA_LABELS:
                 persona = "other"
             key = (persona, language, channel)
             self._sessions[key] = self._sessions.get(key, 0) + 1

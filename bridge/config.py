@@ -89,6 +89,10 @@ class BridgeSettings(_MaskedRepr):
     jitter_max_ms: int = Field(default=200, ge=20)
     # Inbound codec Asterisk is asked to send (the return path is always ulaw).
     inbound_format: Literal["ulaw", "slin16"] = "ulaw"
+    # Media worker processes (bridge/media/workers.py): phone calls' media (RTP, engine session) runs in
+    # N processes, each call on the one with the fewest, so the media path uses N cores. 0: in the bridge
+    # process itself (one core; fine for a few dozen calls). The installer writes one per core.
+    media_workers: int = Field(default=0, ge=0, le=64)
     engine_url: str = "ws://127.0.0.1:8998/session"
     # More engines (one per GPU: aziza-engine@N listens on port 8998 + N). When set, calls go to the engine
     # with the most free slots among engine_urls; engine_url is then not used.

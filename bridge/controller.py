@@ -24,7 +24,7 @@ from bridge.ari.models import AriEvent, Channel, ChannelEvent, Dial, PlaybackFin
 from bridge.call import BRIDGE_PREFIX, MEDIA_CHANNEL_PREFIX, TRANSFER_APP_ARG, TRANSFER_CHANNEL_PREFIX, Call
 from bridge.call_deps import CallDeps, CallRoute, CapacityReport, CapacityReporting
 from bridge.config import Settings
-from bridge.media.prometheus import MEDIA_METRICS
+from bridge.media.metrics_fanin import MEDIA_FANIN
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class ControllerMetrics:
         self.reconciles = Counter(
             "aziza_ari_reconcile_total", "Reconciliations after (re)connect", ["result"], registry=r
         )
-        r.register(MEDIA_METRICS)  # the media path's numbers (bridge/media/prometheus.py)
+        r.register(MEDIA_FANIN)  # the media path's numbers (bridge/media/prometheus.py), workers' included
         self._capacity: Callable[[], CapacityReport] | None = None
         r.register(_CapacityCollector(self))
 

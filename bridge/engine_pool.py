@@ -5,7 +5,7 @@ reported and whether it is down, and answers in which order to try the engines f
 slots first; engines down or full last, so a call is never refused while another engine could take it).
 A refused open (``full``) or a failed connection updates it at once; the health poller of
 :class:`EnginePool` corrects it every ``poll_s``. A dead engine is retried after a backoff that doubles up
-to ``max_backoff_s`` (``bridge.backoff`` would be the shared helper; this one is time-as-argument).
+to ``max_backoff_s`` (``bridge.backoff.Backoff``, unjittered; time stays an argument here).
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import aiohttp
 
+from bridge.backoff import Backoff
 from bridge.engine_client import EngineError, EngineFull, EngineSession, EngineUnavailable
 from engine.protocol import PersonaParams
 
@@ -34,6 +35,7 @@ class EngineStatus:
     down_until: float = 0.0  # not tried before this (monotonic seconds)
     failures: int = 0
     last_error: str | None = None
+    backoff: Backoff = field(default_factory=lambda: Backoff(0.5, 10.0, jitter=False))
 
     def up(self, now: float) -> bool:
         return now >= self.down_until
@@ -43,7 +45,8 @@ class EnginePlacement:
     def __init__(self, urls: list[str], min_backoff_s: float = 0.5, max_backoff_s: float = 10.0) -> None:
         if not urls:
             raise ValueError("at least one engine URL is needed")
-        self.engines = {url: EngineStatus(url) for url in dict.fromkeys(urls)}
+        self.engines = {url: EngineStatus(url, backoff=Backoff(min_backoff_s, max_backoff_s, jitter=False))
+                        for url in dict.fromkeys(urls)}
         self.min_backoff_s, self.max_backoff_s = min_backoff_s, max_backoff_s
 
     def order(self, now: float) -> list[str]:
@@ -61,6 +64,7 @@ class EnginePlacement:
     def opened(self, url: str) -> None:
         status = self.engines[url]
         status.failures, status.down_until, status.last_error = 0, 0.0, None
+        status.backoff.reset()
         if status.free is not None:
             status.free = max(0, status.free - 1)
 
@@ -71,12 +75,13 @@ class EnginePlacement:
         status = self.engines[url]
         status.failures += 1
         status.last_error = error
-        status.down_until = now + min(self.max_backoff_s, self.min_backoff_s * 2 ** (status.failures - 1))
+        status.down_until = now + status.backoff.next_delay()
 
     def health(self, url: str, free: int, total: int, now: float) -> None:
         status = self.engines[url]
         status.free, status.total = free, total
         status.failures, status.down_until, status.last_error = 0, 0.0, None
+        status.backoff.reset()
 
     def unreachable(self, url: str, now: float, error: str) -> None:
         status = self.engines[url]

@@ -20,6 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from bridge.call_deps import CallInfo, CallRoute, CapacityReport
 from bridge.config import Settings
 from bridge.control_api import HealthProbe
+from bridge.media.metrics import media_gauges
 from bridge.state.db import StateDB
 from bridge.state.health import check_health
 from bridge.state.leases import CapacityLeases, Lease, LeaseKeeper
@@ -62,21 +63,6 @@ class RedisCapacity:
         return CapacityReport(slots=self.keeper.slots, held=len(self.keeper.held),
                               refused_full=st.refused_full, leases_lost=st.reregistered,
                               renew_failures=st.renew_failures)
-
-
-def media_gauges(media: object) -> dict[str, str | int | float]:
-    """A call's current latency figures for its live hash, read from its media (CallMedia's ``ledger``
-    and ``stats.turns``); figures not known yet are left out. Duck-typed: stand-in media has neither."""
-    gauges: dict[str, str | int | float] = {}
-    ledger = getattr(media, "ledger", None)
-    if ledger is not None and (round_trip := ledger.recent_round_trip_ms()) is not None:
-        gauges["latency_ms"] = round(float(round_trip), 1)
-    turns = getattr(getattr(media, "stats", None), "turns", None)
-    if turns is not None:
-        gauges["turns"] = int(turns.turns)
-        if (ttfb := turns.last_ttfb_ms) is not None:
-            gauges["ttfb_ms"] = round(float(ttfb), 1)
-    return gauges
 
 
 class StateSink:

@@ -88,13 +88,24 @@ async def production_deps(settings: Settings) -> AsyncIterator[Wired]:
     from bridge.engine_pool import EnginePool
     from bridge.state_adapters import open_state
 
-    async with open_state(settings) as state, EnginePool(settings.bridge.engines()).running() as pool:
+    async with contextlib.AsyncExitStack() as stack:
+        state = await stack.enter_async_context(open_state(settings))
+        pool = await stack.enter_async_context(EnginePool(settings.bridge.engines()).running())
+        open_engine, make_media = engine_opener(pool), media_factory(settings.bridge)
+        if settings.bridge.media_workers:
+            from bridge.media.metrics_fanin import MEDIA_FANIN
+            from bridge.media.workers import MediaWorkerPool
+
+            workers = MediaWorkerPool(settings.bridge, settings.bridge.media_workers, metrics=MEDIA_FANIN)
+            await stack.enter_async_context(workers.running())
+            open_engine, make_media = workers.open_engine, workers.make_media
+            log.info("phone calls' media runs in %d media worker processes", settings.bridge.media_workers)
         deps = CallDeps(
             routes=state.routes,
             capacity=state.capacity,
             sink=state.sink,
-            open_engine=engine_opener(pool),
-            make_media=watched_media(media_factory(settings.bridge), state.sink),
+            open_engine=open_engine,
+            make_media=watched_media(make_media, state.sink),
         )
         routes: list[web.RouteDef] = []
         try:

@@ -111,33 +111,44 @@ async def bench_scheduler(backend: BatchBackend, ticks: int = 300, warmup: int =
 
 
 async def bench_sessions(num_slots: int, seconds: float) -> str:
-    from bridge.engine_client import EngineSession
+    """Paced sessions over real WebSockets, spoken in the engine's own protocol (engine.protocol): the
+    engine is measured without the bridge's client (the engine never imports the bridge)."""
+    import aiohttp
+
     from engine.config import EngineSettings
-    from engine.protocol import AudioFrame, Lag
+    from engine.protocol import Open, decode_audio, decode_engine_control, encode_audio, encode_control
     from engine.server import run_engine
 
     settings = EngineSettings(port=0, num_slots=num_slots)
     latencies: list[float] = []
     lags = [0]
-    async with run_engine(settings) as url:
-        sessions = [await EngineSession.open(url, call_id=f"bench-{i}") for i in range(num_slots)]
-        n_frames = int(seconds / FRAME_S_FLOAT)
+    n_frames = int(seconds / FRAME_S_FLOAT)
+    async with run_engine(settings) as url, aiohttp.ClientSession() as http:
+        sockets = []
+        for i in range(num_slots):
+            ws = await http.ws_connect(url, max_msg_size=1 << 20)
+            await ws.send_str(encode_control(Open(call_id=f"bench-{i}")))
+            ready = await ws.receive()
+            if ready.type != aiohttp.WSMsgType.TEXT or decode_engine_control(ready.data).type != "ready":
+                raise RuntimeError(f"session {i} not ready: {ready.data!r}")
+            sockets.append(ws)
 
-        async def one(s: EngineSession, offset: float) -> None:
+        async def one(ws: aiohttp.ClientWebSocketResponse, offset: float) -> None:
             sent: dict[int, float] = {}
+            done: set[int] = set()
 
             async def rx() -> None:
-                while len(sent) < n_frames or any(k not in done for k in sent):
-                    msg = await s.receive()
-                    if isinstance(msg, AudioFrame):
-                        done.add(msg.seq)
-                        latencies.append(time.perf_counter() - sent[msg.seq])
-                    elif isinstance(msg, Lag):
-                        lags[0] += 1
+                while len(done) < n_frames:
+                    msg = await ws.receive()
+                    if msg.type == aiohttp.WSMsgType.BINARY:
+                        frame = decode_audio(msg.data)
+                        done.add(frame.seq)
+                        latencies.append(time.perf_counter() - sent[frame.seq])
+                    elif msg.type == aiohttp.WSMsgType.TEXT:
+                        lags[0] += decode_engine_control(msg.data).type == "lag"
                     else:
                         return
 
-            done: set[int] = set()
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(rx())
                 start = time.perf_counter() + offset
@@ -145,13 +156,13 @@ async def bench_sessions(num_slots: int, seconds: float) -> str:
                 for k in range(n_frames):
                     await asyncio.sleep(max(0.0, start + k * FRAME_S_FLOAT - time.perf_counter()))
                     sent[k] = time.perf_counter()
-                    await s.send_frame(pcm)
+                    await ws.send_bytes(encode_audio(k, pcm))
 
         async with asyncio.TaskGroup() as tg:
-            for i, s in enumerate(sessions):  # calls do not start in lockstep: spread over one frame
-                tg.create_task(one(s, FRAME_S_FLOAT * i / num_slots))
-        for s in sessions:
-            await s.close()
+            for i, ws in enumerate(sockets):  # calls do not start in lockstep: spread over one frame
+                tg.create_task(one(ws, FRAME_S_FLOAT * i / num_slots))
+        for ws in sockets:
+            await ws.close()
     lat = np.array(latencies) * 1e3
     return (f"e2e slots={num_slots:3d} frames={len(lat)} send->echo latency p50={np.percentile(lat, 50):.2f} "
             f"p99={np.percentile(lat, 99):.2f} max={lat.max():.2f} ms, lag reports={lags[0]}")

@@ -51,6 +51,7 @@ rm -rf "$SHARE/asterisk_conf"
 cp -r asterisk_conf "$SHARE/asterisk_conf"
 
 if [ ! -f "$ETC/aziza.toml" ]; then
+  MEDIA_WORKERS=$(nproc 2>/dev/null || echo 1)
   log "writing $ETC/aziza.toml (defaults; see docs/configuration.md)"
   install -o root -g aziza -m 0640 /dev/null "$ETC/aziza.toml"
   cat >"$ETC/aziza.toml" <<TOML
@@ -64,6 +65,9 @@ data_dir = "${DATA}"
 [engine]
 backend = "echo"        # "moshi" once weights are in place (engine.model)
 num_slots = 10
+
+[bridge]
+media_workers = ${MEDIA_WORKERS}   # calls' media in this many processes: one per core (docs/configuration.md)
 
 [capacity]
 slots = 10

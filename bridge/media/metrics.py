@@ -246,3 +246,21 @@ class LatencyLedger:
         start = float(np.median(self.first_round_trips_s))
         end = float(np.median(self.last_round_trips_s))
         return (end - start) * 1000.0
+
+
+def media_gauges(media: object) -> dict[str, str | int | float]:
+    """A call's current latency figures for its live hash, read from its media (CallMedia's ``ledger``
+    and ``stats.turns``); figures not known yet are left out. Duck-typed: stand-in media has neither."""
+    live = getattr(media, "live_gauges", None)
+    if callable(live):  # media in a worker process: the figures it last sent
+        return dict(live())
+    gauges: dict[str, str | int | float] = {}
+    ledger = getattr(media, "ledger", None)
+    if ledger is not None and (round_trip := ledger.recent_round_trip_ms()) is not None:
+        gauges["latency_ms"] = round(float(round_trip), 1)
+    turns = getattr(getattr(media, "stats", None), "turns", None)
+    if turns is not None:
+        gauges["turns"] = int(turns.turns)
+        if (ttfb := turns.last_ttfb_ms) is not None:
+            gauges["ttfb_ms"] = round(float(ttfb), 1)
+    return gauges

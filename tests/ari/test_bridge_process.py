@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from bridge.config import Settings
 from engine.config import EngineSettings
@@ -28,8 +29,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.mark.parametrize("media_workers", [0, 2], ids=["media-in-process", "media-workers"])
 async def test_bridge_process_serves_a_call_and_stops_cleanly_on_sigterm(
-    state_settings: Settings, tmp_path: Path
+    state_settings: Settings, tmp_path: Path, media_workers: int
 ) -> None:
     http_port = _free_port()
     config = tmp_path / "aziza.toml"
@@ -47,6 +49,7 @@ async def test_bridge_process_serves_a_call_and_stops_cleanly_on_sigterm(
             "AZIZA_BRIDGE__ENGINE_URL": engine_url,
             "AZIZA_BRIDGE__RTP_PORT_MIN": "32000",
             "AZIZA_BRIDGE__RTP_PORT_MAX": "32999",
+            "AZIZA_BRIDGE__MEDIA_WORKERS": str(media_workers),
         })
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-c", "from bridge.app import main; main()", env=env,
@@ -57,6 +60,24 @@ async def test_bridge_process_serves_a_call_and_stops_cleanly_on_sigterm(
             caller = await fake.originate_call("+15550001234")
             await eventually(lambda: fake.channel(caller).answered and fake.leg_for(caller) is not None,
                              within_s=10, what="answered and bridged")
+            leg = fake.leg_for(caller)
+            assert leg is not None
+            await eventually(lambda: leg.packets_received >= 25, within_s=10, what="the engine's audio back")
+            scraped = ""
+
+            async def scrape() -> None:
+                nonlocal scraped
+                async with aiohttp.ClientSession() as http, http.get(
+                    f"http://127.0.0.1:{http_port}/metrics", headers=control_headers()
+                ) as r:
+                    scraped = await r.text()
+
+            for _ in range(100):  # a worker's numbers come with its next report (every second)
+                await scrape()
+                if "aziza_media_calls_active 1.0" in scraped:
+                    break
+                await asyncio.sleep(0.1)
+            assert "aziza_media_calls_active 1.0" in scraped, scraped  # from whichever process runs it
             async with aiohttp.ClientSession() as http, http.get(
                 f"http://127.0.0.1:{http_port}/calls", headers=control_headers()
             ) as r:

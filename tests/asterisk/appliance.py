@@ -290,6 +290,7 @@ engine_url = "ws://127.0.0.1:{p['engine']}/session"
 rtp_port_min = {p['bridge_rtp_min']}
 rtp_port_max = {p['bridge_rtp_max']}
 control_token_file = "{token_file}"
+media_workers = 2  # as the installer writes it (one per core): every call's media in a worker process
 
 [ari]
 url = "http://127.0.0.1:{p['ari']}"

@@ -1,0 +1,188 @@
+"""Media workers (bridge/media/workers.py, bridge/media/worker.py): calls placed on worker processes carry
+real RTP through a real echo engine, end cleanly, survive a worker's death (only its calls end), and their
+metrics reach the bridge's /metrics summed. Real processes, sockets and engine; verdicts on counts and
+states, never on timing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
+
+from bridge.call_deps import EngineCannotTakeCall
+from bridge.media.metrics_fanin import MediaMetricsFanIn, sum_families
+from bridge.media.simleg import SimLeg
+from bridge.media.worker_wire import WireError, decode, encode
+from bridge.media.workers import GONE, MediaWorkerPool, WorkerEngine, WorkerMedia
+from engine.config import EngineSettings
+from engine.protocol import PersonaParams
+from engine.server import run_engine
+from tests.media.fixtures import bridge_settings
+
+
+@contextlib.asynccontextmanager
+async def echo_engine(slots: int) -> AsyncIterator[str]:
+    async with run_engine(EngineSettings(port=0, num_slots=slots, batch_window_ms=5)) as url:
+        yield url
+
+
+@contextlib.asynccontextmanager
+async def pool_of(url: str, workers: int, fanin: MediaMetricsFanIn | None = None) -> AsyncIterator[
+        MediaWorkerPool]:
+    pool = MediaWorkerPool(bridge_settings(engine_url=url), workers, metrics=fanin)
+    async with pool.running():
+        yield pool
+
+
+async def placed_call(pool: MediaWorkerPool, call_id: str, audio: np.ndarray) -> tuple[
+        WorkerEngine, WorkerMedia, SimLeg]:
+    engine = await pool.open_engine(PersonaParams(), call_id)
+    assert isinstance(engine, WorkerEngine)
+    media = pool.make_media(engine, call_id)
+    assert isinstance(media, WorkerMedia)
+    leg = SimLeg(None, audio)
+    leg.set_remote(await media.bind())
+    media.lock_remote(*(await leg.bind()))
+    return engine, media, leg
+
+
+async def wait_for(predicate: Callable[[], bool], limit_s: float = 20.0) -> None:
+    """Poll a condition another process makes true (worker reports come once a second)."""
+    async with asyncio.timeout(limit_s):
+        while not predicate():  # noqa: ASYNC110 - nothing here to wait on: the state is another process's
+            await asyncio.sleep(0.05)
+
+
+def test_wire_round_trip_and_garbage() -> None:
+    msg = decode(encode("open", "c1", 7, persona={"name": "x"}))
+    assert (msg.op, msg.call, msg.id, msg.fields) == ("open", "c1", 7, {"persona": {"name": "x"}})
+    for bad in (b"not json\n", b"[1,2]\n", b'{"op": 3}\n', b'{"op": "x", "id": true}\n', b"\xff\xfe\n"):
+        with pytest.raises(WireError):
+            decode(bad)
+
+
+def test_families_are_summed_sample_by_sample() -> None:
+    def source(n: float) -> list[object]:
+        counter = CounterMetricFamily("aziza_x", "x", labels=["reason"])
+        counter.add_metric(["a"], n)
+        hist = HistogramMetricFamily("aziza_h_seconds", "h", buckets=[("0.1", n), ("+Inf", 2 * n)],
+                                     sum_value=n)
+        return [counter, hist, GaugeMetricFamily("aziza_g", "g", value=n)]
+
+    text = generate_latest(_single(source(5))).decode()  # as a worker sends it
+    merged = {f.name: f for f in sum_families([source(1), list(text_string_to_metric_families(text))])}
+    assert [(s.name, s.value) for s in merged["aziza_x"].samples] == [("aziza_x_total", 6.0)]
+    assert [s.value for s in merged["aziza_h_seconds"].samples] == [6.0, 12.0, 12.0, 6.0]
+    assert [s.value for s in merged["aziza_g"].samples] == [6.0]
+
+
+def scraped(fanin: MediaMetricsFanIn) -> str:
+    return generate_latest(_single(list(fanin.collect()))).decode()
+
+
+def _single(families: list[object]) -> CollectorRegistry:
+    registry = CollectorRegistry()
+
+    class _Fixed:
+        def collect(self) -> object:
+            return iter(families)
+
+    registry.register(_Fixed())  # type: ignore[arg-type]
+    return registry
+
+
+async def test_calls_on_workers_carry_audio_and_spread_over_them(speech_8k: np.ndarray) -> None:
+    fanin = MediaMetricsFanIn(_single([]))  # type: ignore[arg-type]
+    async with echo_engine(4) as url, pool_of(url, 2, fanin) as pool:
+        placed = [await placed_call(pool, f"w-{i}", speech_8k) for i in range(3)]
+        assert sorted(len(w.calls) for w in pool.workers) == [1, 2]  # fewest calls first
+        runs = [asyncio.create_task(media.run()) for _, media, _ in placed]
+        legs = [asyncio.create_task(leg.run(1.2, tail_s=0.4)) for _, _, leg in placed]
+        await asyncio.gather(*legs)
+        placed[0][1].pause()
+        placed[0][1].resume()
+        await placed[1][0].send_event("dtmf", "5")
+        await wait_for(lambda: all(p[1].live_gauges().get("turns") is not None for p in placed))
+        for _, media, _ in placed:
+            await media.stop()
+        assert [await r for r in runs] == ["stopped"] * 3
+        for engine, media, leg in placed:
+            snapshot = media.snapshot()
+            assert snapshot["frames_from_engine"] > 5 and snapshot["rtp_out"] > 20
+            assert leg.packets_received > 20
+            await engine.close()
+            leg.close()
+        assert all(not w.calls for w in pool.workers)
+        await wait_for(lambda: "aziza_media_calls_total 3.0" in scraped(fanin))
+
+
+async def test_a_dead_worker_ends_only_its_calls_and_is_replaced(speech_8k: np.ndarray) -> None:
+    async with echo_engine(4) as url, pool_of(url, 2) as pool:
+        (e1, m1, l1), (e2, m2, l2) = [await placed_call(pool, f"d-{i}", speech_8k) for i in range(2)]
+        assert m1.worker is not m2.worker
+        r1, r2 = asyncio.create_task(m1.run()), asyncio.create_task(m2.run())
+        sending = asyncio.create_task(l2.run(0.6))
+        pid = m1.worker.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        assert await r1 == GONE
+        await e1.close()  # nothing to close: no error
+        await sending
+        await m2.stop()
+        assert await r2 == "stopped"
+        await e2.close()
+        await wait_for(lambda: pool.restarts == 1 and all(w.alive for w in pool.workers))
+        e3, m3, l3 = await placed_call(pool, "d-3", speech_8k)  # the new worker takes calls
+        r3 = asyncio.create_task(m3.run())
+        await l3.run(0.5)
+        await m3.stop()
+        assert await r3 == "stopped" and m3.snapshot()["frames_to_engine"] > 0
+        await e3.close()
+        for leg in (l1, l2, l3):
+            leg.close()
+
+
+async def test_a_full_engine_refuses_and_an_abandoned_open_leaks_no_slot(speech_8k: np.ndarray) -> None:
+    async with echo_engine(1) as url, pool_of(url, 1) as pool:
+        first = await pool.open_engine(PersonaParams(), "f-1")
+        with pytest.raises(EngineCannotTakeCall) as refused:
+            await pool.open_engine(PersonaParams(), "f-2")
+        assert refused.value.reason == "engine_full"
+        await first.close()
+        opening = asyncio.create_task(pool.open_engine(PersonaParams(), "f-3"))
+        await asyncio.sleep(0)  # sent, not answered
+        opening.cancel()
+        with contextlib.suppress(asyncio.CancelledError, EngineCannotTakeCall):
+            await opening
+        # The dropped session is closed in the worker, so the one slot comes free again.
+        async with asyncio.timeout(20):
+            while True:
+                try:
+                    last = await pool.open_engine(PersonaParams(), "f-4")
+                    break
+                except EngineCannotTakeCall:
+                    await asyncio.sleep(0.1)
+        await last.close()
+        assert not pool.workers[0].calls
+
+
+async def test_requests_about_unknown_calls_are_refused_not_fatal() -> None:
+    async with echo_engine(1) as url, pool_of(url, 1) as pool:
+        worker = pool.workers[0]
+        from bridge.media.workers import MediaWorkerError
+
+        with pytest.raises(MediaWorkerError) as refused:
+            await worker.request("bind", "nobody")
+        assert refused.value.error == "unknown_call"
+        with pytest.raises(MediaWorkerError) as unknown:
+            await worker.request("explode", "nobody")
+        assert unknown.value.error == "unknown_op"
+        assert worker.alive

@@ -26,7 +26,7 @@ from typing import Any
 import click
 import numpy as np
 
-from admin_cli.procs import end_process, proc_cpu_s
+from admin_cli.procs import end_process, proc_cpu_s, proc_cpu_split_s
 from bridge.config import BridgeSettings
 from bridge.engine_client import EngineSession
 from bridge.media.assets import load_speech_8k
@@ -34,8 +34,10 @@ from bridge.media.audio_file import write_pcm16_wav
 from bridge.media.call_media import CallMedia
 from bridge.media.metrics import Histogram, merge_histograms
 from bridge.media.simleg import SimLeg
+from bridge.media.workers import MediaWorkerPool, WorkerEngine, WorkerMedia
 from bridge.startup import freeze_startup_heap
 from engine.config import EngineSettings
+from engine.protocol import PersonaParams
 
 DEFAULT_WAV = "aziza-demo-out.wav"
 # The echo engine steps each frame as it comes: batching buys an echo nothing, and a window would add
@@ -144,20 +146,26 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def start_echo_engine_process(slots: int) -> tuple[asyncio.subprocess.Process, str]:
-    """``aziza-engine --backend echo`` as a child on a free loopback port, unbatched; (process, session URL)
-    once it accepts connections (bench media and the load test)."""
+async def start_echo_engine_process(
+    slots: int, unix_socket: str | None = None
+) -> tuple[asyncio.subprocess.Process, str]:
+    """``aziza-engine --backend echo`` as a child, unbatched, on a free loopback port or on ``unix_socket``;
+    (process, session URL) once it accepts connections (bench media and the load test)."""
     port = _free_port()
+    where = ["--unix-socket", unix_socket] if unix_socket else ["--host", "127.0.0.1", "--port", str(port)]
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "engine.server", "--host", "127.0.0.1", "--port", str(port),
+        sys.executable, "-m", "engine.server", *where,
         "--backend", "echo", "--slots", str(slots), "--batch-window-ms", str(ECHO_BATCH_WINDOW_MS),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )
-    url = f"ws://127.0.0.1:{port}/session"
+    url = f"unix://{unix_socket}" if unix_socket else f"ws://127.0.0.1:{port}/session"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
-            _r, w = await asyncio.open_connection("127.0.0.1", port)
+            if unix_socket:
+                _r, w = await asyncio.open_unix_connection(unix_socket)
+            else:
+                _r, w = await asyncio.open_connection("127.0.0.1", port)
             w.close()
             return proc, url
         except OSError:
@@ -234,63 +242,87 @@ class _BridgeShare:
             await e.close()
 
 
-class _WorkerShare:
-    """A _BridgeShare in a worker process of its own (``python -m admin_cli.media_cmds worker``)."""
+class _PoolShare:
+    """The calls on the bridge's own media workers (``bridge.media_workers``; bridge/media/workers.py),
+    placed as the bridge places them: the benchmark measures what the appliance runs."""
 
-    def __init__(self, url: str, calls: int, first: int) -> None:
-        self.config = {"url": url, "calls": calls, "first": first}
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def _say(self, message: Any) -> None:
-        assert self.proc is not None and self.proc.stdin is not None
-        self.proc.stdin.write((json.dumps(message) + "\n").encode())
-        await self.proc.stdin.drain()
-
-    async def _hear(self) -> Any:
-        assert self.proc is not None and self.proc.stdout is not None
-        return await _read_json_line(self.proc.stdout)
+    def __init__(self, url: str, calls: int, workers: int) -> None:
+        settings = _bridge_settings().model_copy(update={"engine_url": url})
+        self.pool = MediaWorkerPool(settings, workers, log_level="WARNING")  # no line per call in the report
+        self.calls = calls
+        self.engines: list[WorkerEngine] = []
+        self.medias: list[WorkerMedia] = []
+        self.runs: list[asyncio.Task[str]] = []
+        self._stack = contextlib.AsyncExitStack()
+        self._cpu0: dict[int, tuple[float, float]] = {}
 
     async def open(self) -> list[int]:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "admin_cli.media_cmds", "worker",
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=1 << 26,
-        )
-        await self._say(self.config)
-        return list(await self._hear())
+        await self._stack.enter_async_context(self.pool.running())
+        ports = []
+        for i in range(self.calls):
+            engine = await self.pool.open_engine(PersonaParams(), f"bench-{i}")
+            assert isinstance(engine, WorkerEngine)
+            media = self.pool.make_media(engine, f"bench-{i}")
+            assert isinstance(media, WorkerMedia)
+            self.engines.append(engine)
+            self.medias.append(media)
+            ports.append((await media.bind())[1])
+        return ports
 
     def lock(self, leg_ports: list[int]) -> None:
-        self._leg_ports = leg_ports
+        for media, port in zip(self.medias, leg_ports, strict=True):
+            media.lock_remote("127.0.0.1", port)
 
-    async def start_async(self) -> None:
-        await self._say(self._leg_ports)
-        await self._hear()  # locked and running
+    def _cpu(self) -> dict[int, tuple[float, float]]:
+        return {pid: proc_cpu_split_s(pid) or (0.0, 0.0)
+                for pid in (w.pid for w in self.pool.workers) if pid is not None}
+
+    def start(self) -> None:
+        self.runs = [asyncio.create_task(m.run()) for m in self.medias]
+        self._cpu0 = self._cpu()
 
     async def stop(self) -> dict[str, Any]:
-        await self._say("stop")
-        result: dict[str, Any] = await self._hear()
-        return result
+        now = self._cpu()
+        user = sum(now[pid][0] - self._cpu0.get(pid, (0.0, 0.0))[0] for pid in now)
+        system = sum(now[pid][1] - self._cpu0.get(pid, (0.0, 0.0))[1] for pid in now)
+        await asyncio.gather(*(m.stop() for m in self.medias))
+        reasons = await asyncio.gather(*self.runs)
+        snaps = [m.snapshot() for m in self.medias]
+        hists = {name: Histogram() for name in _HISTOGRAMS}
+        for media in self.medias:
+            for name in _HISTOGRAMS:
+                if name in media.histograms:
+                    hists[name].merge(Histogram.from_sparse(media.histograms[name]))
+        return {
+            "cpu_s": user + system,
+            "cpu_system_s": system,
+            "carried": sum(1 for snap, r in zip(snaps, reasons, strict=True)
+                           if r == "stopped" and snap.get("frames_from_engine")),
+            "histograms": {name: hist.to_sparse() for name, hist in hists.items()},
+            "counters": {name: sum(int(snap.get(name, 0)) for snap in snaps) for name in _COUNTERS},
+            "round_trip_end_vs_start_ms": [snap.get("round_trip_end_vs_start_ms") for snap in snaps],
+            "junk_dropped": sum(n for snap in snaps for why, n in snap.get("rtp_dropped", {}).items()
+                                if why != "held"),
+        }
 
     async def close(self) -> None:
-        await end_process(self.proc)
-
-
-def _split(calls: int, workers: int) -> list[int]:
-    """Calls per worker, as even as they come (the controller's placement: least loaded first)."""
-    return [calls // workers + (1 if i < calls % workers else 0) for i in range(workers)]
+        for m in self.medias:
+            await m.stop()
+        for e in self.engines:
+            await e.close()
+        await self._stack.aclose()
 
 
 async def _bench(
     calls: int, seconds: float, loss: float, jitter_ms: float, aligned: bool = False, workers: int = 1,
-    junk_pps: float = 0.0,
+    junk_pps: float = 0.0, engine_link: str = "tcp",
 ) -> dict[str, Any]:
-    engine_proc, url = await start_echo_engine_process(calls)
+    sock_dir = tempfile.TemporaryDirectory(prefix="aziza-bench-") if engine_link == "unix" else None
+    engine_proc, url = await start_echo_engine_process(
+        calls, unix_socket=f"{sock_dir.name}/engine.sock" if sock_dir is not None else None)
     legs_proc: asyncio.subprocess.Process | None = None
-    in_process = workers <= 1
-    shares: list[_BridgeShare | _WorkerShare] = []
-    first = 0
-    for n in _split(calls, max(1, workers)):
-        shares.append(_BridgeShare(url, n, first) if in_process else _WorkerShare(url, n, first))
-        first += n
+    shares: list[_BridgeShare | _PoolShare] = [
+        _BridgeShare(url, calls, 0) if workers <= 1 else _PoolShare(url, calls, workers)]
     try:
         share_ports = await asyncio.gather(*(share.open() for share in shares))
         bridge_ports = [port for ports in share_ports for port in ports]
@@ -310,10 +342,7 @@ async def _bench(
             share.lock(leg_ports[pos : pos + len(ports)])
             pos += len(ports)
         for share in shares:
-            if isinstance(share, _WorkerShare):
-                await share.start_async()
-            else:
-                share.start()
+            share.start()
         children = {"engine": engine_proc.pid, "legs": legs_proc.pid}
         child_cpu0 = {name: (proc_cpu_s(pid) or 0.0) for name, pid in children.items()}
         wall0 = time.monotonic()
@@ -332,6 +361,8 @@ async def _bench(
             await share.close()
         await end_process(legs_proc)
         await end_process(engine_proc)
+        if sock_dir is not None:
+            sock_dir.cleanup()
     report = _bench_report(calls, seconds, loss, jitter_ms, aligned, workers, results, legs, wall, child_cpu)
     report["junk_pps_per_call"] = junk_pps
     report["junk_dropped"] = sum(r["junk_dropped"] for r in results)
@@ -426,16 +457,20 @@ def _bench_report(
 @click.option("--aligned", is_flag=True, help="Start every call's RTP at the same instant (worst case: all "
               "calls' packets and 80 ms frames in lockstep) instead of at phases spread over one frame.")
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="Bridge media processes sharing the calls (1: the calls run in this process).")
+              help="Media worker processes (bridge.media_workers) carrying the calls; 1: they run in this "
+              "process.")
 @click.option("--junk-pps", type=click.FloatRange(0, 100000), default=0.0,
               help="Spoofed junk datagrams a second each leg sends from its own address (the call's source).")
+@click.option("--engine-link", type=click.Choice(["tcp", "unix"]), default="tcp", show_default=True,
+              help="The engine sessions' WebSockets over loopback TCP or a Unix socket.")
 @click.option("--json", "as_json", is_flag=True)
 def bench_media(
     calls: int, seconds: float, loss: float, jitter_ms: float, aligned: bool, workers: int, junk_pps: float,
-    as_json: bool,
+    engine_link: str, as_json: bool,
 ) -> None:
     """N simultaneous simulated calls through the bridge (one process, or --workers) and the echo engine."""
-    result = asyncio.run(_bench(calls, seconds, loss, jitter_ms, aligned, workers, junk_pps))
+    result = asyncio.run(_bench(calls, seconds, loss, jitter_ms, aligned, workers, junk_pps, engine_link))
+    result["engine_link"] = engine_link
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -513,23 +548,5 @@ async def _legs_main() -> None:
             leg.close()
 
 
-async def _worker_main() -> None:
-    """A bridge worker of the benchmark: config, its ports out; leg ports in; "stop"; its numbers out."""
-    reader = asyncio.StreamReader()
-    loop = asyncio.get_running_loop()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    config = json.loads(await reader.readline())
-    share = _BridgeShare(config["url"], config["calls"], config["first"])
-    try:
-        print(json.dumps(await share.open()), flush=True)
-        share.lock(json.loads(await reader.readline()))
-        share.start()
-        print(json.dumps("running"), flush=True)
-        await reader.readline()  # "stop"
-        print(json.dumps(await share.stop()), flush=True)
-    finally:
-        await share.close()
-
-
 if __name__ == "__main__":
-    asyncio.run(_worker_main() if sys.argv[1:] == ["worker"] else _legs_main())
+    asyncio.run(_legs_main())

@@ -10,11 +10,18 @@ from pathlib import Path
 
 def proc_cpu_s(pid: int) -> float | None:
     """CPU seconds (user + system) process ``pid`` has used so far; None where /proc does not say."""
+    split = proc_cpu_split_s(pid)
+    return None if split is None else split[0] + split[1]
+
+
+def proc_cpu_split_s(pid: int) -> tuple[float, float] | None:
+    """(user, system) CPU seconds process ``pid`` has used so far; None where /proc does not say."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 async def end_process(proc: asyncio.subprocess.Process | None, grace_s: float = 5.0) -> None:

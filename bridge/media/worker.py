@@ -24,7 +24,7 @@ from bridge.config import BridgeSettings
 from bridge.engine_client import EngineError, EngineFull, EngineSession
 from bridge.engine_pool import EnginePool
 from bridge.media.call_media import CallMedia, MediaBindError
-from bridge.media.metrics import media_gauges
+from bridge.media.metrics import Histogram, media_gauges
 from bridge.media.prometheus import MEDIA_METRICS
 from bridge.media.worker_wire import MAX_LINE, Message, WireError, decode, encode
 from bridge.startup import freeze_startup_heap
@@ -161,11 +161,14 @@ class Worker:
             reason = await media.run()
         finally:
             snapshot: dict[str, Any] = {}
+            histograms: dict[str, Any] = {}
             try:
                 self.live()  # the call's last counts reach /metrics with its end
                 snapshot = media.snapshot()
+                histograms = {name: value.to_sparse() for name, value in vars(media.stats).items()
+                              if isinstance(value, Histogram)}
             finally:  # whatever failed above, the bridge hears that the call's media is over
-                self.say("ended", msg.call, reason=reason, snapshot=snapshot,
+                self.say("ended", msg.call, reason=reason, snapshot=snapshot, histograms=histograms,
                          text=list(media.stats.engine_text))
 
     async def pause(self, msg: Message, call: _Call) -> None:
@@ -233,6 +236,7 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
     if hello.op != "hello":
         raise SystemExit(f"media worker: expected hello, got {hello.op!r}")
     settings = BridgeSettings.model_validate(hello.fields.get("settings", {}))
+    logging.getLogger().setLevel(str(hello.fields.get("log_level", "INFO")))
     worker = Worker(settings, writer)
     freeze_startup_heap()
     async with worker.pool.running():

@@ -10,7 +10,8 @@ Requests (``call`` names the call in every one but ``hello``):
 =========  =================================  =================================================
 op         fields                             answer
 =========  =================================  =================================================
-hello      settings (BridgeSettings as JSON)  (none: the worker starts serving)
+hello      settings (BridgeSettings as JSON), (none: the worker starts serving)
+           log_level
 open       persona (PersonaParams fields)     url, seed, warnings; error engine_full /
                                               engine_unavailable
 bind       inbound_format                     host, port; error bind_failed

@@ -63,9 +63,10 @@ class EngineReady:
 class MediaWorker:
     """One worker process and its pipe: requests out, answers and reports in."""
 
-    def __init__(self, index: int, settings: BridgeSettings) -> None:
+    def __init__(self, index: int, settings: BridgeSettings, log_level: str = "INFO") -> None:
         self.index = index
         self.settings = settings
+        self.log_level = log_level
         self.calls: dict[str, WorkerMedia | None] = {}  # placed calls (None: engine open, no media yet)
         self.metrics_text = ""
         self.live_gauges: dict[str, dict[str, Any]] = {}
@@ -88,7 +89,7 @@ class MediaWorker:
             sys.executable, "-m", "bridge.media.worker",
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=MAX_LINE,
         )
-        self._write(encode("hello", settings=self.settings.model_dump(mode="json")))
+        self._write(encode("hello", settings=self.settings.model_dump(mode="json"), log_level=self.log_level))
         self._reader = asyncio.create_task(self._read_loop(), name=f"aziza-media-worker-{self.index}")
 
     async def wait_gone(self) -> None:
@@ -189,7 +190,8 @@ class MediaWorker:
             if media is not None:
                 text = msg.fields.get("text")
                 media.on_ended(str(msg.fields.get("reason", "stopped")), msg.fields.get("snapshot") or {},
-                               [str(t) for t in text] if isinstance(text, list) else [])
+                               [str(t) for t in text] if isinstance(text, list) else [],
+                               msg.fields.get("histograms") or {})
         elif msg.op == "live":
             text, calls = msg.fields.get("metrics"), msg.fields.get("calls")
             if isinstance(text, str):
@@ -244,6 +246,7 @@ class WorkerMedia:
         self.inbound_format = inbound_format
         self.stats = _Stats()
         self._snapshot: dict[str, Any] = {}
+        self.histograms: dict[str, Any] = {}
         self._ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._running = False
         worker.calls[call_id] = self
@@ -284,10 +287,13 @@ class WorkerMedia:
                 async with asyncio.timeout(STOP_TIMEOUT_S):
                     await asyncio.shield(self._ended)
 
-    def on_ended(self, reason: str, snapshot: dict[str, Any], text: list[str]) -> None:
+    def on_ended(
+        self, reason: str, snapshot: dict[str, Any], text: list[str], histograms: dict[str, Any] | None = None
+    ) -> None:
         if self._ended.done():
             return
         self._snapshot = snapshot
+        self.histograms = histograms or {}  # the stats' histograms, sparse (Histogram.to_sparse)
         self.stats.engine_text = text
         self._ended.set_result(reason)
 
@@ -303,12 +309,14 @@ class MediaWorkerPool:
     """N media workers, started and supervised while ``running()`` is open."""
 
     def __init__(
-        self, settings: BridgeSettings, count: int, metrics: MediaMetricsFanIn | None = None
+        self, settings: BridgeSettings, count: int, metrics: MediaMetricsFanIn | None = None,
+        log_level: str = "INFO",
     ) -> None:
         if count < 1:
             raise ValueError("a media worker pool needs at least one worker")
         self.settings = settings
-        self.workers = [MediaWorker(i, settings) for i in range(count)]
+        self.log_level = log_level
+        self.workers = [MediaWorker(i, settings, log_level) for i in range(count)]
         self.restarts = 0
         self._metrics = metrics
         self._retired_texts: list[str] = []  # the last metrics of workers that died
@@ -342,7 +350,7 @@ class MediaWorkerPool:
                 self._retired_texts.append(worker.metrics_text)
             log.error("media worker %d is gone; its calls ended (%s); starting another", index, GONE)
             await asyncio.sleep(backoff.next_delay())
-            fresh = MediaWorker(index, self.settings)
+            fresh = MediaWorker(index, self.settings, self.log_level)
             try:
                 await fresh.start()
             except OSError as exc:

@@ -61,7 +61,7 @@ from admin_cli.loadtest import (
 )
 from admin_cli.loadtest_legs import SAMPLE_RATE, caller_turns, load_caller_speech
 from admin_cli.loadtest_report import CallResult, RunData
-from admin_cli.procs import end_process, proc_cpu_s
+from admin_cli.procs import end_process, tree_cpu_s
 from admin_cli.sipp_scenarios import ACK_2XX, ACK_ERROR, BYE_OK, INVITE, OUR_BYE, scenario
 from bridge.media.codecs import ulaw_encode
 from bridge.media.rtp import PT_PCMU, RtpPacket, build_rtp
@@ -387,7 +387,8 @@ class SipRun:
             if self.engine_url is not None and engine0 is None:
                 self.notes["engine"] = f"no engine metrics: {self.engine_url} did not answer /metrics"
             pids = self._pids()
-            cpu0 = {name: proc_cpu_s(pid) for name, pid in pids.items()}
+            # Process trees: the bridge's media runs in its media workers (bridge.media_workers).
+            cpu0 = {name: tree_cpu_s(pid) for name, pid in pids.items()}
             children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             try:
                 await self._drive(bridge0, engine0)
@@ -399,7 +400,7 @@ class SipRun:
             cpu: dict[str, float | None] = {}
             for name in ("bridge", "engine", "asterisk"):
                 before = cpu0.get(name)
-                after = proc_cpu_s(pids[name]) if name in pids else None
+                after = tree_cpu_s(pids[name]) if name in pids else None
                 if before is not None and after is not None:
                     cpu[name] = round(100.0 * (after - before) / wall, 1)
                 else:

@@ -14,6 +14,27 @@ def proc_cpu_s(pid: int) -> float | None:
     return None if split is None else split[0] + split[1]
 
 
+def tree_cpu_s(pid: int) -> float | None:
+    """CPU seconds of ``pid`` and its live child processes (the bridge and its media workers)."""
+    own = proc_cpu_s(pid)
+    if own is None:
+        return None
+    return own + sum(proc_cpu_s(child) or 0.0 for child in child_pids(pid))
+
+
+def child_pids(pid: int) -> list[int]:
+    """The live processes whose parent is ``pid`` (from /proc)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[1] == str(pid):
+            children.append(int(stat.parent.name))
+    return children
+
+
 def proc_cpu_split_s(pid: int) -> tuple[float, float] | None:
     """(user, system) CPU seconds process ``pid`` has used so far; None where /proc does not say."""
     try:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -495,7 +496,7 @@ def calls_live(once: bool, watch_s: float | None, as_json: bool) -> None:
         raise click.UsageError("give --once or --watch, not both")
     try:
         asyncio.run(_calls_live(_settings(), once, watch_s, as_json))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the loop was up
         pass
 
 
@@ -518,6 +519,17 @@ async def _calls_live(settings: Settings, once: bool, watch_s: float | None, as_
 
     from bridge.state.live import LiveCalls
 
+    # Ctrl-C (or SIGTERM) sets a flag the loops below check, rather than cancelling them: redis-py can turn a
+    # cancellation that lands in a read into a reconnect, and the command would then never end.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    handled: list[signal.Signals] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+            handled.append(sig)
+        except (RuntimeError, ValueError):  # not the main thread (a test's CliRunner): Ctrl-C as before
+            break
     client = aioredis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=5)
     try:
         live = LiveCalls(client, settings.redis_prefix)
@@ -525,8 +537,12 @@ async def _calls_live(settings: Settings, once: bool, watch_s: float | None, as_
         if once:
             return
         if watch_s is not None:
-            while True:
-                await asyncio.sleep(watch_s)
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(watch_s):
+                        await stop.wait()
+                if stop.is_set():
+                    break
                 try:
                     calls = await live.list_live()
                 except RedisError as exc:  # a Redis restart should not end the operator's watch
@@ -535,15 +551,20 @@ async def _calls_live(settings: Settings, once: bool, watch_s: float | None, as_
                 if not as_json:
                     click.clear()  # a no-op unless stdout is a terminal
                 _show_live(calls, as_json)
-        async for event in live.events():
+            return
+        async for event in live.events(stop):
             if as_json:
                 click.echo(event.to_json())
             else:
                 stamp = datetime.fromtimestamp(event.at).strftime("%H:%M:%S")
                 click.echo(f"{stamp}  {event.call_id}  {event.kind}  {json.dumps(event.data)}")
     except RedisError as exc:
+        if stop.is_set():
+            return  # interrupted mid-read: the error is the interruption's
         raise click.ClickException(f"redis: {_one_line(exc)}") from None
     finally:
+        for sig in handled:
+            loop.remove_signal_handler(sig)
         await client.aclose()
 
 

@@ -38,7 +38,14 @@ from bridge.ari.models import (
     StasisStart,
 )
 from bridge.backoff import Backoff
-from bridge.call_deps import CallInfo, CallRoute, EngineCannotTakeCall, EngineLink, MediaLink
+from bridge.call_deps import (
+    CallInfo,
+    CallRoute,
+    EngineCannotTakeCall,
+    EngineLink,
+    MediaLink,
+    MediaUnavailable,
+)
 from bridge.media.prometheus import MEDIA_METRICS
 
 if TYPE_CHECKING:
@@ -323,6 +330,15 @@ class Call:
             self.engine = await ctl.deps.open_engine(self.route.persona, self.id)
         except EngineCannotTakeCall as exc:
             await self._refuse(info, exc.reason, "congestion")
+        assert self.engine is not None
+        # The media socket before the answer: a call whose media cannot be set up is refused (503), not
+        # answered and dropped.
+        self.media = ctl.deps.make_media(self.engine, self.id)
+        try:
+            _, local_port = await self.media.bind()
+        except MediaUnavailable as exc:
+            log.warning("call %s: media unavailable: %s", self.id, exc)
+            await self._refuse(info, "media_unavailable", "congestion")
         ctl.deps.sink.started(info)
         MEDIA_METRICS.session_started(self.route.persona.name, self.route.persona.language, "phone")
         ready = getattr(self.engine, "ready", None)
@@ -333,9 +349,6 @@ class Call:
                 log.warning("call %s: engine: %s", self.id, warning)
         await ari.answer(self.id)
         self.timeline["answered"] = self._clock()
-        assert self.engine is not None
-        self.media = ctl.deps.make_media(self.engine, self.id)
-        _, local_port = await self.media.bind()
         self._bridge_tried = True
         await ari.create_bridge(self.bridge_id, name=f"aziza-{self.id}")
         self._media_channel_tried = True

@@ -110,6 +110,11 @@ class MediaLink(Protocol):
     async def stop(self) -> None: ...
 
 
+class MediaUnavailable(Exception):
+    """The call's media cannot be set up (no free RTP port, its media worker gone): the call is refused
+    like a full engine, before it is answered."""
+
+
 class EngineCannotTakeCall(Exception):
     """The engine cannot take this call: ``reason`` is "engine_full" or "engine_unavailable"."""
 

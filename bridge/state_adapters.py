@@ -113,11 +113,12 @@ class StateSink:
         self._enqueue("publish", info.call_id, {"kind": "start", "did": info.did, "caller": info.caller})
 
     def watch(self, call_id: str, media: object) -> None:
-        """Put the call's latency (media_gauges) on its live hash until it ends (a started call only)."""
-        if call_id in self._live_fields:
-            self._media[call_id] = media
+        """Put the call's latency (media_gauges) on its live hash, once it has started, until it ends or is
+        refused (its media is made before the answer, so a refused call may have some)."""
+        self._media[call_id] = media
 
     def refused(self, info: CallInfo, reason: str) -> None:
+        self._media.pop(info.call_id, None)
         self.recorder.record_refused(info.call_id, info.did or None, info.caller, reason, info.persona)
         self._enqueue("publish", info.call_id, {"kind": "refused", "reason": reason, "did": info.did})
 

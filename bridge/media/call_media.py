@@ -42,6 +42,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from bridge.call_deps import MediaUnavailable
 from bridge.config import BridgeSettings
 from bridge.engine_client import EngineError, EngineProtocolError, EngineSession
 from bridge.media.codecs import float32_to_pcm16, ulaw_encode
@@ -63,7 +64,7 @@ _BIND_ATTEMPTS = 200
 _RECV_BATCH = 64
 
 
-class MediaBindError(OSError):
+class MediaBindError(MediaUnavailable, OSError):
     """No free UDP port in the configured RTP range."""
 
 

@@ -12,6 +12,7 @@ inside the bridge over the last 2 s), ``ttfb_ms`` (the last caller turn's time t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -102,12 +103,14 @@ class LiveCalls:
                 calls.append({"call_id": call_id, **fields})
         return calls
 
-    async def events(self) -> AsyncIterator[CallEvent]:
-        """Follow the events channel until the caller stops iterating; malformed messages are skipped."""
+    async def events(self, stop: asyncio.Event | None = None) -> AsyncIterator[CallEvent]:
+        """Follow the events channel until the caller stops iterating or ``stop`` is set (seen within a
+        second: redis-py can turn a cancellation into a reconnect, so a flag is the sure way to stop);
+        malformed messages are skipped."""
         pubsub = self._redis.pubsub()
         await pubsub.subscribe(self.channel)
         try:
-            while True:
+            while stop is None or not stop.is_set():
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                 if message is None or message.get("type") != "message":
                     continue

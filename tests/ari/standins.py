@@ -12,7 +12,15 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from bridge.call_deps import CallDeps, CallInfo, CallRoute, EngineCannotTakeCall, EngineLink, MediaLink
+from bridge.call_deps import (
+    CallDeps,
+    CallInfo,
+    CallRoute,
+    EngineCannotTakeCall,
+    EngineLink,
+    MediaLink,
+    MediaUnavailable,
+)
 from engine.protocol import PersonaParams
 
 
@@ -85,7 +93,9 @@ class RecordingEngine:
 
 
 class UdpEchoMedia:
-    def __init__(self) -> None:
+    def __init__(self, bind_fails: bool = False) -> None:
+        self.bind_fails = bind_fails
+        self.stopped = False
         self.sock: socket.socket | None = None
         self.remote: tuple[str, int] | None = None
         self.paused = False
@@ -94,6 +104,8 @@ class UdpEchoMedia:
         self._stop = asyncio.Event()
 
     async def bind(self) -> tuple[str, int]:
+        if self.bind_fails:
+            raise MediaUnavailable("test: no free RTP port")
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.setblocking(False)
         sock.bind(("127.0.0.1", 0))
@@ -130,6 +142,7 @@ class UdpEchoMedia:
         self.paused = False
 
     async def stop(self) -> None:
+        self.stopped = True
         self._stop.set()
         if self.sock is not None:
             asyncio.get_running_loop().remove_reader(self.sock.fileno())
@@ -145,6 +158,7 @@ class StandinDeps:
     engines: list[RecordingEngine] = field(default_factory=list)
     medias: list[UdpEchoMedia] = field(default_factory=list)
     engine_down: bool = False
+    media_down: bool = False  # binding the media fails (no RTP port, media worker gone)
 
     async def open_engine(self, persona: PersonaParams, call_id: str) -> EngineLink:
         if self.engine_down:
@@ -154,7 +168,7 @@ class StandinDeps:
         return engine
 
     def make_media(self, engine: EngineLink, call_id: str) -> MediaLink:
-        media = UdpEchoMedia()
+        media = UdpEchoMedia(bind_fails=self.media_down)
         self.medias.append(media)
         return media
 

@@ -109,6 +109,21 @@ async def test_engine_down_refuses_with_congestion_before_answer() -> None:
         assert svc.controller.calls == {}
 
 
+async def test_media_that_cannot_be_set_up_refuses_with_congestion_before_answer() -> None:
+    sd = standin_deps()
+    sd.media_down = True
+    async with fake_and_bridge(sd.deps()) as (fake, svc):
+        caller = await fake.originate_call(DID)
+        await eventually(lambda: sd.sink.refused_calls, what="refusal")
+        assert sd.sink.refused_calls[0][1] == "media_unavailable"
+        await eventually(lambda: fake.channel(caller).hangup_reason, what="hung up")
+        assert fake.channel(caller).hangup_reason == "congestion" and not fake.channel(caller).answered
+        await eventually(lambda: sd.capacity.released == [caller], what="lease released")
+        await eventually(lambda: svc.controller.calls == {}, what="call forgotten")
+        assert sd.engines[0].closed and sd.medias[0].stopped  # nothing of the call is left open
+        assert not fake.bridges
+
+
 async def test_our_hangup_via_control_api_and_cli() -> None:
     sd = standin_deps()
     async with fake_and_bridge(sd.deps()) as (fake, svc):

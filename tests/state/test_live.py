@@ -33,6 +33,33 @@ async def test_live_hash_list_and_expiry(redis_url: str, redis_prefix: str) -> N
         await client.aclose()
 
 
+async def test_following_events_ends_when_its_stop_flag_is_set(redis_url: str, redis_prefix: str) -> None:
+    """`calls live` stops on a flag, not on a cancellation (redis-py can turn a cancellation that lands in
+    a read into a reconnect: the command then never ended after Ctrl-C, seen under load)."""
+    client = aioredis.from_url(redis_url)
+    live = LiveCalls(client, redis_prefix)
+    stop = asyncio.Event()
+    seen: list[CallEvent] = []
+
+    async def follow() -> None:
+        async for event in live.events(stop):
+            seen.append(event)
+
+    try:
+        task = asyncio.create_task(follow())
+        async with asyncio.timeout(30):
+            while await live.publish(CallEvent("c1", "dtmf", {"digit": "1"})) == 0:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+            while not seen:  # noqa: ASYNC110 - the subscriber is another connection's
+                await asyncio.sleep(0.05)
+        stop.set()  # no event comes after this: only the flag can end the loop
+        async with asyncio.timeout(30):
+            await task
+        assert [e.call_id for e in seen] == ["c1"]
+    finally:
+        await client.aclose()
+
+
 async def test_events_reach_subscribers_and_garbage_is_skipped(redis_url: str, redis_prefix: str) -> None:
     client = aioredis.from_url(redis_url)
     try:

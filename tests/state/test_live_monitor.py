@@ -141,8 +141,10 @@ async def test_the_sink_keeps_each_live_hash_up_to_date(
         assert sorted(c["call_id"] for c in await LiveCalls(client, redis_prefix).list_live()) == ["b1", "c2"]
     finally:
         await client.aclose()
-    sink.watch("never-started", FakeMedia())  # a call the sink does not know is not written
-    assert "never-started" not in sink._media
+    # Media is made before the answer: a call watched but then refused is forgotten, never written.
+    sink.watch("refused", FakeMedia())
+    sink.refused(_phone("refused"), "media_unavailable")
+    assert "refused" not in sink._media and "refused" not in sink._periodic_batch(True)
 
 
 async def test_a_redis_outage_costs_the_monitor_its_figures_not_the_call(

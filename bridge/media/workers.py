@@ -34,7 +34,9 @@ from engine.protocol import PersonaParams
 
 log = logging.getLogger(__name__)
 
-REQUEST_TIMEOUT_S = 15.0  # an engine open has its own 5 s limit; this only bounds a stuck worker
+# An engine open has its own 5 s limit: a worker that answers nothing for this long is stuck (its calls' media
+# with it) and is killed, which ends its calls and starts a fresh one.
+REQUEST_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 5.0
 GONE = "media_worker_gone"
 
@@ -141,6 +143,9 @@ class MediaWorker:
             async with asyncio.timeout(REQUEST_TIMEOUT_S):
                 msg = await answer
         except TimeoutError:
+            log.error("media worker %d (pid %s) did not answer %s in %.0f s: stuck, killed", self.index,
+                      self.pid, op, REQUEST_TIMEOUT_S)
+            self.kill()
             raise MediaWorkerGone(f"media worker {self.index} did not answer {op} in time") from None
         finally:
             self._pending.pop(ident, None)

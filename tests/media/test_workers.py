@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.call_deps import EngineCannotTakeCall
+from bridge.engine_client import EngineError
 from bridge.media.metrics_fanin import MediaMetricsFanIn, sum_families
 from bridge.media.simleg import SimLeg
 from bridge.media.worker_wire import WireError, decode, encode
@@ -148,6 +149,32 @@ async def test_a_dead_worker_ends_only_its_calls_and_is_replaced(speech_8k: np.n
         await e3.close()
         for leg in (l1, l2, l3):
             leg.close()
+
+
+async def test_a_stuck_worker_is_killed_and_replaced(
+    speech_8k: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bridge.media.workers as workers_module
+
+    monkeypatch.setattr(workers_module, "REQUEST_TIMEOUT_S", 1.0)
+    async with echo_engine(2) as url, pool_of(url, 1) as pool:
+        engine, media, leg = await placed_call(pool, "s-1", speech_8k)
+        run = asyncio.create_task(media.run())
+        pid = media.worker.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)  # alive, answering nothing
+        try:
+            with pytest.raises(EngineError):
+                await engine.send_event("dtmf", "1")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        assert await run == GONE
+        await engine.close()
+        leg.close()
+        await wait_for(lambda: pool.restarts == 1 and pool.workers[0].alive)
+        fresh = await pool.open_engine(PersonaParams(), "s-2")
+        await fresh.close()
 
 
 async def test_a_full_engine_refuses_and_an_abandoned_open_leaks_no_slot(speech_8k: np.ndarray) -> None:

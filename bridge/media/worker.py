@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -269,10 +270,14 @@ async def _main() -> None:
 
 
 def main() -> None:
+    # The bridge ends its workers (by closing their stdin) after its own orderly shutdown has hung up the
+    # calls; SIGTERM from systemd to the whole group, or Ctrl-C to a terminal's process group, must not
+    # cut the media first. The bridge's death closes the pipe, so no worker outlives it.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s %(levelname)s %(name)s[worker {os.getpid()}]: %(message)s")
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_main())
+    asyncio.run(_main())
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from admin_cli.procs import child_pids
 from bridge.config import Settings
+from bridge.state import repo
 from engine.config import EngineSettings
 from engine.server import run_engine
 from tests.ari.fake_asterisk import FakeAsterisk
@@ -84,10 +86,20 @@ async def test_bridge_process_serves_a_call_and_stops_cleanly_on_sigterm(
                 assert [c["call_id"] for c in (await r.json())["calls"]] == [caller]
             async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{http_port}/talk") as r:
                 assert r.status == 200  # the browser channel is mounted on the same server
+            workers = child_pids(proc.pid)
+            assert len(workers) == media_workers
+            for pid in workers:  # as systemd stops the unit: SIGTERM to every process of its group
+                os.kill(pid, signal.SIGTERM)
+            await asyncio.sleep(1.0)  # a worker that died of it would have ended the call by now
+            assert fake.channel(caller).hangup_reason is None, "the media died before the bridge's shutdown"
             proc.send_signal(signal.SIGTERM)
             output, _ = await asyncio.wait_for(proc.communicate(), 20)
             assert proc.returncode == 0, output.decode()[-2000:]
             assert fake.channel(caller).hangup_reason == "normal"
+            with repo.connect(state_settings.database_url) as conn:
+                row = conn.execute("SELECT end_cause FROM calls WHERE id = %s", (caller,)).fetchone()
+            # Ended by the bridge's shutdown, not by its media dying under it.
+            assert row is not None and "media" not in str(row["end_cause"]), row
             assert not fake.bridges
         finally:
             if proc.returncode is None:

@@ -212,4 +212,9 @@ async def test_requests_about_unknown_calls_are_refused_not_fatal() -> None:
         with pytest.raises(MediaWorkerError) as unknown:
             await worker.request("explode", "nobody")
         assert unknown.value.error == "unknown_op"
+        assert worker.pid is not None
+        for sig in (signal.SIGTERM, signal.SIGINT):  # systemd's stop of the group, a terminal's Ctrl-C
+            os.kill(worker.pid, sig)
+        with pytest.raises(MediaWorkerError):  # still serving: the bridge ends it, by closing its stdin
+            await worker.request("bind", "nobody")
         assert worker.alive

@@ -2,8 +2,8 @@
 (Prometheus text it sends every second), summed sample by sample.
 
 Every media family is a sum over calls (counters, gauges of live things, fixed-bucket histograms), so the
-sum over processes is the appliance's value. A worker that dies leaves its last text behind as a baseline,
-so the counters it had counted do not go backwards.
+sum over processes is the appliance's value. A worker that dies leaves the counters and histograms of its
+last text behind as a baseline (:func:`retire`), so they do not go backwards; its gauges go with it.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Iterator
 
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
@@ -40,9 +41,36 @@ def sum_families(sources: Iterable[Iterable[Metric]]) -> list[Metric]:
 
 
 def parse_text(text: str) -> list[Metric]:
-    """A worker's exposition text as families; a text that does not parse counts as none (logged by the
-    caller): one bad scrape must not break /metrics."""
+    """A worker's exposition text as families (ValueError if it does not parse: the scrape then leaves that
+    text out, so one bad report cannot break /metrics)."""
     return list(text_string_to_metric_families(text))
+
+
+def retire(retired: str, last: str) -> str:
+    """The counts of processes that are gone, with one more process's ``last`` text folded in: its
+    counters and histograms, summed; not its gauges (what a dead worker held live, it holds no more)."""
+    sources: list[list[Metric]] = []
+    for text in (retired, last):
+        try:
+            sources.append([f for f in parse_text(text) if f.type != "gauge"])
+        except ValueError:
+            continue
+    return render(sum_families(sources))
+
+
+def render(families: list[Metric]) -> str:
+    """Families as Prometheus exposition text."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fixed(families))
+    return generate_latest(registry).decode()
+
+
+class _Fixed(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)
 
 
 class MediaMetricsFanIn(Collector):
@@ -83,4 +111,4 @@ class MediaMetricsFanIn(Collector):
 #: workers' when it has them (MediaWorkerPool adds them).
 MEDIA_FANIN = MediaMetricsFanIn(MEDIA_METRICS)
 
-__all__ = ["MEDIA_FANIN", "MediaMetricsFanIn", "parse_text", "sum_families"]
+__all__ = ["MEDIA_FANIN", "MediaMetricsFanIn", "parse_text", "render", "retire", "sum_families"]

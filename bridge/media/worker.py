@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -42,7 +42,6 @@ class _Call:
     media: CallMedia | None = None
     run: asyncio.Task[None] | None = None
     dropped: bool = False
-    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
 
 class Worker:

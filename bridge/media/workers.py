@@ -9,7 +9,7 @@ request over the worker's pipe (``bridge/media/worker_wire.py``).
 
 A worker that dies ends its calls (``media_worker_gone``: the call hangs up, its record says why) and no
 other; the pool starts a new one after a backoff, and new calls go to the live workers meanwhile. Its last
-metrics stay counted (``MediaMetricsFanIn``).
+counters and histograms stay counted (``metrics_fanin.retire``); its gauges do not.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from bridge.call_deps import EngineCannotTakeCall, EngineLink, MediaLink
 from bridge.config import BridgeSettings
 from bridge.engine_client import EngineError
 from bridge.media.call_media import MediaBindError
-from bridge.media.metrics_fanin import MediaMetricsFanIn
+from bridge.media.metrics_fanin import MediaMetricsFanIn, retire
 from bridge.media.worker_wire import MAX_LINE, Message, WireError, decode, encode
 from engine.protocol import PersonaParams
 
@@ -324,10 +324,11 @@ class MediaWorkerPool:
         self.workers = [MediaWorker(i, settings, log_level) for i in range(count)]
         self.restarts = 0
         self._metrics = metrics
-        self._retired_texts: list[str] = []  # the last metrics of workers that died
+        self._retired_text = ""  # the counts of dead workers, summed into one text (metrics_fanin.retire)
 
     def metrics_texts(self) -> list[str]:
-        return [*self._retired_texts, *(w.metrics_text for w in self.workers if w.metrics_text)]
+        texts = [w.metrics_text for w in self.workers if w.metrics_text]
+        return [self._retired_text, *texts] if self._retired_text else texts
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[MediaWorkerPool]:
@@ -352,7 +353,7 @@ class MediaWorkerPool:
             worker = self.workers[index]
             await worker.wait_gone()
             if worker.metrics_text:
-                self._retired_texts.append(worker.metrics_text)
+                self._retired_text = retire(self._retired_text, worker.metrics_text)
             log.error("media worker %d is gone; its calls ended (%s); starting another", index, GONE)
             await asyncio.sleep(backoff.next_delay())
             fresh = MediaWorker(index, self.settings, self.log_level)

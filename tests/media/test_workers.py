@@ -13,13 +13,13 @@ from collections.abc import AsyncIterator, Callable
 
 import numpy as np
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.call_deps import EngineCannotTakeCall
 from bridge.engine_client import EngineError
-from bridge.media.metrics_fanin import MediaMetricsFanIn, sum_families
+from bridge.media.metrics_fanin import MediaMetricsFanIn, parse_text, render, retire, sum_families
 from bridge.media.simleg import SimLeg
 from bridge.media.worker_wire import WireError, decode, encode
 from bridge.media.workers import GONE, MediaWorkerPool, WorkerEngine, WorkerMedia
@@ -78,30 +78,26 @@ def test_families_are_summed_sample_by_sample() -> None:
                                      sum_value=n)
         return [counter, hist, GaugeMetricFamily("aziza_g", "g", value=n)]
 
-    text = generate_latest(_single(source(5))).decode()  # as a worker sends it
+    text = render(source(5))  # as a worker sends it
     merged = {f.name: f for f in sum_families([source(1), list(text_string_to_metric_families(text))])}
     assert [(s.name, s.value) for s in merged["aziza_x"].samples] == [("aziza_x_total", 6.0)]
     assert [s.value for s in merged["aziza_h_seconds"].samples] == [6.0, 12.0, 12.0, 6.0]
     assert [s.value for s in merged["aziza_g"].samples] == [6.0]
 
 
+    # A dead worker's last text: its counts stay, its gauges (what it held live) go; retired texts add up.
+    retired = retire(retire("", render(source(5))), render(source(2)))
+    kept = {f.name: f for f in parse_text(retired)}
+    assert set(kept) == {"aziza_x", "aziza_h_seconds"}
+    assert [s.value for s in kept["aziza_x"].samples] == [7.0]
+
+
 def scraped(fanin: MediaMetricsFanIn) -> str:
-    return generate_latest(_single(list(fanin.collect()))).decode()
-
-
-def _single(families: list[object]) -> CollectorRegistry:
-    registry = CollectorRegistry()
-
-    class _Fixed:
-        def collect(self) -> object:
-            return iter(families)
-
-    registry.register(_Fixed())  # type: ignore[arg-type]
-    return registry
+    return render(list(fanin.collect()))
 
 
 async def test_calls_on_workers_carry_audio_and_spread_over_them(speech_8k: np.ndarray) -> None:
-    fanin = MediaMetricsFanIn(_single([]))  # type: ignore[arg-type]
+    fanin = MediaMetricsFanIn(CollectorRegistry())  # (no media of its own in this process)
     async with echo_engine(4) as url, pool_of(url, 2, fanin) as pool:
         placed = [await placed_call(pool, f"w-{i}", speech_8k) for i in range(3)]
         assert sorted(len(w.calls) for w in pool.workers) == [1, 2]  # fewest calls first
@@ -126,11 +122,13 @@ async def test_calls_on_workers_carry_audio_and_spread_over_them(speech_8k: np.n
 
 
 async def test_a_dead_worker_ends_only_its_calls_and_is_replaced(speech_8k: np.ndarray) -> None:
-    async with echo_engine(4) as url, pool_of(url, 2) as pool:
+    fanin = MediaMetricsFanIn(CollectorRegistry())
+    async with echo_engine(4) as url, pool_of(url, 2, fanin) as pool:
         (e1, m1, l1), (e2, m2, l2) = [await placed_call(pool, f"d-{i}", speech_8k) for i in range(2)]
         assert m1.worker is not m2.worker
         r1, r2 = asyncio.create_task(m1.run()), asyncio.create_task(m2.run())
         sending = asyncio.create_task(l2.run(0.6))
+        await wait_for(lambda: "aziza_media_calls_active 2.0" in scraped(fanin))  # each worker reported its
         pid = m1.worker.pid
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
@@ -147,6 +145,8 @@ async def test_a_dead_worker_ends_only_its_calls_and_is_replaced(speech_8k: np.n
         await m3.stop()
         assert await r3 == "stopped" and m3.snapshot()["frames_to_engine"] > 0
         await e3.close()
+        # The dead worker's call is not counted live for ever (its last report said 1).
+        await wait_for(lambda: "aziza_media_calls_active 0.0" in scraped(fanin))
         for leg in (l1, l2, l3):
             leg.close()
 

@@ -537,7 +537,7 @@ async def _calls_live(settings: Settings, once: bool, watch_s: float | None, as_
         if once:
             return
         if watch_s is not None:
-            while not stop.is_set():
+            while True:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(watch_s):
                         await stop.wait()

@@ -10,7 +10,6 @@ I/O around it (syscalls, the engine WebSocket, the event loop) is what ``aziza-a
 
 from __future__ import annotations
 
-import audioop
 import random
 import time
 from collections.abc import Callable
@@ -18,12 +17,10 @@ from collections.abc import Callable
 import numpy as np
 
 from bridge.media.assets import load_speech_8k
-from bridge.media.codecs import float32_to_pcm16, ulaw_encode
-from bridge.media.fir_resample import FirResampler
-from bridge.media.framing import PacketSplitter
+from bridge.media.codecs import ulaw_encode
 from bridge.media.inbound import InboundPath
 from bridge.media.metrics import LatencyLedger, MediaStats
-from bridge.media.outbound import OutputTimeline
+from bridge.media.outbound import FrameToPackets, OutputTimeline
 from bridge.media.rtp import PT_PCMU, RtpSender
 
 SECONDS = 20.0
@@ -49,13 +46,11 @@ def inbound(datagrams: list[bytes]) -> None:
 def outbound(frames: list[np.ndarray]) -> None:
     stats = MediaStats()
     timeline = OutputTimeline(stats, LatencyLedger(stats))
-    down, splitter = FirResampler(24000, 8000), PacketSplitter()
+    to_packets = FrameToPackets()
     for n, frame in enumerate(frames):
         now = n * 0.080 + 0.010
-        chunks = splitter.push(float32_to_pcm16(down.process(frame)))
-        payloads = [ulaw_encode(c) for c in chunks]
-        levels = [audioop.rms(c.tobytes(), 2) for c in chunks]
-        timeline.on_frame(n, payloads, levels, now)
+        packets = to_packets.convert(frame)
+        timeline.on_frame(n, packets.payloads, packets.levels, now)
         for j in range(4):
             deadline = timeline.next_deadline()
             if deadline is not None and deadline < now + 0.080 and j < 4:
@@ -73,7 +68,7 @@ def bench(name: str, seconds: float, fn: Callable[[], None]) -> None:
 def main() -> None:
     datagrams = _datagrams(SECONDS)
     rng = np.random.default_rng(1)
-    frames = [rng.uniform(-0.3, 0.3, 1920).astype(np.float32) for _ in range(int(SECONDS * 12.5))]
+    frames = [rng.integers(-9000, 9000, 1920).astype(np.int16) for _ in range(int(SECONDS * 12.5))]
     bench("inbound (parse, jitter, decode, 8k->24k, frames)", SECONDS, lambda: inbound(datagrams))
     bench("outbound (24k->8k, ulaw, levels, timeline, RTP)", SECONDS, lambda: outbound(frames))
 

@@ -32,7 +32,6 @@ The engine session is the caller's: CallMedia uses it, the caller closes it.
 from __future__ import annotations
 
 import asyncio
-import audioop
 import logging
 import random
 import socket
@@ -45,17 +44,14 @@ import numpy as np
 from bridge.call_deps import MediaUnavailable
 from bridge.config import BridgeSettings
 from bridge.engine_client import EngineError, EngineProtocolError, EngineSession
-from bridge.media.codecs import float32_to_pcm16, ulaw_encode
-from bridge.media.fir_resample import FirResampler
-from bridge.media.framing import PacketSplitter
 from bridge.media.inbound import FLOOD_READS, InboundFormat, InboundPath
 from bridge.media.media_clock import ClockHandle, MediaClock
 from bridge.media.metrics import LatencyLedger, MediaStats
-from bridge.media.outbound import OUT_SAMPLES, OutputTimeline
+from bridge.media.outbound import FrameToPackets, OutputTimeline
 from bridge.media.prometheus import MEDIA_METRICS
 from bridge.media.rtp import MAX_DATAGRAM, PT_SLIN16
 from bridge.media.turns import VOICED_RMS
-from engine.protocol import SAMPLE_RATE, AudioFrame, Closed, Error, Lag, Text
+from engine.protocol import AudioFrame, Closed, Error, Lag, Text
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +94,13 @@ class CallMedia:
             learn_remote=learn_remote,
         )
         self.timeline = OutputTimeline(self.stats, self.ledger)
-        self._resample_out = FirResampler(SAMPLE_RATE, 8000)
-        self._packets_out = PacketSplitter(OUT_SAMPLES)
+        self._frame_to_packets = FrameToPackets()
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reading = False
         self._connected = False
         self._recv_buf = bytearray(MAX_DATAGRAM * 8)  # bigger than legal, so oversized ones are seen
+        self._recv_view = memoryview(self._recv_buf)
         self._media_clock = media_clock
         self._clock: MediaClock | None = None
         self._in_handle: ClockHandle | None = None
@@ -197,7 +193,9 @@ class CallMedia:
         clock = self._clock
         if clock is not None:
             clock.run_due()  # other calls' sends due now go out before this call's input work
-        if self._read_datagrams(_RECV_BATCH) and clock is not None:
+        # One datagram per readiness: a second read nearly always found the socket empty (a failed system
+        # call and an exception per packet), and with more queued the level-triggered loop calls again.
+        if self._read_datagrams(1) and clock is not None:
             self._guarded(self._input_due)  # a slot may be ready now: play it without a wake-up
 
     def _read_datagrams(self, limit: int) -> bool:
@@ -205,17 +203,23 @@ class CallMedia:
         sock = self._sock
         if sock is None:
             return False
-        inbound, buf = self.inbound, self._recv_buf
+        inbound, buf, view = self.inbound, self._recv_buf, self._recv_view
+        connected = self._connected
         got = False
         for _ in range(limit):
             try:
-                size, addr = sock.recvfrom_into(buf)
+                if connected:  # (the kernel passes only the remote's datagrams: no address to return)
+                    size, addr = sock.recv_into(buf), inbound.remote
+                else:
+                    size, addr = sock.recvfrom_into(buf)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:  # e.g. ICMP errors surfacing on the socket: count, keep the call
                 self.stats.count_drop(f"socket_error:{exc.errno}")
                 break
-            got = inbound.on_datagram(bytes(buf[:size]), addr, time.monotonic()) or got
+            if addr is None:
+                break
+            got = inbound.on_datagram(bytes(view[:size]), addr, time.monotonic()) or got
         if not self._connected and inbound.remote is not None:
             self._connect()  # (learned from the first datagram)
         if inbound.flooded and self._reading:
@@ -258,14 +262,20 @@ class CallMedia:
             poll_at = inbound.flood_poll_at(time.monotonic())
             deadline = poll_at if deadline is None else min(deadline, poll_at)
         if deadline is not None:
-            self._arm_input(deadline)
+            self._arm_input(deadline, computed=True)
 
-    def _arm_input(self, deadline: float) -> None:
+    def _arm_input(self, deadline: float, *, computed: bool = False) -> None:
+        """Arm the input's next look at ``deadline``. ``computed``: the input path has just run and found
+        nothing due before it, so a look armed earlier is stale and moves to it; otherwise an earlier one
+        stays (it runs the input path, which arms the rest)."""
         clock = self._clock
         if clock is None or deadline == self._in_armed:
             return
-        if self._in_armed is not None and self._in_armed < deadline:
-            return  # an earlier look is armed: it polls and arms this one (no heap work per packet)
+        if not computed and self._in_armed is not None and self._in_armed < deadline:
+            return
+        # (A stale look left armed fired once per packet: the slot it was for had been played when its packet
+        # came, and the next slot's deadline is later. Moving it is a cancel and a push; the wasted wake-up
+        # it saved was a whole input pass, about one callback in three of the media clock's.)
         if self._in_handle is not None:
             self._in_handle.cancel()
         self._in_armed = deadline
@@ -297,16 +307,12 @@ class CallMedia:
 
     def _on_engine_frame(self, frame: AudioFrame) -> None:
         now = time.monotonic()
-        chunks = self._packets_out.push(float32_to_pcm16(self._resample_out.process(frame.pcm)))
-        payloads = [ulaw_encode(chunk) for chunk in chunks]
-        levels = [audioop.rms(chunk.tobytes(), 2) for chunk in chunks]
-        # Voiced by the input's rule (the 24 kHz frame's RMS): an echo's frame n is voiced exactly when input
-        # frame n was, however the resampler's delay spreads a syllable's tail over the packets.
-        pcm = frame.pcm.astype(np.float32) * (1.0 / 32768.0)  # int16 on the wire; float for the sum
-        self.ledger.output_level(frame.seq, float(np.dot(pcm, pcm)) > VOICED_RMS * VOICED_RMS * len(pcm))
+        packets = self._frame_to_packets.convert(frame.pcm)
+        self.ledger.output_level(frame.seq, packets.voiced)
         clock = self._clock
         behind = clock is not None and clock.behind(now) > LOOP_BEHIND_S
-        self._send(self.timeline.on_frame(frame.seq, payloads, levels, now, loop_behind=behind))
+        timeline = self.timeline
+        self._send(timeline.on_frame(frame.seq, packets.payloads, packets.levels, now, loop_behind=behind))
         self._arm_output()
 
     # -- output --------------------------------------------------------------------------------------------
@@ -463,7 +469,7 @@ class CallMedia:
     def snapshot(self) -> dict[str, Any]:
         """The call's stats as a JSON-able dict (jitter-buffer counters and resampler delay included)."""
         self.stats.resampler_delay_ms = round(
-            (self.inbound.resampler.delay_s + self._resample_out.delay_s) * 1000.0, 3
+            (self.inbound.resampler.delay_s + self._frame_to_packets.resampler.delay_s) * 1000.0, 3
         )
         out = self.stats.to_dict()
         jitter = self.inbound.jitter.stats

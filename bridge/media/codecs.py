@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from bridge.media.rtp import PT_PCMA, PT_PCMU, PT_SLIN16
+from engine.protocol import float_to_int16
 
 Int16Array = npt.NDArray[np.int16]
 Float32Array = npt.NDArray[np.float32]
@@ -85,9 +86,9 @@ def pcm16_to_float32(pcm: Int16Array) -> Float32Array:
 
 
 def float32_to_pcm16(audio: npt.NDArray[np.floating]) -> Int16Array:
-    """float32 in [-1, 1] → int16, rounded and clipped (resampler overshoot must not wrap around)."""
-    scaled = np.rint(np.asarray(audio, dtype=np.float32) * np.float32(32768.0))
-    return np.clip(scaled, -32768, 32767).astype(np.int16)
+    """float32 in [-1, 1] → int16, rounded and clipped (resampler overshoot must not wrap around): the
+    engine protocol's own conversion, so both sides of the bridge round alike."""
+    return float_to_int16(audio)
 
 
 class LossConcealer:

@@ -15,6 +15,7 @@ from math import gcd
 
 import numpy as np
 import numpy.typing as npt
+from numpy.lib.stride_tricks import as_strided
 
 Float32Array = npt.NDArray[np.float32]
 
@@ -47,13 +48,24 @@ class FirResampler:
         self._state: npt.NDArray[np.float32] = np.zeros(taps - 1, dtype=np.float32)
         self._phase = 0  # index (intermediate rate) of the next output sample within the next block
         # Polyphase fast paths skip the multiplications by zero (interpolation) and the outputs thrown away
-        # (decimation): 3x less work for the 8k<->24k call path than the general form.
-        self._up_phases = [self._h[p :: self.up] for p in range(self.up)] if self.down == 1 else []
-        self._down_phases = [self._h[q :: self.down] for q in range(self.down)] if self.up == 1 else []
-        if self._up_phases:
-            self._x_state: npt.NDArray[np.float32] = np.zeros(
-                max(len(h) for h in self._up_phases) - 1, dtype=np.float32
-            )
+        # (decimation): 3x less work for the 8k<->24k call path than the general form. Each is one matrix
+        # product over a strided window view of the input: np.convolve computes its dot products one output
+        # sample at a time, and at 640 outputs of 49 taps that call overhead cost more than the sums (measured
+        # on the 2-core VM per 80 ms frame: 48 -> 31 us 8k->24k, 59 -> 38 us 24k->8k; output within 2e-7).
+        self._up_taps: npt.NDArray[np.float32] | None = None
+        self._down_taps: npt.NDArray[np.float32] | None = None
+        if self.down == 1:
+            # column p holds phase p's taps h[p], h[p + up], ... newest-sample last, zero-padded at the
+            # front to the longest phase: y[j*up + p] = window_j . column_p, window_j = x[j-K+1 .. j]
+            phases = [self._h[p :: self.up] for p in range(self.up)]
+            width = max(len(h) for h in phases)
+            by_phase = np.zeros((width, self.up), dtype=np.float32)
+            for p, hp in enumerate(phases):
+                by_phase[width - len(hp) :, p] = hp[::-1]
+            self._up_taps = by_phase
+            self._x_state: npt.NDArray[np.float32] = np.zeros(width - 1, dtype=np.float32)
+        elif self.up == 1:
+            self._down_taps = np.ascontiguousarray(self._h[::-1])  # (symmetric; reversed for the record)
         self.samples_in = 0
         self.samples_out = 0
 
@@ -78,10 +90,10 @@ class FirResampler:
         else:
             raise ValueError(f"audio must be int16 or float, got {arr.dtype}")
         self.samples_in += len(x)
-        if self._up_phases:
-            return self._interpolate(x)
-        if self._down_phases:
-            return self._decimate(x)
+        if self._up_taps is not None:
+            return self._interpolate(x, self._up_taps)
+        if self._down_taps is not None:
+            return self._decimate(x, self._down_taps)
         stuffed: Float32Array
         if self.up > 1:
             stuffed = np.zeros(len(x) * self.up, dtype=np.float32)
@@ -99,30 +111,26 @@ class FirResampler:
         self.samples_out += len(out)
         return out.astype(np.float32, copy=False)
 
-    def _interpolate(self, x: Float32Array) -> Float32Array:
-        """down == 1: y[j*up + p] = sum_i h[p + i*up] * x[j - i], one short convolution per phase."""
+    def _interpolate(self, x: Float32Array, taps: npt.NDArray[np.float32]) -> Float32Array:
+        """down == 1: y[j*up + p] = sum_i h[p + i*up] * x[j - i], as (windows of x) @ (taps by phase)."""
+        width = taps.shape[0]
         xe = np.concatenate([self._x_state, x])
-        out = np.empty(len(x) * self.up, dtype=np.float32)
-        k = len(self._x_state) + 1
-        for p, hp in enumerate(self._up_phases):
-            # phases shorter than the longest see the same alignment: their taps start at the newest sample
-            seg = xe[k - len(hp) :] if len(hp) < k else xe
-            out[p :: self.up] = np.convolve(seg, hp, mode="valid")
-        self._x_state = np.array(xe[len(xe) - (k - 1) :], dtype=np.float32)
+        step = xe.strides[0]
+        windows = as_strided(xe, shape=(len(x), width), strides=(step, step), writeable=False)
+        out: Float32Array = np.dot(windows, taps).ravel()  # row j = outputs j*up .. j*up + up - 1
+        self._x_state = xe[len(xe) - (width - 1) :].copy()
         self.samples_out += len(out)
         return out
 
-    def _decimate(self, x: Float32Array) -> Float32Array:
-        """up == 1: only the kept outputs, as a sum of one strided convolution per phase."""
+    def _decimate(self, x: Float32Array, taps: npt.NDArray[np.float32]) -> Float32Array:
+        """up == 1: only the kept outputs: y[j] = sum_k h[k] * block[phase + j*down + n_taps - 1 - k]."""
         block = np.concatenate([self._state, x])
-        n_taps = len(self._h)
+        n_taps = len(taps)
         count = len(range(self._phase, len(x), self.down))
-        out = np.zeros(count, dtype=np.float32)
-        if count:
-            for q, hq in enumerate(self._down_phases):
-                base = self._phase + n_taps - 1 - q - (len(hq) - 1) * self.down
-                seg = block[base : base + (count + len(hq) - 1) * self.down : self.down]
-                out += np.convolve(seg, hq, mode="valid")
+        step = block.strides[0]
+        windows = as_strided(block[self._phase :], shape=(count, n_taps), strides=(step * self.down, step),
+                             writeable=False)
+        out: Float32Array = np.dot(windows, taps) if count else np.zeros(0, dtype=np.float32)
         self._phase = self._phase + count * self.down - len(x)
         self._state = block[len(block) - (n_taps - 1) :].copy()
         self.samples_out += len(out)

@@ -267,7 +267,11 @@ class InboundPath:
                 self._slot += 1
                 self._track_waits(playout, nominal, now)
                 continue
-            self.deadline = min(deadline if now >= early else early, last + self.media_timeout_s)
+            # A packet already queued for the next slot is played at its early time; with none queued, the
+            # next look is the concealment deadline (an arrival before it is polled by the I/O layer anyway:
+            # a look at every early time woke the call once per packet for nothing).
+            look = early if now < early and jitter.next_ready() else deadline
+            self.deadline = min(look, last + self.media_timeout_s)
             return frames
 
     def _track_waits(self, playout: Playout, nominal: float, now: float) -> None:
@@ -327,7 +331,12 @@ class InboundPath:
         self._pending.clear()
         self._pending_out = 0
         self._pending_first_arrival = None
-        for frame in self._frames.push(resampler.process(chunk)):
+        resampled = resampler.process(chunk)
+        if self._frames.pending == 0 and len(resampled) == self._frames.block:
+            # (the usual case: four slots make one whole frame; the resampler's array is this frame's own)
+            frames.append(InputFrame(resampled, now, first_arrival, last_arrival))
+            return
+        for frame in self._frames.push(resampled):
             frames.append(InputFrame(frame, now, first_arrival, last_arrival))
 
     def _default_pt(self) -> int:

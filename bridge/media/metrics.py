@@ -29,11 +29,17 @@ class Histogram:
         self.max_seen_ms = 0.0
 
     def add(self, ms: float) -> None:
-        ms = max(0.0, ms)
-        self._counts[min(int(ms / self.BUCKET_MS), len(self._counts) - 1)] += 1
+        # (comparisons, not max/min calls: this runs several times per packet)
+        if ms < 0.0:
+            ms = 0.0
+        counts = self._counts
+        bucket = int(ms / self.BUCKET_MS)
+        last = len(counts) - 1
+        counts[bucket if bucket < last else last] += 1
         self.count += 1
         self.total_ms += ms
-        self.max_seen_ms = max(self.max_seen_ms, ms)
+        if ms > self.max_seen_ms:
+            self.max_seen_ms = ms
 
     def merge(self, other: Histogram) -> None:
         if len(other._counts) != len(self._counts):

@@ -296,3 +296,40 @@ def test_the_grid_never_moves_for_packets_that_do_not_wait() -> None:
     path, _ = run_path(stream, until=5.99)  # (the stream's end would conceal the slots after it)
     assert path.stats.rtp_in_rephased == 0
     assert path.stats.slots_concealed == 0
+
+
+def test_no_look_at_a_slot_whose_packet_is_not_queued() -> None:
+    # The first packet came 3 ms late (the grid is anchored on it), so every later packet arrives before its
+    # slot's nominal time. Each is played as it comes; a look at the next slot's early time, with nothing
+    # queued for it, would wake the call once per packet for nothing.
+    stream = real_stream(200)
+    stream[0].at += 0.003
+    path = InboundPath(MediaStats(), now=T0, media_timeout_s=5.0)
+    path.remote = SOURCE
+    empty_looks = played = 0
+    for d in stream:
+        while path.deadline is not None and path.deadline < d.at:
+            now = path.deadline
+            frames = path.poll(now)
+            if not frames and path.stats.slots_played == played:
+                empty_looks += 1
+            played = path.stats.slots_played
+        path.on_datagram(d.data, d.addr, d.at)
+        path.poll(d.at)
+        played = path.stats.slots_played
+    assert path.stats.rtp_in == 200 and path.stats.slots_concealed == 0
+    assert path.stats.slots_played >= 199  # (the last one waits for its slot's time)
+    assert empty_looks <= 2  # the start (before the stream is taken up), never per packet
+
+
+def test_a_packet_queued_ahead_of_its_slot_is_played_at_its_early_time() -> None:
+    # Packets 10..13 come in a burst with packet 9. A queued packet is played one ptime ahead of its slot's
+    # nominal time (its early time) by the path's own look, with no arrival to trigger it: slot 11 at slot
+    # 10's nominal time, which completes the frame of slots 8..11.
+    stream = real_stream(40)
+    for k in range(10, 14):
+        stream[k].at = stream[9].at + 0.0001 * (k - 9)
+    path, frames = run_path(stream, until=0.79)
+    assert path.stats.slots_concealed == 0
+    assert frames[2].completed_at == pytest.approx(T0 + 10 * 0.020 + 0.0003, abs=1e-9)
+    assert frames[3].completed_at == pytest.approx(T0 + 15 * 0.020 + 0.0003, abs=1e-9)  # packet 15, on time

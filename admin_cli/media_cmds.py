@@ -147,7 +147,7 @@ def _free_port() -> int:
 
 
 async def start_echo_engine_process(
-    slots: int, unix_socket: str | None = None
+    slots: int, unix_socket: str | None = None, batch_window_ms: float = ECHO_BATCH_WINDOW_MS
 ) -> tuple[asyncio.subprocess.Process, str]:
     """``aziza-engine --backend echo`` as a child, unbatched, on a free loopback port or on ``unix_socket``;
     (process, session URL) once it accepts connections (bench media and the load test)."""
@@ -155,7 +155,7 @@ async def start_echo_engine_process(
     where = ["--unix-socket", unix_socket] if unix_socket else ["--host", "127.0.0.1", "--port", str(port)]
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "engine.server", *where,
-        "--backend", "echo", "--slots", str(slots), "--batch-window-ms", str(ECHO_BATCH_WINDOW_MS),
+        "--backend", "echo", "--slots", str(slots), "--batch-window-ms", str(batch_window_ms),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )
     url = f"unix://{unix_socket}" if unix_socket else f"ws://127.0.0.1:{port}/session"
@@ -315,11 +315,12 @@ class _PoolShare:
 
 async def _bench(
     calls: int, seconds: float, loss: float, jitter_ms: float, aligned: bool = False, workers: int = 1,
-    junk_pps: float = 0.0, engine_link: str = "tcp",
+    junk_pps: float = 0.0, engine_link: str = "tcp", engine_window_ms: float = ECHO_BATCH_WINDOW_MS,
 ) -> dict[str, Any]:
     sock_dir = tempfile.TemporaryDirectory(prefix="aziza-bench-") if engine_link == "unix" else None
     engine_proc, url = await start_echo_engine_process(
-        calls, unix_socket=f"{sock_dir.name}/engine.sock" if sock_dir is not None else None)
+        calls, unix_socket=f"{sock_dir.name}/engine.sock" if sock_dir is not None else None,
+        batch_window_ms=engine_window_ms)
     legs_proc: asyncio.subprocess.Process | None = None
     shares: list[_BridgeShare | _PoolShare] = [
         _BridgeShare(url, calls, 0) if workers <= 1 else _PoolShare(url, calls, workers)]
@@ -365,6 +366,7 @@ async def _bench(
             sock_dir.cleanup()
     report = _bench_report(calls, seconds, loss, jitter_ms, aligned, workers, results, legs, wall, child_cpu)
     report["junk_pps_per_call"] = junk_pps
+    report["engine_window_ms"] = engine_window_ms
     report["junk_dropped"] = sum(r["junk_dropped"] for r in results)
     report["junk_floods"] = sum(r["counters"]["junk_floods"] for r in results)
     report["rtp_in"] = sum(r["counters"]["rtp_in"] for r in results)
@@ -463,13 +465,18 @@ def _bench_report(
               help="Spoofed junk datagrams a second each leg sends from its own address (the call's source).")
 @click.option("--engine-link", type=click.Choice(["tcp", "unix"]), default="tcp", show_default=True,
               help="The engine sessions' WebSockets over loopback TCP or a Unix socket.")
+@click.option("--engine-window-ms", type=click.FloatRange(0, 200), default=ECHO_BATCH_WINDOW_MS,
+              show_default=True,
+              help="The echo engine's batching window (engine.batch_window_ms; the appliance's default is "
+              "20): its rounds and their effect on each call's round trip, as a batched Moshi engine's.")
 @click.option("--json", "as_json", is_flag=True)
 def bench_media(
     calls: int, seconds: float, loss: float, jitter_ms: float, aligned: bool, workers: int, junk_pps: float,
-    engine_link: str, as_json: bool,
+    engine_link: str, engine_window_ms: float, as_json: bool,
 ) -> None:
     """N simultaneous simulated calls through the bridge (one process, or --workers) and the echo engine."""
-    result = asyncio.run(_bench(calls, seconds, loss, jitter_ms, aligned, workers, junk_pps, engine_link))
+    result = asyncio.run(_bench(calls, seconds, loss, jitter_ms, aligned, workers, junk_pps, engine_link,
+                                engine_window_ms))
     result["engine_link"] = engine_link
     if as_json:
         click.echo(json.dumps(result))

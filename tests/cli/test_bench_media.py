@@ -15,16 +15,17 @@ KEYS = {"calls_carried", "cpu_percent", "cpu_percent_per_call", "added_latency_p
         "workers", "rtp_in"}
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_bench_media_carries_every_call(workers: int) -> None:
+@pytest.mark.parametrize(("workers", "window_ms"), [(1, 0), (2, 0), (1, 20)])
+def test_bench_media_carries_every_call(workers: int, window_ms: int) -> None:
     run = subprocess.run(
         [str(Path(sys.executable).parent / "aziza-admin"), "bench", "media", "--calls", "3",
-         "--seconds", "1.5", "--workers", str(workers), "--json"],
+         "--seconds", "1.5", "--workers", str(workers), "--engine-window-ms", str(window_ms), "--json"],
         capture_output=True, text=True, timeout=120,
     )
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads(run.stdout)
     assert KEYS <= report.keys()
     assert report["calls_carried"] == 3 and report["workers"] == workers
+    assert report["engine_window_ms"] == window_ms  # (with a window, the echo engine steps in rounds)
     assert report["rtp_in"] > 3 * 40  # 1.5 s of 20 ms packets per call reached the bridge
     assert report["lost_frames"] == 0

@@ -273,6 +273,8 @@ class BatchPlanner:
         move it). Chosen from the frame's own arrival, a call whose frames come close to a boundary, some
         just before it and some just after, waited almost nothing and a whole window by turns, and its
         round trip jumped by a window at every turn. A frame later than its round takes the next one."""
+        if self.window_s <= 0.0:
+            return now  # no rounds: each frame is stepped as it comes
         expected = state.expected
         if expected is None or abs(now - expected) > FRAME_S / 2:
             expected = now  # the first frame, or after a hold or a stall: the phase starts here

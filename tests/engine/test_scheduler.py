@@ -78,6 +78,20 @@ def test_a_frame_waits_for_the_next_round_boundary() -> None:
     assert planner.next_step_at(1.038) == pytest.approx(1.060)
 
 
+def test_with_no_window_every_frame_is_stepped_as_it_comes() -> None:
+    table = SlotTable(3)
+    planner = BatchPlanner(3, 0.0)
+    leases = [table.acquire() for _ in range(3)]
+    for lease in leases:
+        planner.attach(lease)
+    for n in range(20):  # (a phase learned over frames must not delay anything either)
+        at = n * 0.080 + 0.0071
+        planner.push(leases[0], frame(0.1), now=at)
+        assert planner.next_step_at(at) == pytest.approx(at)
+        batch = planner.take_batch(at)
+        assert batch is not None and set(batch.frames) == {leases[0].slot}
+
+
 def test_round_starts_at_once_when_every_active_slot_is_ready() -> None:
     _, planner, (a, b) = planner_with(2)
     planner.push(a, frame(0.1), now=1.000)

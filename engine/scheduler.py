@@ -242,14 +242,17 @@ class BatchPlanner:
     def _ready(self) -> list[int]:
         return [slot for slot, s in self._slots.items() if s.queue and not s.paused]
 
+    def _all_active(self, ready: list[int]) -> bool:
+        """Whether ``ready`` is every slot not on hold: then the round starts at once."""
+        return len(ready) == sum(1 for s in self._slots.values() if not s.paused)
+
     def next_step_at(self, now: float) -> float | None:
         """When the next step should start: None when nothing is queued, ``now`` or earlier when due."""
         ready = self._ready()
         if not ready:
             return None
         heads = [self._slots[slot].queue[0] for slot in ready]
-        active = sum(1 for s in self._slots.values() if not s.paused)
-        if len(ready) == active:
+        if self._all_active(ready):
             return min(now, min(head.arrival for head in heads))
         return min(head.round_at for head in heads)
 
@@ -289,7 +292,7 @@ class BatchPlanner:
         ready = self._ready()
         if not ready:
             return None
-        everyone = len(ready) == sum(1 for s in self._slots.values() if not s.paused)
+        everyone = self._all_active(ready)
         frames: dict[int, np.ndarray] = {}
         generations: dict[int, int] = {}
         seqs: dict[int, tuple[int, bool]] = {}

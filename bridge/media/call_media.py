@@ -39,8 +39,6 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal
 
-import numpy as np
-
 from bridge.call_deps import MediaUnavailable
 from bridge.config import BridgeSettings
 from bridge.engine_client import EngineError, EngineProtocolError, EngineSession
@@ -50,7 +48,7 @@ from bridge.media.metrics import LatencyLedger, MediaStats
 from bridge.media.outbound import FrameToPackets, OutputTimeline
 from bridge.media.prometheus import MEDIA_METRICS
 from bridge.media.rtp import MAX_DATAGRAM, PT_SLIN16
-from bridge.media.turns import VOICED_RMS
+from bridge.media.turns import is_voiced
 from engine.protocol import AudioFrame, Closed, Error, Lag, Text
 
 log = logging.getLogger(__name__)
@@ -250,10 +248,8 @@ class CallMedia:
                 self.stats.frames_to_engine_dropped += 1
                 continue
             self.stats.frames_to_engine += 1
-            pcm = frame.pcm
-            voiced = float(np.dot(pcm, pcm)) > VOICED_RMS * VOICED_RMS * len(pcm)
-            self.ledger.sent(seq, time.monotonic() - frame.completed_at, frame.first_arrival, voiced=voiced,
-                             last_arrival=frame.last_arrival)
+            self.ledger.sent(seq, time.monotonic() - frame.completed_at, frame.first_arrival,
+                             voiced=is_voiced(frame.pcm), last_arrival=frame.last_arrival)
         if inbound.timed_out:
             self._end("media_timeout")
             return

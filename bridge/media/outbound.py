@@ -47,7 +47,7 @@ from bridge.media.metrics import LatencyLedger, MediaStats
 from bridge.media.pacer import Pacer, SlotBuffer
 from bridge.media.playout_phase import PlayoutPhase
 from bridge.media.rtp import PT_PCMU, RtpSender
-from bridge.media.turns import VOICED_RMS
+from bridge.media.turns import is_voiced
 
 PTIME_S = 0.020
 OUT_SAMPLES = 160  # 20 ms of 8 kHz µ-law
@@ -94,8 +94,7 @@ class FrameToPackets:
         self._splitter = PacketSplitter(OUT_SAMPLES)  # (only when a frame is not whole packets)
 
     def convert(self, pcm: npt.NDArray[np.int16]) -> OutputPackets:
-        samples = pcm.astype(np.float32)
-        voiced = float(np.dot(samples, samples)) > (VOICED_RMS * 32768.0) ** 2 * len(samples)
+        voiced = is_voiced(pcm.astype(np.float32), full_scale=32768.0)
         pcm8k = float32_to_pcm16(self.resampler.process(pcm))
         if self._splitter.pending or len(pcm8k) % OUT_SAMPLES:
             chunks = self._splitter.push(pcm8k)

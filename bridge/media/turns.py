@@ -23,9 +23,19 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
+import numpy.typing as npt
+
 #: Voiced threshold on an 80 ms frame's RMS (24 kHz, full scale 1.0), input and output alike: -40 dBFS, well
 #: above a line's idle noise, below speech.
 VOICED_RMS = 0.01
+
+
+def is_voiced(samples: npt.NDArray[np.float32], full_scale: float = 1.0) -> bool:
+    """Whether a frame's RMS is above ``VOICED_RMS`` (``samples`` as floats; ``full_scale``: 32768.0 for
+    16-bit values): the one rule for input and output frames."""
+    threshold = VOICED_RMS * full_scale
+    return float(np.dot(samples, samples)) > threshold * threshold * len(samples)
 
 
 @dataclass

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import psycopg
+import redis
 from psycopg import sql
 
 from tests.conftest import PG_ADMIN_URL, REDIS_URL, _with_dbname
@@ -375,6 +376,17 @@ rtp_port_max = {p['ast_rtp_max']}
         with contextlib.suppress(psycopg.Error), psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
             name = self.database_url.rpartition("/")[2]
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+    def teardown(self) -> None:
+        """Stop everything and leave nothing of this run behind: its database (:meth:`stop`) and its Redis
+        keys."""
+        self.stop()
+        client = redis.Redis.from_url(REDIS_URL)
+        with contextlib.suppress(redis.RedisError):
+            keys = list(client.scan_iter(match=f"{self.redis_prefix}*"))
+            if keys:
+                client.delete(*keys)
+        client.close()
 
     # ---- the bridge's control API ---------------------------------------------------------------------
 

@@ -8,7 +8,6 @@ SIPp, dumpcap or espeak-ng is missing, or when not running as root.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import signal
 import subprocess
@@ -21,11 +20,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-import redis
 
 from tests.asterisk import media, sipp
 from tests.asterisk.appliance import Appliance, free_udp_pair, missing_prerequisite, wait_for
-from tests.conftest import REDIS_URL
 
 
 @pytest.fixture(scope="session")
@@ -40,13 +37,7 @@ def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
         app.start()
         yield app
     finally:
-        app.stop()
-        client = redis.Redis.from_url(REDIS_URL)
-        with contextlib.suppress(redis.RedisError):
-            keys = list(client.scan_iter(match=f"{app.redis_prefix}*"))
-            if keys:
-                client.delete(*keys)
-        client.close()
+        app.teardown()
 
 
 @pytest.fixture

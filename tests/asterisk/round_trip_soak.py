@@ -14,7 +14,6 @@ even/odd pair; Asterisk 22.10.1 died when its range ran out). Prints one JSON ob
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import re
 import subprocess
@@ -23,10 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import redis
-
 from tests.asterisk import appliance as ap
-from tests.conftest import REDIS_URL
 
 
 def _widen(app: ap.Appliance, calls: int) -> None:
@@ -126,13 +122,7 @@ def main() -> int:
             }))
             return 0
         finally:
-            app.stop()
-            client = redis.Redis.from_url(REDIS_URL)
-            with contextlib.suppress(redis.RedisError):
-                keys = list(client.scan_iter(match=f"{app.redis_prefix}*"))
-                if keys:
-                    client.delete(*keys)
-            client.close()
+            app.teardown()
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from typing import Any
 
 import click
 import numpy as np
+from pydantic import ValidationError
 
 from admin_cli.procs import end_process, proc_cpu_s, proc_cpu_split_s
 from bridge.config import BridgeSettings
@@ -61,8 +62,11 @@ async def _engine(url: str | None, slots: int) -> AsyncIterator[str]:
             yield engine_url
 
 
-def _bridge_settings() -> BridgeSettings:
-    return BridgeSettings(rtp_port_min=40000, rtp_port_max=49999)
+def _bridge_settings(media_tick_ms: float | None = None) -> BridgeSettings:
+    fields: dict[str, object] = {"rtp_port_min": 40000, "rtp_port_max": 49999}
+    if media_tick_ms is not None:
+        fields["media_tick_ms"] = media_tick_ms
+    return BridgeSettings.model_validate(fields)
 
 
 
@@ -183,7 +187,8 @@ async def _read_json_line(stream: asyncio.StreamReader) -> Any:
     return json.loads(line)
 
 
-_HISTOGRAMS = ("added_latency_ms", "latency_in_ms", "latency_out_ms", "jitter_delay_ms", "send_lateness_ms")
+_HISTOGRAMS = ("added_latency_ms", "latency_in_ms", "latency_out_ms", "jitter_delay_ms", "send_lateness_ms",
+               "socket_wait_ms")
 _COUNTERS = (
     "frames_to_engine", "frames_from_engine", "engine_frames_lost", "rtp_out", "rtp_out_silence",
     "rtp_out_skipped", "rtp_out_late_dropped", "rtp_out_expanded", "rtp_out_shrunk", "rtp_out_kept",
@@ -195,8 +200,9 @@ _COUNTERS = (
 class _BridgeShare:
     """The bridge side of the benchmark for some of the calls: their CallMedia endpoints in this process."""
 
-    def __init__(self, url: str, calls: int, first: int) -> None:
+    def __init__(self, url: str, calls: int, first: int, settings: BridgeSettings) -> None:
         self.url, self.calls, self.first = url, calls, first
+        self.settings = settings
         self.medias: list[CallMedia] = []
         self.engines: list[EngineSession] = []
         self.runs: list[asyncio.Task[str]] = []
@@ -205,7 +211,7 @@ class _BridgeShare:
     async def open(self) -> list[int]:
         for i in range(self.first, self.first + self.calls):
             self.engines.append(await EngineSession.open(self.url, None, f"bench-{i}"))
-            self.medias.append(CallMedia(_bridge_settings(), self.engines[-1], f"bench-{i}"))
+            self.medias.append(CallMedia(self.settings, self.engines[-1], f"bench-{i}"))
         return [(await m.bind())[1] for m in self.medias]
 
     def lock(self, leg_ports: list[int]) -> None:
@@ -246,8 +252,8 @@ class _PoolShare:
     """The calls on the bridge's own media workers (``bridge.media_workers``; bridge/media/workers.py),
     placed as the bridge places them: the benchmark measures what the appliance runs."""
 
-    def __init__(self, url: str, calls: int, workers: int) -> None:
-        settings = _bridge_settings().model_copy(update={"engine_url": url})
+    def __init__(self, url: str, calls: int, workers: int, settings: BridgeSettings) -> None:
+        settings = settings.model_copy(update={"engine_url": url})
         self.pool = MediaWorkerPool(settings, workers, log_level="WARNING")  # no line per call in the report
         self.calls = calls
         self.engines: list[WorkerEngine] = []
@@ -316,14 +322,16 @@ class _PoolShare:
 async def _bench(
     calls: int, seconds: float, loss: float, jitter_ms: float, aligned: bool = False, workers: int = 1,
     junk_pps: float = 0.0, engine_link: str = "tcp", engine_window_ms: float = ECHO_BATCH_WINDOW_MS,
+    media_tick_ms: float | None = None,
 ) -> dict[str, Any]:
+    settings = _bridge_settings(media_tick_ms)
     sock_dir = tempfile.TemporaryDirectory(prefix="aziza-bench-") if engine_link == "unix" else None
     engine_proc, url = await start_echo_engine_process(
         calls, unix_socket=f"{sock_dir.name}/engine.sock" if sock_dir is not None else None,
         batch_window_ms=engine_window_ms)
     legs_proc: asyncio.subprocess.Process | None = None
     shares: list[_BridgeShare | _PoolShare] = [
-        _BridgeShare(url, calls, 0) if workers <= 1 else _PoolShare(url, calls, workers)]
+        _BridgeShare(url, calls, 0, settings) if workers <= 1 else _PoolShare(url, calls, workers, settings)]
     try:
         share_ports = await asyncio.gather(*(share.open() for share in shares))
         bridge_ports = [port for ports in share_ports for port in ports]
@@ -367,6 +375,7 @@ async def _bench(
     report = _bench_report(calls, seconds, loss, jitter_ms, aligned, workers, results, legs, wall, child_cpu)
     report["junk_pps_per_call"] = junk_pps
     report["engine_window_ms"] = engine_window_ms
+    report["media_tick_ms"] = settings.media_tick_ms
     report["junk_dropped"] = sum(r["junk_dropped"] for r in results)
     report["junk_floods"] = sum(r["counters"]["junk_floods"] for r in results)
     report["rtp_in"] = sum(r["counters"]["rtp_in"] for r in results)
@@ -410,6 +419,9 @@ def _bench_report(
         "latency_out_p99_ms": round(hist["latency_out_ms"].percentile(99), 2),
         "jitter_buffer_delay_p50_ms": round(hist["jitter_delay_ms"].percentile(50), 2),
         "jitter_buffer_delay_p99_ms": round(hist["jitter_delay_ms"].percentile(99), 2),
+        # Of that: datagram arrival (the kernel's stamp) → read, with the socket read on the media tick.
+        "socket_wait_p50_ms": round(hist["socket_wait_ms"].percentile(50), 2),
+        "socket_wait_p99_ms": round(hist["socket_wait_ms"].percentile(99), 2),
         "pacing_jitter_p99_ms": round(pacing.percentile(99), 3),
         "pacing_jitter_max_ms": round(pacing.max_seen_ms, 3),
         # How late the bridge's own pacer woke for its deadlines (event-loop lag), p99 over all packets.
@@ -469,14 +481,21 @@ def _bench_report(
               show_default=True,
               help="The echo engine's batching window (engine.batch_window_ms; the appliance's default is "
               "20): its rounds and their effect on each call's round trip, as a batched Moshi engine's.")
+@click.option("--tick-ms", "media_tick_ms", type=float, default=None,
+              help="The bridge's media clock tick (bridge.media_tick_ms; default: the setting's, 4): the "
+              "calls due in a tick share one wake-up; 0: each at its own instant.")
 @click.option("--json", "as_json", is_flag=True)
 def bench_media(
     calls: int, seconds: float, loss: float, jitter_ms: float, aligned: bool, workers: int, junk_pps: float,
-    engine_link: str, engine_window_ms: float, as_json: bool,
+    engine_link: str, engine_window_ms: float, media_tick_ms: float | None, as_json: bool,
 ) -> None:
     """N simultaneous simulated calls through the bridge (one process, or --workers) and the echo engine."""
+    try:
+        _bridge_settings(media_tick_ms)
+    except ValidationError as exc:
+        raise click.BadParameter(str(exc.errors()[0]["msg"]), param_hint="--tick-ms") from exc
     result = asyncio.run(_bench(calls, seconds, loss, jitter_ms, aligned, workers, junk_pps, engine_link,
-                                engine_window_ms))
+                                engine_window_ms, media_tick_ms))
     result["engine_link"] = engine_link
     if as_json:
         click.echo(json.dumps(result))

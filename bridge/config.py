@@ -89,6 +89,9 @@ class BridgeSettings(_MaskedRepr):
     jitter_max_ms: int = Field(default=200, ge=20)
     # Inbound codec Asterisk is asked to send (the return path is always ulaw).
     inbound_format: Literal["ulaw", "slin16"] = "ulaw"
+    # The media clock's tick (ms): every call's RTP is read and sent on it, so the calls due in a tick share
+    # one wake-up (bridge/media/read_schedule.py); a packet waits at most a tick. 0: each at its own instant.
+    media_tick_ms: float = Field(default=4.0, ge=0, le=10)
     # Media worker processes (bridge/media/workers.py): phone calls' media (RTP, engine session) runs in
     # N processes, each call on the one with the fewest, so the media path uses N cores. 0: in the bridge
     # process itself (one core; fine for a few dozen calls). The installer writes one per core.
@@ -113,6 +116,13 @@ class BridgeSettings(_MaskedRepr):
     public_url: str | None = None
     # Origins (besides public_url's) whose pages may open /ws/talk.
     talk_origins: list[str] = []
+
+    @field_validator("media_tick_ms")
+    @classmethod
+    def _tick_divides_ptime(cls, value: float) -> float:
+        if value and abs(20.0 / value - round(20.0 / value)) > 1e-9:
+            raise ValueError("must be 0 or divide 20 ms into whole ticks (1, 2, 2.5, 4, 5, 10...)")
+        return value
 
     @field_validator("engine_url")
     @classmethod

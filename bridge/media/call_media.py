@@ -10,7 +10,9 @@ This is the I/O around two sans-IO cores, which hold every decision and take tim
 :class:`~bridge.media.outbound.OutputTimeline` (engine frames → paced RTP datagrams). CallMedia reads the
 socket, sends what the cores return, and asks the process-wide
 :class:`~bridge.media.media_clock.MediaClock` (one timerfd for every call) to call them back at their
-deadlines.
+deadlines. With the clock ticking (``media_tick_ms``), the socket is read on the stream's phase
+(:class:`~bridge.media.read_schedule.ReadSchedule`) rather than per datagram, and the kernel's arrival stamp
+stands for each datagram's arrival.
 
 ``run()`` owns one TaskGroup of two tasks (engine receive, and control for hold messages) and never raises
 for anything a peer does. The timed work is not in tasks: it runs as plain media-clock callbacks, and the
@@ -35,6 +37,7 @@ import asyncio
 import logging
 import random
 import socket
+import struct
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal
@@ -47,6 +50,7 @@ from bridge.media.media_clock import ClockHandle, MediaClock
 from bridge.media.metrics import LatencyLedger, MediaStats
 from bridge.media.outbound import FrameToPackets, OutputTimeline
 from bridge.media.prometheus import MEDIA_METRICS
+from bridge.media.read_schedule import ReadSchedule
 from bridge.media.rtp import MAX_DATAGRAM, PT_SLIN16
 from bridge.media.turns import is_voiced
 from engine.protocol import AudioFrame, Closed, Error, Lag, Text
@@ -56,6 +60,19 @@ log = logging.getLogger(__name__)
 LOOP_BEHIND_S = 0.004  # the bridge's own loop this far behind: engine frame margins say nothing of the engine
 _BIND_ATTEMPTS = 200
 _RECV_BATCH = 64
+_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # (35: Linux's value; Python names it from 3.12)
+_TIMESPEC = struct.Struct("@qq")
+_ANC_SIZE = socket.CMSG_SPACE(_TIMESPEC.size)
+_MAX_SOCKET_WAIT_S = 1.0  # a stamp further back than this is a clock step, not a wait: not used
+
+
+def _stamp_s(anc: list[tuple[int, int, bytes]]) -> float:
+    """The arrival time (CLOCK_REALTIME seconds) in a datagram's ancillary data, or +inf."""
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(data) >= _TIMESPEC.size:
+            sec, nsec = _TIMESPEC.unpack_from(data)
+            return float(sec) + nsec * 1e-9
+    return float("inf")
 
 
 class MediaBindError(MediaUnavailable, OSError):
@@ -99,12 +116,15 @@ class CallMedia:
         self._connected = False
         self._recv_buf = bytearray(MAX_DATAGRAM * 8)  # bigger than legal, so oversized ones are seen
         self._recv_view = memoryview(self._recv_buf)
+        self._recv_bufs = [self._recv_buf]
+        self._stamped = False  # the kernel stamps each datagram's arrival (polled reads: see bind())
         self._media_clock = media_clock
         self._clock: MediaClock | None = None
         self._in_handle: ClockHandle | None = None
         self._in_armed: float | None = None
         self._out_handle: ClockHandle | None = None
         self._out_armed: float | None = None
+        self._reads: ReadSchedule | None = None  # with the clock ticking: when the socket is read
         self._ended = asyncio.Event()
         self._finished = asyncio.Event()
         self._running = False
@@ -138,6 +158,12 @@ class CallMedia:
                 sock.close()
                 continue
             self._sock = sock
+            if self.settings.media_tick_ms > 0:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+                    self._stamped = True
+                except OSError:  # (no such option here: read times stand for arrival times)
+                    self._stamped = False
             self._loop = asyncio.get_running_loop()
             self._read_per_datagram(True)
             self._connect()
@@ -193,8 +219,35 @@ class CallMedia:
             clock.run_due()  # other calls' sends due now go out before this call's input work
         # One datagram per readiness: a second read nearly always found the socket empty (a failed system
         # call and an exception per packet), and with more queued the level-triggered loop calls again.
-        if self._read_datagrams(1) and clock is not None:
-            self._guarded(self._input_due)  # a slot may be ready now: play it without a wake-up
+        if not self._read_datagrams(1) or clock is None:
+            return
+        reads = self._reads
+        if reads is not None and not self.inbound.flooded:
+            # The stream has a phase now: read it on the clock's ticks, not per datagram.
+            self._read_per_datagram(False)
+            self._read_datagrams(_RECV_BATCH)
+            reads.on_packets(time.monotonic(), polled_read=False)
+        self._guarded(self._input_due)  # a slot may be ready now: play it without a wake-up
+
+    def _read_when_due(self, now: float) -> None:
+        """Polled (see read_schedule.py): read the socket until empty if its read is due."""
+        reads, clock = self._reads, self._clock
+        if reads is None or clock is None or reads.next_read_at is None:
+            return
+        if clock.fire_at(reads.next_read_at) > now:
+            return
+        if self._read_datagrams(_RECV_BATCH):
+            reads.on_packets(now, polled_read=True)
+            return
+        reads.on_empty(now)
+        if not reads.polled:  # the stream stopped: wait for its next datagram
+            self._read_per_datagram(True)
+
+    def _resume_reading(self) -> None:
+        """A flood is over: read as before it (per datagram, or on the schedule when polled)."""
+        reads = self._reads
+        if reads is None or not reads.polled:
+            self._read_per_datagram(True)
 
     def _read_datagrams(self, limit: int) -> bool:
         """Read up to ``limit`` datagrams into the input; True if any was accepted."""
@@ -202,11 +255,15 @@ class CallMedia:
         if sock is None:
             return False
         inbound, buf, view = self.inbound, self._recv_buf, self._recv_view
-        connected = self._connected
+        connected, stamped = self._connected, self._stamped
         got = False
         for _ in range(limit):
+            anc: list[tuple[int, int, bytes]] = []
             try:
-                if connected:  # (the kernel passes only the remote's datagrams: no address to return)
+                if stamped:
+                    size, anc, _, source = sock.recvmsg_into(self._recv_bufs, _ANC_SIZE)
+                    addr = inbound.remote if connected else source
+                elif connected:  # (the kernel passes only the remote's datagrams: no address to return)
                     size, addr = sock.recv_into(buf), inbound.remote
                 else:
                     size, addr = sock.recvfrom_into(buf)
@@ -217,7 +274,15 @@ class CallMedia:
                 break
             if addr is None:
                 break
-            got = inbound.on_datagram(bytes(view[:size]), addr, time.monotonic()) or got
+            arrival = time.monotonic()
+            if anc:
+                # The kernel's arrival stamp (CLOCK_REALTIME): a polled socket's packets waited there up to a
+                # tick, and the input path must see when they came, not when they were read.
+                wait = time.time() - _stamp_s(anc)
+                if 0.0 <= wait < _MAX_SOCKET_WAIT_S:
+                    arrival -= wait
+                    self.stats.socket_wait_ms.add(wait * 1000.0)
+            got = inbound.on_datagram(bytes(view[:size]), addr, arrival) or got
         if not self._connected and inbound.remote is not None:
             self._connect()  # (learned from the first datagram)
         if inbound.flooded and self._reading:
@@ -232,11 +297,14 @@ class CallMedia:
     def _input_due(self) -> None:
         inbound = self.inbound
         now = time.monotonic()
+        reads = self._reads
         if inbound.flooded:
             self._read_datagrams(FLOOD_READS)
             if inbound.flood_over(now):
-                self._read_per_datagram(True)
-        elif inbound.conceal_due(now):
+                self._resume_reading()
+        elif reads is not None and reads.polled:
+            self._read_when_due(now)
+        if not inbound.flooded and inbound.conceal_due(now):
             self._read_datagrams(_RECV_BATCH)  # the packet may be in the socket, unread: read it first
         for frame in inbound.poll(now):
             try:
@@ -257,6 +325,9 @@ class CallMedia:
         if inbound.flooded:
             poll_at = inbound.flood_poll_at(time.monotonic())
             deadline = poll_at if deadline is None else min(deadline, poll_at)
+        elif reads is not None and reads.next_read_at is not None:
+            read_at = reads.next_read_at
+            deadline = read_at if deadline is None else min(deadline, read_at)
         if deadline is not None:
             self._arm_input(deadline, computed=True)
 
@@ -407,7 +478,9 @@ class CallMedia:
             if self._sock is None:
                 await self.bind()
             clock = self._media_clock or MediaClock.shared()
-            clock.acquire()
+            clock.acquire(self.settings.media_tick_ms / 1000.0)
+            if clock.tick_s > 0:
+                self._reads = ReadSchedule(clock.tick_s)
             self._clock = clock
             self.inbound.last_packet_at = time.monotonic()
             MEDIA_METRICS.call_started(self.stats, self.inbound)

@@ -146,6 +146,7 @@ class MediaStats:
     added_latency_ms: Histogram = field(default_factory=Histogram)
     jitter_delay_ms: Histogram = field(default_factory=Histogram)
     send_lateness_ms: Histogram = field(default_factory=Histogram)
+    socket_wait_ms: Histogram = field(default_factory=Histogram)  # datagram arrival → read (polled reads)
     # caller turns and their time to first byte (bridge/media/turns.py)
     turns: TurnStats = field(default_factory=TurnStats)
     # inbound junk: datagrams dropped (any reason but "held") and the times the budget ran out

@@ -100,7 +100,7 @@ class MediaMetrics(Collector):
             for reason, count in stats.rtp_dropped.items():
                 key = reason if reason in DROP_REASONS else "other"
                 ended.rtp_dropped[key] = ended.rtp_dropped.get(key, 0) + count
-            for name in ("added_latency_ms", "send_lateness_ms"):
+            for name in ("added_latency_ms", "send_lateness_ms", "socket_wait_ms"):
                 getattr(ended, name).merge(getattr(stats, name))
             self._ended_lost += inbound.lost_packets
             turns = stats.turns
@@ -194,6 +194,9 @@ class MediaMetrics(Collector):
         yield _histogram("aziza_media_pacing_lateness_seconds",
                          "How late output packets left their 20 ms grid (the bridge's own lateness)",
                          [s.send_lateness_ms for s in every], PACING_BUCKETS_S)
+        yield _histogram("aziza_media_socket_wait_seconds",
+                         "How long inbound RTP waited in its socket (read on the media tick)",
+                         [s.socket_wait_ms for s in every], PACING_BUCKETS_S)
         cumulative = np.cumsum(depths)
         yield HistogramMetricFamily(
             "aziza_media_jitter_buffer_depth_packets", "Packets the jitter buffer held as a slot was played",

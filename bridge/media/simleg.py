@@ -177,7 +177,7 @@ class SimLeg:
         if self.remote is None:
             raise RuntimeError("SimLeg has no remote address: call set_remote() first")
         self._stop.clear()
-        timer = MediaClock.shared()  # sub-millisecond wake-ups (one timerfd for every leg and call)
+        timer = MediaClock.shared("legs")  # sub-millisecond wake-ups (one timerfd for every leg), no tick
         timer.acquire()
         # (send time, tie-break, datagram): impaired packets may leave out of order.
         pending: list[tuple[float, int, bytes]] = []

@@ -58,6 +58,28 @@ async def test_call_end_to_end_echo(engine_url: str, speech_8k: np.ndarray) -> N
     assert snap["round_trip_end_vs_start_ms"] is not None
 
 
+@pytest.mark.parametrize("tick_ms", [0.0, 4.0])
+async def test_the_media_clock_tick_reads_the_socket_on_the_stream_phase(
+    engine_url: str, speech_8k: np.ndarray, tick_ms: float
+) -> None:
+    """With a tick, the socket is read on the stream's phase (read_schedule.py), not per datagram; either way
+    every packet gets in and the caller's speech comes back, paced."""
+    settings = bridge_settings(media_tick_ms=tick_ms)
+    async with wired_call(engine_url, speech_8k, settings=settings) as call:
+        await call.leg.run(len(speech_8k) / 8000 + 0.3, tail_s=0.3)
+    stats = call.media.stats
+    assert stats.rtp_in == call.leg.packets_sent and stats.rtp_dropped == {}
+    corrs = segment_correlations(speech_8k, call.leg.received_audio_8k())
+    assert _is_the_callers_speech(corrs), corrs
+    assert _paced_without_drift(call.leg, stats.rtp_out_skipped)
+    reads = call.media._reads
+    if tick_ms:
+        assert reads is not None and reads.tick_s == pytest.approx(tick_ms / 1000)
+        assert reads.polled_reads > 0  # read on its phase, at least for a while
+    else:
+        assert reads is None
+
+
 async def test_foreign_source_is_dropped(engine_url: str, speech_8k: np.ndarray) -> None:
     async with wired_call(engine_url, speech_8k) as call:
         intruder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

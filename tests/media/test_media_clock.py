@@ -184,3 +184,56 @@ async def test_behind_is_remembered_for_a_frame_then_forgotten() -> None:
         assert clock.behind(now[0]) == 0.0  # remembered for BEHIND_MEMORY_S, not for good
     finally:
         clock.release()
+
+
+async def test_with_a_tick_callbacks_run_on_the_tick_they_fall_in() -> None:
+    """``tick_s``: a deadline runs at the first tick at or after it (less COALESCE_S), so the calls whose
+    deadlines fall between two ticks share one wake-up; never before its tick, on virtual time."""
+    now = [100.0]
+    clock = MediaClock(now=lambda: now[0])
+    clock.acquire(tick_s=0.004)
+    try:
+        assert clock.tick_s == 0.004
+        assert clock.fire_at(100.0011) == pytest.approx(100.004)
+        assert clock.fire_at(100.004) == pytest.approx(100.004)
+        assert clock.fire_at(100.004 + COALESCE_S / 2) == pytest.approx(100.004)  # within the coalescing
+        assert clock.fire_at(100.0045) == pytest.approx(100.008)
+        ran: list[str] = []
+        clock.call_at(100.0011, lambda: ran.append("a"))
+        clock.call_at(100.0035, lambda: ran.append("b"))
+        clock.call_at(100.0050, lambda: ran.append("c"))
+        now[0] = 100.0036  # past a's and b's deadlines, before their tick
+        clock.run_due()
+        assert ran == []
+        now[0] = 100.00401
+        clock.run_due()
+        assert ran == ["a", "b"]  # one wake-up for both
+        now[0] = 100.0079
+        clock.run_due()
+        assert ran == ["a", "b"]
+        now[0] = 100.008
+        clock.run_due()
+        assert ran == ["a", "b", "c"]
+    finally:
+        clock.release()
+
+
+async def test_the_tick_is_set_by_the_first_user_only() -> None:
+    clock = MediaClock()
+    clock.acquire(tick_s=0.002)
+    clock.acquire(tick_s=0.005)  # a later user does not change the running clock's tick
+    try:
+        assert clock.tick_s == 0.002
+    finally:
+        clock.release()
+        clock.release()
+    clock.acquire()  # (no tick asked: the clock keeps the last one)
+    try:
+        assert clock.tick_s == 0.002
+    finally:
+        clock.release()
+
+
+async def test_calls_and_simulated_legs_have_their_own_clocks() -> None:
+    assert MediaClock.shared() is MediaClock.shared("media")
+    assert MediaClock.shared("legs") is not MediaClock.shared()

@@ -29,6 +29,7 @@ def _call(added_ms: list[float], late_cuts: int, drops: dict[str, int]) -> Media
     for ms in added_ms:
         stats.added_latency_ms.add(ms)
         stats.send_lateness_ms.add(0.2)
+        stats.socket_wait_ms.add(3.0)
     stats.rtp_out_late_dropped = late_cuts
     stats.rtp_out_expanded, stats.rtp_out_shrunk = 3, 2
     stats.rtp_dropped.update(drops)
@@ -64,6 +65,8 @@ def test_live_and_ended_calls_are_summed_with_bounded_labels() -> None:
     assert got[(le, (("le", "+Inf"),))] == 3
     assert abs(got[("aziza_media_added_latency_seconds_sum", ())] - 0.046) < 0.001
     assert got[("aziza_media_pacing_lateness_seconds_bucket", (("le", "0.00025"),))] == 3
+    wait = "aziza_media_socket_wait_seconds_bucket"
+    assert got[(wait, (("le", "0.002"),))] == 0 and got[(wait, (("le", "0.005"),))] == 3
     depth = "aziza_media_jitter_buffer_depth_packets_bucket"
     assert got[(depth, (("le", "1"),))] == 10 and got[(depth, (("le", "+Inf"),))] == 12
     labels = {name for (name, lbl) in got for name, _ in lbl}

@@ -48,6 +48,7 @@ def one_error_line(result: Result) -> str:
         ({"AZIZA_BRIDGE__ENGINE_URL": "http://127.0.0.1:8998/session"},
          ["bridge.engine_url = http://127.0.0.1:8998/session", "ws://, wss:// or unix://"]),
         ({"AZIZA_CAPACITY__SLOTS": "many"}, ["capacity.slots = many", "valid integer"]),
+        ({"AZIZA_BRIDGE__MEDIA_TICK_MS": "3"}, ["bridge.media_tick_ms = 3", "divide 20 ms"]),
     ],
 )
 def test_a_bad_value_is_one_line_naming_field_value_source_and_rule(

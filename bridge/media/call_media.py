@@ -400,7 +400,10 @@ class CallMedia:
         if self._out_handle is not None:
             self._out_handle.cancel()
         self._out_armed = deadline
-        self._out_handle = None if deadline is None else clock.call_at(deadline, self._on_output_due)
+        if deadline is None:
+            self._out_handle = None
+        else:  # (first: the tick's reads and frames must not delay this call's packet)
+            self._out_handle = clock.call_at(deadline, self._on_output_due, first=True)
 
     def _send(self, datagrams: list[bytes]) -> None:
         if not datagrams:

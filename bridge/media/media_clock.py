@@ -130,7 +130,8 @@ class MediaClock:
     def __init__(self, now: Callable[[], float] = time.monotonic, *, tick_s: float = 0.0) -> None:
         self._now = now  # time.monotonic; tests give a virtual clock
         self.tick_s = tick_s
-        self._heap: list[tuple[float, int, ClockHandle]] = []
+        # (when it runs: fire_at(deadline), 0 for a "first" callback else 1, scheduling order, handle)
+        self._heap: list[tuple[float, int, int, ClockHandle]] = []
         self._order = itertools.count()  # ties broken by scheduling order
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fd = -1
@@ -206,14 +207,17 @@ class MediaClock:
 
     # -- scheduling --------------------------------------------------------------------------------------
 
-    def call_at(self, deadline: float, callback: Callable[[], None]) -> ClockHandle:
-        """Run ``callback()`` at ``deadline`` (time.monotonic scale), from the event loop's thread."""
+    def call_at(self, deadline: float, callback: Callable[[], None], *, first: bool = False) -> ClockHandle:
+        """Run ``callback()`` at ``deadline`` (time.monotonic scale), from the event loop's thread. ``first``:
+        before the other callbacks that run in the same tick (a call's send: the work of the reads and frames
+        of that tick must not come before it, or its packet leaves later by however much there is)."""
         if self._loop is None:
             raise RuntimeError("MediaClock.call_at before acquire()")
         handle = ClockHandle(deadline, callback)
-        heapq.heappush(self._heap, (deadline, next(self._order), handle))
+        fire = self.fire_at(deadline)
+        heapq.heappush(self._heap, (fire, 0 if first else 1, next(self._order), handle))
         armed_at = self._armed_at
-        if not self._in_run and (armed_at is None or self.fire_at(deadline) < self.fire_at(armed_at)):
+        if not self._in_run and (armed_at is None or fire < self.fire_at(armed_at)):
             self._arm(deadline)
         return handle
 
@@ -229,16 +233,16 @@ class MediaClock:
     def run_due(self) -> None:
         """Run every callback whose deadline has come; cheap when none has. Re-entrant calls are no-ops."""
         heap = self._heap
-        if self._in_run or not heap or self.fire_at(heap[0][0]) > self._now():
+        if self._in_run or not heap or heap[0][0] > self._now():
             return
         self._in_run = True
         try:
             while heap:
-                deadline, _, handle = heap[0]
+                fire, _, _, handle = heap[0]
                 if handle.cancelled:
                     heapq.heappop(heap)
                     continue
-                if self.fire_at(deadline) > self._now():
+                if fire > self._now():
                     break
                 heapq.heappop(heap)
                 self.callbacks_run += 1
@@ -248,11 +252,11 @@ class MediaClock:
                     log.exception("media clock callback failed")
         finally:
             self._in_run = False
-        while heap and heap[0][2].cancelled:
+        while heap and heap[0][3].cancelled:
             heapq.heappop(heap)
         if heap:
-            if self._armed_at is None or self.fire_at(heap[0][0]) != self.fire_at(self._armed_at):
-                self._arm(heap[0][0])
+            if self._armed_at is None or heap[0][0] != self.fire_at(self._armed_at):
+                self._arm(heap[0][3].deadline)
         else:
             self._armed_at = None
 
@@ -303,7 +307,7 @@ class MediaClock:
             return
         if self._fallback is not None:  # no timerfd (or it refused): the loop's own, coarser timer
             self._fallback.cancel()
-        self._fallback = self._loop.call_at(deadline, self._on_fallback)
+        self._fallback = self._loop.call_at(fire, self._on_fallback)
 
     def _on_fallback(self) -> None:
         self._fallback = None
@@ -311,7 +315,7 @@ class MediaClock:
         self.wakeups += 1
         self.run_due()
         if self._heap and self._armed_at is None:
-            self._arm(self._heap[0][0])
+            self._arm(self._heap[0][3].deadline)
 
     def _on_fire(self) -> None:
         try:
@@ -327,7 +331,7 @@ class MediaClock:
         self._queue_probe()
         self.run_due()
         if self._heap and self._armed_at is None:
-            self._arm(self._heap[0][0])
+            self._arm(self._heap[0][3].deadline)
 
 
 __all__ = ["COALESCE_S", "ClockHandle", "MediaClock"]

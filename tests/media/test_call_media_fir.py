@@ -97,7 +97,7 @@ async def test_media_clock_sleeps_until_a_deadline_never_early() -> None:
         with pytest.raises(asyncio.CancelledError):
             await sleeper
         clock.run_due()
-        assert all(entry[2].cancelled for entry in clock._heap)
+        assert all(entry[-1].cancelled for entry in clock._heap)
     finally:
         clock.release()
 

@@ -237,3 +237,26 @@ async def test_the_tick_is_set_by_the_first_user_only() -> None:
 async def test_calls_and_simulated_legs_have_their_own_clocks() -> None:
     assert MediaClock.shared() is MediaClock.shared("media")
     assert MediaClock.shared("legs") is not MediaClock.shared()
+
+
+async def test_in_a_tick_the_sends_run_before_the_other_callbacks() -> None:
+    """``first`` callbacks (each call's send) of a tick run before its other ones (reads, frames), whatever
+    their deadlines within the tick: a read's work must not delay a packet due in the same tick."""
+    now = [100.0]
+    clock = MediaClock(now=lambda: now[0])
+    clock.acquire(tick_s=0.004)
+    try:
+        ran: list[str] = []
+        clock.call_at(100.0005, lambda: ran.append("read a"))
+        clock.call_at(100.0030, lambda: ran.append("send b"), first=True)
+        clock.call_at(100.0010, lambda: ran.append("read c"))
+        clock.call_at(100.0020, lambda: ran.append("send d"), first=True)
+        clock.call_at(100.0050, lambda: ran.append("send e (next tick)"), first=True)
+        now[0] = 100.004
+        clock.run_due()
+        assert ran == ["send b", "send d", "read a", "read c"]
+        now[0] = 100.008
+        clock.run_due()
+        assert ran[-1] == "send e (next tick)"
+    finally:
+        clock.release()

@@ -322,9 +322,9 @@ class _PoolShare:
 async def _bench(
     calls: int, seconds: float, loss: float, jitter_ms: float, aligned: bool = False, workers: int = 1,
     junk_pps: float = 0.0, engine_link: str = "tcp", engine_window_ms: float = ECHO_BATCH_WINDOW_MS,
-    media_tick_ms: float | None = None,
+    settings: BridgeSettings | None = None,
 ) -> dict[str, Any]:
-    settings = _bridge_settings(media_tick_ms)
+    settings = settings or _bridge_settings()
     sock_dir = tempfile.TemporaryDirectory(prefix="aziza-bench-") if engine_link == "unix" else None
     engine_proc, url = await start_echo_engine_process(
         calls, unix_socket=f"{sock_dir.name}/engine.sock" if sock_dir is not None else None,
@@ -491,11 +491,11 @@ def bench_media(
 ) -> None:
     """N simultaneous simulated calls through the bridge (one process, or --workers) and the echo engine."""
     try:
-        _bridge_settings(media_tick_ms)
+        settings = _bridge_settings(media_tick_ms)
     except ValidationError as exc:
         raise click.BadParameter(str(exc.errors()[0]["msg"]), param_hint="--tick-ms") from exc
     result = asyncio.run(_bench(calls, seconds, loss, jitter_ms, aligned, workers, junk_pps, engine_link,
-                                engine_window_ms, media_tick_ms))
+                                engine_window_ms, settings))
     result["engine_link"] = engine_link
     if as_json:
         click.echo(json.dumps(result))

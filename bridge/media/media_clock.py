@@ -135,7 +135,7 @@ class MediaClock:
         self._order = itertools.count()  # ties broken by scheduling order
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fd = -1
-        self._armed_at: float | None = None
+        self._armed_fire: float | None = None  # the heap key (fire time) the timer is armed for
         self._fallback: asyncio.TimerHandle | None = None
         self._users = 0
         self._in_run = False
@@ -190,7 +190,7 @@ class MediaClock:
     def close(self) -> None:
         """Close the timerfd and drop every pending callback (idempotent)."""
         self._heap.clear()
-        self._armed_at = None
+        self._armed_fire = None
         if self._fallback is not None:
             self._fallback.cancel()
             self._fallback = None
@@ -216,9 +216,9 @@ class MediaClock:
         handle = ClockHandle(deadline, callback)
         fire = self.fire_at(deadline)
         heapq.heappush(self._heap, (fire, 0 if first else 1, next(self._order), handle))
-        armed_at = self._armed_at
-        if not self._in_run and (armed_at is None or fire < self.fire_at(armed_at)):
-            self._arm(deadline)
+        armed = self._armed_fire
+        if not self._in_run and (armed is None or fire < armed):
+            self._arm(fire)
         return handle
 
     def fire_at(self, deadline: float) -> float:
@@ -255,10 +255,10 @@ class MediaClock:
         while heap and heap[0][3].cancelled:
             heapq.heappop(heap)
         if heap:
-            if self._armed_at is None or heap[0][0] != self.fire_at(self._armed_at):
-                self._arm(heap[0][3].deadline)
+            if heap[0][0] != self._armed_fire:
+                self._arm(heap[0][0])
         else:
-            self._armed_at = None
+            self._armed_fire = None
 
     async def sleep_until(self, deadline: float) -> None:
         """Sleep until ``deadline`` (time.monotonic scale) on this clock (acquire() it first)."""
@@ -298,24 +298,29 @@ class MediaClock:
         if lag >= self._behind_s or at - self._behind_at > BEHIND_MEMORY_S:
             self._behind_s, self._behind_at = max(lag, 0.0), at
 
-    def _arm(self, deadline: float) -> None:
-        self._armed_at = deadline
-        fire = self.fire_at(deadline) if self.tick_s else deadline
-        if self._fd >= 0 and arm_timerfd(self._fd, fire):
+    def _timer_at(self, fire: float) -> float:
+        """When the timer wakes the loop for callbacks that run at ``fire``: the tick itself, or with no tick
+        the deadline (a wake-up COALESCE_S early would only be one more)."""
+        return fire if self.tick_s else fire + COALESCE_S
+
+    def _arm(self, fire: float) -> None:
+        self._armed_fire = fire
+        at = self._timer_at(fire)
+        if self._fd >= 0 and arm_timerfd(self._fd, at):
             return
         if self._loop is None:
             return
         if self._fallback is not None:  # no timerfd (or it refused): the loop's own, coarser timer
             self._fallback.cancel()
-        self._fallback = self._loop.call_at(fire, self._on_fallback)
+        self._fallback = self._loop.call_at(at, self._on_fallback)
 
     def _on_fallback(self) -> None:
         self._fallback = None
-        self._armed_at = None
+        self._armed_fire = None
         self.wakeups += 1
         self.run_due()
-        if self._heap and self._armed_at is None:
-            self._arm(self._heap[0][3].deadline)
+        if self._heap and self._armed_fire is None:
+            self._arm(self._heap[0][0])
 
     def _on_fire(self) -> None:
         try:
@@ -325,13 +330,13 @@ class MediaClock:
         except OSError:
             pass
         self.wakeups += 1
-        armed_at, self._armed_at = self._armed_at, None  # the expiry is spent: run_due re-arms for the rest
-        if armed_at is not None:  # the timer itself served late: the loop was blocked or busy until now
-            self._note_behind(self._now() - (self.fire_at(armed_at) if self.tick_s else armed_at))
+        armed, self._armed_fire = self._armed_fire, None  # the expiry is spent: run_due re-arms for the rest
+        if armed is not None:  # the timer itself served late: the loop was blocked or busy until now
+            self._note_behind(self._now() - self._timer_at(armed))
         self._queue_probe()
         self.run_due()
-        if self._heap and self._armed_at is None:
-            self._arm(self._heap[0][3].deadline)
+        if self._heap and self._armed_fire is None:
+            self._arm(self._heap[0][0])
 
 
 __all__ = ["COALESCE_S", "ClockHandle", "MediaClock"]

@@ -15,8 +15,9 @@ that tick share the wake-up:
   phase (jitter), ``LATE_STREAK`` of them in a row do (the stream's phase moved later); after ``GIVE_UP_S``
   without a packet the call goes back to waiting.
 
-A packet then waits in the socket at most a tick (on time) and is stamped with the time it was read, which
-the jitter buffer sees as its arrival. The I/O layer asks :attr:`next_read_at` and :attr:`polled`.
+A packet then waits in the socket at most a tick (on time). The schedule keeps to read times; the I/O layer
+gives the input path each datagram's arrival from the kernel's stamp where it has one (CallMedia), and asks
+:attr:`next_read_at` and :attr:`polled`.
 """
 
 from __future__ import annotations

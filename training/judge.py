@@ -133,7 +133,7 @@ class TransformersWhisperJudge:
     def transcribe(self, pcm: np.ndarray, sample_rate: int, language: str) -> str:
         out = self.pipe({"raw": _to_16k(pcm, sample_rate), "sampling_rate": 16000},
                         generate_kwargs={"language": language, "task": "transcribe"})
-        return str(out["text"]).strip()  # type: ignore[call-overload]
+        return str(out["text"]).strip()
 
 
 def make_judge(name: str, model_dir: str | None, references: list[tuple[str, str, np.ndarray]],

@@ -63,6 +63,7 @@ _RECV_BATCH = 64
 _SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # (35: Linux's value; Python names it from 3.12)
 _TIMESPEC = struct.Struct("@qq")
 _ANC_SIZE = socket.CMSG_SPACE(_TIMESPEC.size)
+_NO_ANCILLARY: list[tuple[int, int, bytes]] = []  # (never mutated: a read without a stamp returns its own)
 _MAX_SOCKET_WAIT_S = 1.0  # a stamp further back than this is a clock step, not a wait: not used
 
 
@@ -257,8 +258,11 @@ class CallMedia:
         inbound, buf, view = self.inbound, self._recv_buf, self._recv_view
         connected, stamped = self._connected, self._stamped
         got = False
+        # One reading of both clocks for the batch: the datagrams' arrivals are their kernel stamps moved onto
+        # the monotonic scale (two clock calls per datagram were a tenth of a read's Python work).
+        mono, real = time.monotonic(), time.time()
         for _ in range(limit):
-            anc: list[tuple[int, int, bytes]] = []
+            anc: list[tuple[int, int, bytes]] = _NO_ANCILLARY
             try:
                 if stamped:
                     size, anc, _, source = sock.recvmsg_into(self._recv_bufs, _ANC_SIZE)
@@ -274,11 +278,11 @@ class CallMedia:
                 break
             if addr is None:
                 break
-            arrival = time.monotonic()
+            arrival = mono
             if anc:
                 # The kernel's arrival stamp (CLOCK_REALTIME): a polled socket's packets waited there up to a
                 # tick, and the input path must see when they came, not when they were read.
-                wait = time.time() - _stamp_s(anc)
+                wait = real - _stamp_s(anc)
                 if 0.0 <= wait < _MAX_SOCKET_WAIT_S:
                     arrival -= wait
                     self.stats.socket_wait_ms.add(wait * 1000.0)

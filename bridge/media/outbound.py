@@ -94,8 +94,10 @@ class FrameToPackets:
         self._splitter = PacketSplitter(OUT_SAMPLES)  # (only when a frame is not whole packets)
 
     def convert(self, pcm: npt.NDArray[np.int16]) -> OutputPackets:
-        voiced = is_voiced(pcm.astype(np.float32), full_scale=32768.0)
-        pcm8k = float32_to_pcm16(self.resampler.process(pcm))
+        x = pcm.astype(np.float32)  # one conversion serves both (the resampler made its own)
+        voiced = is_voiced(x, full_scale=32768.0)
+        x *= np.float32(1.0 / 32768.0)  # (the resampler's own scaling of int16, bit for bit)
+        pcm8k = float32_to_pcm16(self.resampler.process(x))
         if self._splitter.pending or len(pcm8k) % OUT_SAMPLES:
             chunks = self._splitter.push(pcm8k)
             raw = b"".join(chunk.tobytes() for chunk in chunks)

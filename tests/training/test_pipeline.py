@@ -4,6 +4,7 @@ that survive a failed write; out of memory with the batch size that fits."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -47,10 +48,20 @@ from training.trainer import STATE_FILE, Trainer, TrainError
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    out = tmp_path_factory.mktemp("demo")
-    result = CliRunner().invoke(cli, ["train", "demo", "--out", str(out), "--json"])
-    assert result.exit_code == 0, result.output
-    return out, json.loads(result.output.strip().splitlines()[-1])
+    """The demo chain, built once per test run: the xdist workers share it (each built its own, ~25 s of CPU
+    apiece, the suite's longest setup). The tests only read it; what they write goes to their tmp_path."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # (the run's, shared by workers)
+    out, done = root / "train-demo", root / "train-demo.json"
+    with open(root / "train-demo.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the first worker builds it; the others wait, then read it
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)  # (a worker whose build failed left it half made)
+            out.mkdir()
+            result = CliRunner().invoke(cli, ["train", "demo", "--out", str(out), "--json"])
+            assert result.exit_code == 0, result.output
+            done.write_text(result.output.strip().splitlines()[-1])
+    return out, json.loads(done.read_text())
 
 
 def test_demo_runs_the_chain_and_reports_its_numbers(demo: tuple[Path, dict[str, Any]]) -> None:

@@ -29,7 +29,7 @@ from pydantic import ValidationError
 
 from admin_cli.procs import end_process, proc_cpu_s, proc_cpu_split_s
 from bridge.config import BridgeSettings
-from bridge.engine_client import EngineSession
+from bridge.engine_client import EngineMux, EngineSession
 from bridge.media.assets import load_speech_8k
 from bridge.media.audio_file import write_pcm16_wav
 from bridge.media.call_media import CallMedia
@@ -62,10 +62,12 @@ async def _engine(url: str | None, slots: int) -> AsyncIterator[str]:
             yield engine_url
 
 
-def _bridge_settings(media_tick_ms: float | None = None) -> BridgeSettings:
+def _bridge_settings(media_tick_ms: float | None = None, engine_mux: bool | None = None) -> BridgeSettings:
     fields: dict[str, object] = {"rtp_port_min": 40000, "rtp_port_max": 49999}
     if media_tick_ms is not None:
         fields["media_tick_ms"] = media_tick_ms
+    if engine_mux is not None:
+        fields["engine_mux"] = engine_mux
     return BridgeSettings.model_validate(fields)
 
 
@@ -207,10 +209,14 @@ class _BridgeShare:
         self.engines: list[EngineSession] = []
         self.runs: list[asyncio.Task[str]] = []
         self._cpu0 = os.times()
+        self.mux = EngineMux(url) if settings.engine_mux else None  # (as the bridge's EnginePool opens them)
 
     async def open(self) -> list[int]:
         for i in range(self.first, self.first + self.calls):
-            self.engines.append(await EngineSession.open(self.url, None, f"bench-{i}"))
+            if self.mux is not None:
+                self.engines.append(await self.mux.open(None, f"bench-{i}"))
+            else:
+                self.engines.append(await EngineSession.open(self.url, None, f"bench-{i}"))
             self.medias.append(CallMedia(self.settings, self.engines[-1], f"bench-{i}"))
         return [(await m.bind())[1] for m in self.medias]
 
@@ -230,7 +236,12 @@ class _BridgeShare:
         await asyncio.gather(*(m.stop() for m in self.medias))
         reasons = await asyncio.gather(*self.runs)
         stats = [m.stats for m in self.medias]
+        mux = self.mux.mux if self.mux is not None else None
         return {
+            "engine_frames_per_message": round(mux.frames_out / mux.messages_out, 2)
+            if mux is not None and mux.messages_out else None,
+            "engine_frames_per_message_in": round(mux.frames_in / mux.messages_in, 2)
+            if mux is not None and mux.messages_in else None,
             "cpu_s": user + system,
             "cpu_system_s": system,
             "carried": sum(1 for m, r in zip(self.medias, reasons, strict=True)
@@ -246,6 +257,8 @@ class _BridgeShare:
             await m.stop()
         for e in self.engines:
             await e.close()
+        if self.mux is not None:
+            await self.mux.aclose()
 
 
 class _PoolShare:
@@ -376,6 +389,9 @@ async def _bench(
     report["junk_pps_per_call"] = junk_pps
     report["engine_window_ms"] = engine_window_ms
     report["media_tick_ms"] = settings.media_tick_ms
+    report["engine_mux"] = settings.engine_mux
+    for key in ("engine_frames_per_message", "engine_frames_per_message_in"):  # (frames to / from the engine)
+        report[key] = next((r[key] for r in results if r.get(key)), None)
     report["junk_dropped"] = sum(r["junk_dropped"] for r in results)
     report["junk_floods"] = sum(r["counters"]["junk_floods"] for r in results)
     report["rtp_in"] = sum(r["counters"]["rtp_in"] for r in results)
@@ -484,14 +500,18 @@ def _bench_report(
 @click.option("--tick-ms", "media_tick_ms", type=float, default=None,
               help="The bridge's media clock tick (bridge.media_tick_ms; default: the setting's, 4): the "
               "calls due in a tick share one wake-up; 0: each at its own instant.")
+@click.option("--engine-mux/--no-engine-mux", default=None,
+              help="Engine sessions as channels of one WebSocket (bridge.engine_mux; default: the setting's, "
+              "on) or a WebSocket each.")
 @click.option("--json", "as_json", is_flag=True)
 def bench_media(
     calls: int, seconds: float, loss: float, jitter_ms: float, aligned: bool, workers: int, junk_pps: float,
-    engine_link: str, engine_window_ms: float, media_tick_ms: float | None, as_json: bool,
+    engine_link: str, engine_window_ms: float, media_tick_ms: float | None, engine_mux: bool | None,
+    as_json: bool,
 ) -> None:
     """N simultaneous simulated calls through the bridge (one process, or --workers) and the echo engine."""
     try:
-        settings = _bridge_settings(media_tick_ms)
+        settings = _bridge_settings(media_tick_ms, engine_mux)
     except ValidationError as exc:
         raise click.BadParameter(str(exc.errors()[0]["msg"]), param_hint="--tick-ms") from exc
     result = asyncio.run(_bench(calls, seconds, loss, jitter_ms, aligned, workers, junk_pps, engine_link,

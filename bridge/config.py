@@ -96,6 +96,9 @@ class BridgeSettings(_MaskedRepr):
     # N processes, each call on the one with the fewest, so the media path uses N cores. 0: in the bridge
     # process itself (one core; fine for a few dozen calls). The installer writes one per core.
     media_workers: int = Field(default=0, ge=0, le=64)
+    # Engine sessions as channels of one WebSocket per engine and process (the engine's /mux, engine/mux.py):
+    # the frames of a tick's calls go in one message each way. false: a WebSocket per session (/session).
+    engine_mux: bool = True
     engine_url: str = "ws://127.0.0.1:8998/session"
     # More engines (one per GPU: aziza-engine@N listens on port 8998 + N). When set, calls go to the engine
     # with the most free slots among engine_urls; engine_url is then not used.

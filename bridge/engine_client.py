@@ -6,6 +6,10 @@ ways, control messages, ``close``. URLs:
 * ``ws://host:port/session`` (or ``wss://``) — TCP;
 * ``unix:///run/aziza/engine.sock`` — the engine's Unix socket; the WebSocket path is always ``/session``.
 
+:class:`EngineMux` opens sessions as channels of one WebSocket to the engine's ``/mux`` (``engine/mux.py``):
+the same :class:`EngineSession` on top, one socket, one message per round of the event loop for all of
+them. The bridge's processes use it (``bridge.engine_mux``).
+
 Failures are typed so a caller can tell a full house (refuse the call) from a dead engine (fail the call):
 :class:`EngineFull`, :class:`EngineRefused` (any other error code on open), :class:`EngineUnavailable`
 (connect failed, timed out or the socket died), :class:`EngineProtocolError` (the engine spoke nonsense).
@@ -15,17 +19,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import numpy as np
 
 from bridge.redact import mask_url
+from engine.mux import Mux, MuxChannel
 from engine.protocol import (
+    MUX_MAX_CHANNEL,
+    MUX_MAX_MESSAGE_BYTES,
     AudioFrame,
     Close,
     Closed,
@@ -79,15 +87,19 @@ class EngineFull(EngineRefused):
     """No free slot: the call must be refused before it is answered."""
 
 
-def _connect_target(url: str) -> tuple[str, aiohttp.BaseConnector | None]:
-    """(WebSocket URL, connector) for a ws://, wss:// or unix:// engine URL."""
+def _connect_target(url: str, mux: bool = False) -> tuple[str, aiohttp.BaseConnector | None]:
+    """(WebSocket URL, connector) for a ws://, wss:// or unix:// engine URL; ``mux``: the engine's ``/mux``
+    beside the URL's ``/session``."""
     parts = urlsplit(url)
     if parts.scheme == "unix":
         path = (parts.netloc + parts.path) if parts.netloc else parts.path
         if not path:
             raise ValueError(f"unix engine URL without a socket path: {url!r}")
-        return "ws://localhost/session", aiohttp.UnixConnector(path=path)
+        return ("ws://localhost/mux" if mux else "ws://localhost/session"), aiohttp.UnixConnector(path=path)
     if parts.scheme in ("ws", "wss", "http", "https"):
+        if mux:
+            base = parts.path[: -len("/session")] if parts.path.endswith("/session") else ""
+            return urlunsplit(parts._replace(path=base + "/mux")), None
         return url, None
     raise ValueError(f"engine URL must be ws://, wss:// or unix://, got {url!r}")
 
@@ -96,10 +108,16 @@ class EngineSession:
     """One open engine session. Use ``async with await EngineSession.open(...) as s`` or call close()."""
 
     def __init__(
-        self, http: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse, ready: Ready
+        self,
+        http: aiohttp.ClientSession | None,
+        ws: aiohttp.ClientWebSocketResponse | MuxChannel,
+        ready: Ready,
+        *,
+        on_closed: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        self._http = http
+        self._http = http  # (None on a mux: the mux's owner holds it)
         self._ws = ws
+        self._on_closed = on_closed
         self.ready = ready
         self.url: str | None = None  # the engine this session is on
         self._next_seq = 0
@@ -107,6 +125,7 @@ class EngineSession:
         self._backlog: asyncio.Future[Any] | None = None  # flow-control wait of a send_frame_nowait
         self.frames_sent = 0
         self.frames_received = 0
+        self.close_answered = False  # close() read the engine's ``closed`` (not its grace running out)
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -147,7 +166,7 @@ class EngineSession:
         return session
 
     @staticmethod
-    async def _await_ready(ws: aiohttp.ClientWebSocketResponse, url: str) -> Ready:
+    async def _await_ready(ws: aiohttp.ClientWebSocketResponse | MuxChannel, url: str) -> Ready:
         msg = await ws.receive()
         if msg.type != aiohttp.WSMsgType.TEXT:
             raise EngineUnavailable(
@@ -167,8 +186,17 @@ class EngineSession:
 
     async def close(self) -> None:
         """Send ``close``, give the engine a moment to answer ``closed``, drop the socket. Idempotent."""
+        try:
+            await self._close()
+        finally:
+            if self._http is not None:
+                await self._http.close()
+            if self._on_closed is not None:
+                on_closed, self._on_closed = self._on_closed, None
+                await on_closed()
+
+    async def _close(self) -> None:
         if self._ws.closed:
-            await self._http.close()
             return
         if self._closed_reason is None:
             with contextlib.suppress(Exception):
@@ -181,11 +209,11 @@ class EngineSession:
                         if msg.type == aiohttp.WSMsgType.TEXT and isinstance(
                             decode_engine_control(msg.data), Closed
                         ):
+                            self.close_answered = True
                             break
             self._closed_reason = self._closed_reason or "client_close"
         with contextlib.suppress(Exception):
             await self._ws.close()
-        await self._http.close()
 
     async def __aenter__(self) -> EngineSession:
         return self
@@ -277,7 +305,35 @@ class EngineSession:
         again on every call); a malformed message raises EngineProtocolError."""
         if self._closed_reason is not None:
             return Closed(reason=self._closed_reason)
-        msg = await self._ws.receive()
+        return self._message(await self._ws.receive())
+
+    def listen(self, on_message: Callable[[EngineMessage | EngineProtocolError], None] | None) -> bool:
+        """Have each message handed to ``on_message`` as it is read (what ``receive`` would return, or the
+        EngineProtocolError it would raise), with no task woken per frame; None: back to ``receive``. False
+        (nothing changed) when this session is a WebSocket of its own: only a mux channel can."""
+        ws = self._ws
+        if not isinstance(ws, MuxChannel):
+            return False
+        if on_message is None:
+            ws.listen(None)
+            return True
+
+        def deliver(msg: aiohttp.WSMessage) -> None:
+            if self._closed_reason is not None and msg.type not in (aiohttp.WSMsgType.BINARY,
+                                                                   aiohttp.WSMsgType.TEXT):
+                on_message(Closed(reason=self._closed_reason))
+                return
+            try:
+                decoded = self._message(msg)
+            except EngineProtocolError as exc:
+                on_message(exc)
+                return
+            on_message(decoded)
+
+        ws.listen(deliver)
+        return True
+
+    def _message(self, msg: aiohttp.WSMessage) -> EngineMessage:
         if msg.type == aiohttp.WSMsgType.BINARY:
             try:
                 frame = decode_audio(msg.data)
@@ -308,3 +364,104 @@ class EngineSession:
             yield msg
             if isinstance(msg, Closed):
                 return
+
+
+class EngineMux:
+    """Sessions on one engine as channels of one WebSocket to its ``/mux`` (see the module docstring).
+
+    Connected by the first :meth:`open`; closed when its last session is closed or its socket died (the next
+    open connects again). A dead socket ends every session on it, as a dead engine ends them on sockets of
+    their own: each reads ``Closed("engine_gone")``."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._mux: Mux | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._numbers = itertools.count(1)
+
+    @property
+    def mux(self) -> Mux | None:
+        """The open mux, if connected (benchmarks read its counters)."""
+        return self._mux
+
+    async def open(
+        self,
+        persona: PersonaParams | None = None,
+        call_id: str | None = None,
+        *,
+        timeout: float = 5.0,  # noqa: ASYNC109 - EngineSession.open's API
+    ) -> EngineSession:
+        """A session on this engine: ``open`` sent and ``ready`` read on a new channel, within ``timeout``."""
+        shown = mask_url(self.url)
+        try:
+            async with asyncio.timeout(timeout):
+                mux = await self._connected(shown)
+                channel = mux.open_channel(self._number(mux))
+                try:
+                    opening = Open(persona=persona or PersonaParams(), call_id=call_id)
+                    await channel.send_str(encode_control(opening))
+                    ready = await EngineSession._await_ready(channel, self.url)
+                except BaseException:
+                    await channel.close()
+                    await self._release()
+                    raise
+        except TimeoutError:
+            raise EngineUnavailable(f"the engine at {shown} did not answer within {timeout:.1f} s") from None
+        except ConnectionError as exc:
+            raise EngineUnavailable(f"the engine at {shown} went away: {exc}") from None
+        session = EngineSession(None, channel, ready, on_closed=self._release)
+        session.url = self.url
+        return session
+
+    def _number(self, mux: Mux) -> int:
+        while True:
+            number = next(self._numbers) % (MUX_MAX_CHANNEL + 1)
+            if number not in mux.channels:
+                return number
+
+    async def _connected(self, shown: str) -> Mux:
+        async with self._lock:
+            if self._mux is not None and not self._mux.closed:
+                return self._mux
+            await self._drop()
+            ws_url, connector = _connect_target(self.url, mux=True)
+            http = aiohttp.ClientSession(connector=connector)
+            try:
+                ws = await http.ws_connect(ws_url, autoping=True, heartbeat=None,
+                                           max_msg_size=MUX_MAX_MESSAGE_BYTES)
+            except (aiohttp.ClientError, OSError) as exc:
+                await http.close()
+                raise EngineUnavailable(f"cannot connect to the engine at {shown}: {exc}") from exc
+            except BaseException:
+                await http.close()
+                raise
+            self._mux, self._http = Mux(ws), http
+            self._reader = asyncio.create_task(self._mux.run(), name="aziza-engine-mux-reader")
+            return self._mux
+
+    async def _release(self) -> None:
+        """A session is closed: with none left on the socket (or the socket dead), close it."""
+        mux = self._mux
+        if mux is None or (mux.channels and not mux.closed):
+            return
+        await self._drop()
+
+    async def _drop(self) -> None:
+        mux, http, reader = self._mux, self._http, self._reader
+        self._mux = self._http = self._reader = None
+        if mux is not None:
+            with contextlib.suppress(Exception):
+                await mux.ws.close()
+        if reader is not None:
+            reader.cancel()  # (the close above normally ended it already)
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+        if http is not None:
+            await http.close()
+
+    async def aclose(self) -> None:
+        """Close the socket now; its sessions read ``Closed("engine_gone")``."""
+        async with self._lock:
+            await self._drop()

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from bridge.backoff import Backoff
-from bridge.engine_client import EngineError, EngineFull, EngineSession, EngineUnavailable
+from bridge.engine_client import EngineError, EngineFull, EngineMux, EngineSession, EngineUnavailable
 from engine.protocol import PersonaParams
 
 log = logging.getLogger(__name__)
@@ -121,10 +121,12 @@ class EnginePool:
     """Owns the health poller (``async with pool.running()``) and opens sessions on the best engine."""
 
     def __init__(self, urls: list[str], *, poll_s: float = 1.0, open_timeout_s: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, mux: bool = False) -> None:
         self.placement = EnginePlacement(urls)
         self.poll_s, self.open_timeout_s = poll_s, open_timeout_s
         self._clock = clock
+        # mux: sessions as channels of one WebSocket per engine (bridge.engine_mux; engine/mux.py)
+        self._muxes: dict[str, EngineMux] | None = {url: EngineMux(url) for url in urls} if mux else None
 
     @property
     def urls(self) -> list[str]:
@@ -152,16 +154,24 @@ class EnginePool:
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[EnginePool]:
         """The health poller runs while the context is open (one engine: no polling needed)."""
-        if len(self.urls) == 1:
-            yield self
-            return
-        task = asyncio.create_task(self._poll_forever(), name="aziza-engine-pool-health")
         try:
-            yield self
+            if len(self.urls) == 1:
+                yield self
+                return
+            task = asyncio.create_task(self._poll_forever(), name="aziza-engine-pool-health")
+            try:
+                yield self
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the engine muxes' sockets (their sessions read engine_gone; normally none is left)."""
+        for mux in (self._muxes or {}).values():
+            await mux.aclose()
 
     async def open(self, persona: PersonaParams | None, call_id: str) -> EngineSession:
         """A session on the best engine; EngineFull when every engine is full, EngineUnavailable when none
@@ -170,7 +180,10 @@ class EnginePool:
         last: EngineError | None = None
         for url in self.placement.order(self._clock()):
             try:
-                session = await EngineSession.open(url, persona, call_id, timeout=self.open_timeout_s)
+                if self._muxes is not None:
+                    session = await self._muxes[url].open(persona, call_id, timeout=self.open_timeout_s)
+                else:
+                    session = await EngineSession.open(url, persona, call_id, timeout=self.open_timeout_s)
             except EngineFull as exc:
                 self.placement.full(url)
                 full = exc

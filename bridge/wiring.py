@@ -90,7 +90,8 @@ async def production_deps(settings: Settings) -> AsyncIterator[Wired]:
 
     async with contextlib.AsyncExitStack() as stack:
         state = await stack.enter_async_context(open_state(settings))
-        pool = await stack.enter_async_context(EnginePool(settings.bridge.engines()).running())
+        pool = await stack.enter_async_context(
+            EnginePool(settings.bridge.engines(), mux=settings.bridge.engine_mux).running())
         open_engine, make_media = engine_opener(pool), media_factory(settings.bridge)
         if settings.bridge.media_workers:
             from bridge.media.metrics_fanin import MEDIA_FANIN

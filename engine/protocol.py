@@ -28,6 +28,14 @@ answer to input frame ``n``. Input that skips numbers opens a gap: the engine sa
 (``reason`` "missing"), steps up to ``filled`` of the missing frames as silence (their outputs carry their
 numbers) and skips the rest; a frame numbered before the last one taken is dropped (``reason`` "late"); a
 frame the engine dropped because the session fell behind is reported with ``reason`` "overflow".
+
+Multiplexed transport (``GET /mux``): many sessions over one WebSocket, each a *channel* numbered by the
+client (0 .. MUX_MAX_CHANNEL). A text message is the channel number in decimal, one space, then a control
+message of the session protocol above, verbatim; a binary message is 1 byte kind (MUX_AUDIO), 2 bytes
+big-endian count, then ``count`` records of 4 bytes big-endian channel and one audio frame exactly as above
+(kind, sequence number, samples). Each channel is a session with the session protocol's rules (open first,
+``closed`` last); the frames due together travel in one message (one system call and one wake-up each way for
+a whole tick of calls, instead of one per frame).
 """
 
 from __future__ import annotations
@@ -48,6 +56,13 @@ _AUDIO_HEADER = struct.Struct(">BI")
 AUDIO_FRAME_BYTES = _AUDIO_HEADER.size + 2 * FRAME_SAMPLES
 SEQ_MOD = 1 << 32
 
+MUX_AUDIO_KIND = 0x02
+_MUX_HEADER = struct.Struct(">BH")
+_MUX_CHANNEL = struct.Struct(">I")
+MUX_RECORD_BYTES = _MUX_CHANNEL.size + AUDIO_FRAME_BYTES
+MUX_MAX_FRAMES = 64  # frames in one multiplexed message (a longer batch is sent as several)
+MUX_MAX_MESSAGE_BYTES = _MUX_HEADER.size + MUX_MAX_FRAMES * MUX_RECORD_BYTES
+MUX_MAX_CHANNEL = (1 << 31) - 1
 MAX_CONTROL_BYTES = 8192  # a persona's text prompt is the largest field
 MAX_JSON_DEPTH = 4  # {"type": "open", "persona": {...}} is depth 2
 MAX_TEXT_PROMPT = 4000
@@ -388,3 +403,54 @@ def float_to_int16(x: np.ndarray) -> np.ndarray:
 
 def int16_to_float(x: np.ndarray) -> np.ndarray:
     return np.asarray(x, dtype=np.float32) / 32768.0
+
+
+# -- multiplexed transport (GET /mux) ----------------------------------------------------------------------
+
+
+def encode_mux_text(channel: int, text: str) -> str:
+    """A control message (already encoded) of one channel."""
+    return f"{channel} {text}"
+
+
+def decode_mux_text(data: str) -> tuple[int, str]:
+    """(channel, control message) of a text message; ProtocolError('bad_message') when it has no channel."""
+    head, sep, _ = data[:12].partition(" ")
+    if not sep or not head.isascii() or not head.isdigit() or int(head) > MUX_MAX_CHANNEL:
+        raise _bad("a multiplexed text message starts with its channel number and a space")
+    return int(head), data[len(head) + 1 :]
+
+
+def encode_mux_audio(records: list[tuple[int, bytes]]) -> bytes:
+    """One binary message of (channel, encoded audio frame) records, at most MUX_MAX_FRAMES."""
+    if not 0 < len(records) <= MUX_MAX_FRAMES:
+        raise ValueError(f"a multiplexed audio message holds 1..{MUX_MAX_FRAMES} frames, got {len(records)}")
+    parts = [_MUX_HEADER.pack(MUX_AUDIO_KIND, len(records))]
+    for channel, frame in records:
+        if len(frame) != AUDIO_FRAME_BYTES:
+            raise ValueError(f"audio frame must be {AUDIO_FRAME_BYTES} bytes, got {len(frame)}")
+        parts.append(_MUX_CHANNEL.pack(channel))
+        parts.append(frame)
+    return b"".join(parts)
+
+
+def decode_mux_audio(data: bytes) -> list[tuple[int, bytes]]:
+    """The (channel, audio frame bytes) records of a binary message; ProtocolError('bad_frame') on a wrong
+    kind, count or size (each frame is checked by :func:`decode_audio` where its channel reads it)."""
+    if len(data) < _MUX_HEADER.size:
+        raise ProtocolError("bad_frame", f"multiplexed audio message of {len(data)} bytes")
+    kind, count = _MUX_HEADER.unpack_from(data)
+    if kind != MUX_AUDIO_KIND:
+        raise ProtocolError("bad_frame", f"unknown multiplexed binary kind {kind:#04x}")
+    if not 0 < count <= MUX_MAX_FRAMES or len(data) != _MUX_HEADER.size + count * MUX_RECORD_BYTES:
+        raise ProtocolError(
+            "bad_frame", f"multiplexed audio message of {len(data)} bytes does not hold {count} frames")
+    view = memoryview(data)
+    out = []
+    pos = _MUX_HEADER.size
+    for _ in range(count):
+        (channel,) = _MUX_CHANNEL.unpack_from(data, pos)
+        start = pos + _MUX_CHANNEL.size
+        out.append((channel, bytes(view[start : start + AUDIO_FRAME_BYTES])))
+        pos = start + AUDIO_FRAME_BYTES
+    return out

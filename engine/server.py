@@ -1,7 +1,8 @@
 """aziza-engine: the aiohttp server around the frame scheduler.
 
-Routes: ``GET /session`` (one WebSocket per session, protocol in ``engine/protocol.py``), ``GET /health``
-(JSON), ``GET /metrics`` (Prometheus text, this app's own registry).
+Routes: ``GET /session`` (one WebSocket per session, protocol in ``engine/protocol.py``), ``GET /mux`` (many
+sessions over one WebSocket, each a channel with the same rules: ``engine/mux.py``), ``GET /health`` (JSON),
+``GET /metrics`` (Prometheus text, this app's own registry).
 
 Session rules (decided here, relied on by clients):
 * the first message must be ``open`` (anything else: ``error protocol`` or ``bad_message``, then close);
@@ -38,7 +39,9 @@ from engine.assets import DEFAULT_DATA_DIR, AssetStore
 from engine.backend import BatchBackend
 from engine.config import EngineConfigError, EngineSettings, config_warnings, get_engine_config
 from engine.metrics import EngineMetrics
+from engine.mux import Mux, MuxChannel
 from engine.protocol import (
+    MUX_MAX_MESSAGE_BYTES,
     Close,
     Closed,
     Error,
@@ -66,6 +69,9 @@ log = logging.getLogger(__name__)
 # Output frames buffered per session when its client does not read; beyond that audio is dropped (counted).
 OUTBOX_AUDIO_LIMIT = 32
 MAX_MESSAGE_BYTES = 1 << 16  # an audio frame is 3845 bytes; control messages are small
+
+# A session's socket: a WebSocket of its own (/session) or a channel of a multiplexed one (/mux).
+SessionSocket = web.WebSocketResponse | MuxChannel
 
 SCHEDULER_KEY = web.AppKey("scheduler", FrameScheduler)
 SETTINGS_KEY = web.AppKey("settings", EngineSettings)
@@ -96,7 +102,7 @@ class _Session:
     """One WebSocket session. All sends go through ``outbox`` so only the writer task touches the socket."""
 
     def __init__(
-        self, ws: web.WebSocketResponse, metrics: EngineMetrics, release: Callable[[], Awaitable[None]]
+        self, ws: SessionSocket, metrics: EngineMetrics, release: Callable[[], Awaitable[None]]
     ) -> None:
         self.ws = ws
         self._release = release
@@ -156,19 +162,19 @@ class _LiveSessions:
 
     def __init__(self) -> None:
         self.live: set[_Session] = set()
+        self.muxes: set[Mux] = set()  # the open /mux sockets
 
 
 SESSIONS_KEY = web.AppKey("sessions", _LiveSessions)
 
 
-async def _refuse(ws: web.WebSocketResponse, code: str, message: str) -> web.WebSocketResponse:
+async def _refuse(ws: SessionSocket, code: str, message: str) -> None:
     with contextlib.suppress(ConnectionError, RuntimeError):
         await ws.send_str(encode_control(Error(code, message)))
     await ws.close()
-    return ws
 
 
-async def _read_open(ws: web.WebSocketResponse, wait_s: float) -> Open | Error | None:
+async def _read_open(ws: SessionSocket, wait_s: float) -> Open | Error | None:
     """The first message: an Open, an Error to send back, or None when the client left."""
     try:
         msg = await ws.receive(timeout=wait_s)
@@ -188,19 +194,56 @@ async def _read_open(ws: web.WebSocketResponse, wait_s: float) -> Open | Error |
 
 
 async def session_handler(request: web.Request) -> web.WebSocketResponse:
-    scheduler = request.app[SCHEDULER_KEY]
-    settings = request.app[SETTINGS_KEY]
-    metrics = scheduler.metrics
     # timeout: how long a close waits for the peer's close reply; no deflate: PCM does not compress.
     ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES, heartbeat=None, timeout=2.0, compress=False)
     await ws.prepare(request)
+    await _serve_session(ws, request.app)
+    return ws
 
+
+async def mux_handler(request: web.Request) -> web.WebSocketResponse:
+    """Many sessions over one WebSocket (engine/mux.py): each channel the client opens is served as a
+    session of its own, by the same code as ``/session``; the socket's end ends them all."""
+    ws = web.WebSocketResponse(max_msg_size=MUX_MAX_MESSAGE_BYTES, heartbeat=None, timeout=2.0,
+                               compress=False)
+    await ws.prepare(request)
+    app = request.app
+    try:
+        async with asyncio.TaskGroup() as tg:
+
+            def serve(channel: MuxChannel) -> None:
+                tg.create_task(_serve_session(channel, app), name=f"engine-mux-channel-{channel.channel}")
+
+            metrics = app[SCHEDULER_KEY].metrics
+
+            def bad(binary: bool) -> None:
+                (metrics.bad_frames if binary else metrics.bad_messages).inc()
+
+            mux = Mux(ws, on_new=serve, on_bad=bad)
+            app[SESSIONS_KEY].muxes.add(mux)
+            try:
+                await mux.run()
+            finally:
+                app[SESSIONS_KEY].muxes.discard(mux)
+    except Exception:  # (each session guards itself; this is the mux's own bug: its sessions end with it)
+        log.exception("engine mux failed")
+    finally:
+        await ws.close()
+    return ws
+
+
+async def _serve_session(ws: SessionSocket, app: web.Application) -> None:
+    """One session on ``ws`` (a WebSocket of its own, or a mux channel), from ``open`` to its end."""
+    scheduler = app[SCHEDULER_KEY]
+    settings = app[SETTINGS_KEY]
+    metrics = scheduler.metrics
     first = await _read_open(ws, settings.idle_timeout_s)
     if first is None:
-        return ws
+        return
     if isinstance(first, Error):
         metrics.sessions_refused.labels(first.code).inc()
-        return await _refuse(ws, first.code, first.message)
+        await _refuse(ws, first.code, first.message)
+        return
 
     lease: SlotLease | None = None
 
@@ -214,16 +257,19 @@ async def session_handler(request: web.Request) -> web.WebSocketResponse:
         lease = await scheduler.open_session(first.persona, session, seed)
     except SlotsFull as exc:
         metrics.sessions_refused.labels("full").inc()
-        return await _refuse(ws, "full", str(exc))
+        await _refuse(ws, "full", str(exc))
+        return
     except OpenFailed as exc:
         metrics.sessions_refused.labels(exc.code).inc()
-        return await _refuse(ws, exc.code, exc.message)
+        await _refuse(ws, exc.code, exc.message)
+        return
     except Exception as exc:  # e.g. the worker is gone during shutdown: refuse, never crash the server
         log.exception("open failed")
         metrics.sessions_refused.labels("internal").inc()
-        return await _refuse(ws, "internal", f"open failed: {exc}")
+        await _refuse(ws, "internal", f"open failed: {exc}")
+        return
 
-    sessions = request.app[SESSIONS_KEY].live
+    sessions = app[SESSIONS_KEY].live
     sessions.add(session)
     metrics.sessions_opened.inc()
     warnings = tuple(scheduler.start_warnings.get(lease.slot, ()))
@@ -245,7 +291,6 @@ async def session_handler(request: web.Request) -> web.WebSocketResponse:
         await ws.close()
         metrics.sessions_closed.labels(session.end_reason).inc()
         log.info("session %s closed (%s), slot %d free", session.id, session.end_reason, lease.slot)
-    return ws
 
 
 async def _reader(
@@ -362,12 +407,24 @@ def create_app(settings: EngineSettings, backend: BatchBackend | None = None,
 
     async def on_shutdown(app: web.Application) -> None:
         # Tell every session why it ends; the handlers then free their slots.
-        for session in list(app[SESSIONS_KEY].live):
+        live = app[SESSIONS_KEY]
+        for session in list(live.live):
             session.end(_End("shutdown"))
+        if live.muxes:
+            # A mux socket stays open while its client holds it: once its sessions have sent ``closed``
+            # (each leaves the live set after), close it, rather than wait out the shutdown timeout.
+            for _ in range(100):
+                if not live.live:
+                    break
+                await asyncio.sleep(0.01)
+            for mux in list(live.muxes):
+                with contextlib.suppress(Exception):
+                    await mux.ws.close()
 
     app.cleanup_ctx.append(scheduler_ctx)
     app.on_shutdown.append(on_shutdown)
     app.router.add_get("/session", session_handler)
+    app.router.add_get("/mux", mux_handler)
     app.router.add_get("/health", health_handler)
     app.router.add_get("/metrics", metrics_handler)
     return app

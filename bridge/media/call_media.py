@@ -44,7 +44,7 @@ from typing import Any, Literal
 
 from bridge.call_deps import MediaUnavailable
 from bridge.config import BridgeSettings
-from bridge.engine_client import EngineError, EngineProtocolError, EngineSession
+from bridge.engine_client import EngineError, EngineMessage, EngineProtocolError, EngineSession
 from bridge.media.inbound import FLOOD_READS, InboundFormat, InboundPath
 from bridge.media.media_clock import ClockHandle, MediaClock
 from bridge.media.metrics import LatencyLedger, MediaStats
@@ -355,26 +355,32 @@ class CallMedia:
     # -- engine --------------------------------------------------------------------------------------------
 
     async def _engine_loop(self) -> None:
-        while True:
+        """The engine's messages on a WebSocket of the session's own (on a mux they come by listen())."""
+        while not self._ended.is_set():
             try:
-                msg = await self.engine.receive()
+                msg: EngineMessage | EngineProtocolError = await self.engine.receive()
             except EngineProtocolError as exc:
-                self._end(f"engine_protocol_error: {exc}")
-                return
-            if isinstance(msg, AudioFrame):
-                clock = self._clock
-                if clock is not None:
-                    clock.run_due()  # sends due now go out before this frame's resampling
-                self._guarded(self._on_engine_frame, msg)
-            elif isinstance(msg, Text):
-                self.stats.engine_text.append(msg.text)
-            elif isinstance(msg, Lag):
-                self.stats.engine_lag_reports += 1
-            elif isinstance(msg, Error):
-                log.warning("call %s: engine error %s: %s", self.call_id, msg.code, msg.message)
-            elif isinstance(msg, Closed):
-                self._end("engine_gone" if msg.reason == "engine_gone" else f"engine_closed: {msg.reason}")
-                return
+                msg = exc
+            self._on_engine_message(msg)
+
+    def _on_engine_message(self, msg: EngineMessage | EngineProtocolError) -> None:
+        if self._ended.is_set():
+            return
+        if isinstance(msg, AudioFrame):
+            clock = self._clock
+            if clock is not None:
+                clock.run_due()  # sends due now go out before this frame's resampling
+            self._guarded(self._on_engine_frame, msg)
+        elif isinstance(msg, Text):
+            self.stats.engine_text.append(msg.text)
+        elif isinstance(msg, Lag):
+            self.stats.engine_lag_reports += 1
+        elif isinstance(msg, Error):
+            log.warning("call %s: engine error %s: %s", self.call_id, msg.code, msg.message)
+        elif isinstance(msg, Closed):
+            self._end("engine_gone" if msg.reason == "engine_gone" else f"engine_closed: {msg.reason}")
+        elif isinstance(msg, EngineProtocolError):
+            self._end(f"engine_protocol_error: {msg}")
 
     def _on_engine_frame(self, frame: AudioFrame) -> None:
         now = time.monotonic()
@@ -491,11 +497,13 @@ class CallMedia:
             self._clock = clock
             self.inbound.last_packet_at = time.monotonic()
             MEDIA_METRICS.call_started(self.stats, self.inbound)
+            # On a mux channel the engine's messages are handed over as the mux reads them (no task wakes per
+            # frame); on a WebSocket of the session's own, a task reads them.
+            listening = self.engine.listen(self._on_engine_message)
             async with asyncio.TaskGroup() as tg:
-                tasks = [
-                    tg.create_task(self._guard(self._engine_loop(), "engine")),
-                    tg.create_task(self._guard(self._control_loop(), "control")),
-                ]
+                tasks = [tg.create_task(self._guard(self._control_loop(), "control"))]
+                if not listening:
+                    tasks.append(tg.create_task(self._guard(self._engine_loop(), "engine")))
                 self._guarded(self._input_due)  # arms the media-timeout check
                 await self._ended.wait()
                 for task in tasks:
@@ -504,6 +512,7 @@ class CallMedia:
             self._end(f"bind_failed: {exc}")
         finally:
             self._end("stopped")
+            self.engine.listen(None)  # (the session's owner reads its ``closed`` when it closes it)
             # What came before the end is counted: a polled socket may hold up to a tick of packets.
             try:
                 self._read_datagrams(_RECV_BATCH)

@@ -49,7 +49,7 @@ class Worker:
 
     def __init__(self, settings: BridgeSettings, writer: asyncio.StreamWriter) -> None:
         self.settings = settings
-        self.pool = EnginePool(settings.engines())
+        self.pool = EnginePool(settings.engines(), mux=settings.engine_mux)
         self.calls: dict[str, _Call] = {}
         self._writer = writer
         self._tasks: set[asyncio.Task[Any]] = set()

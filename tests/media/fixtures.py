@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from bridge.config import BridgeSettings
-from bridge.engine_client import EngineSession
+from bridge.engine_client import EngineMux, EngineSession
 from bridge.media.assets import load_speech_8k
 from bridge.media.call_media import CallMedia
 from bridge.media.simleg import SimLeg
@@ -52,10 +52,16 @@ class Call:
 
 @contextlib.asynccontextmanager
 async def wired_call(
-    engine_url: str, audio_8k: np.ndarray, *, settings: BridgeSettings | None = None, **leg_kwargs: object
+    engine_url: str, audio_8k: np.ndarray, *, settings: BridgeSettings | None = None, mux: bool = False,
+    **leg_kwargs: object
 ) -> AsyncIterator[Call]:
-    """An engine session + CallMedia + SimLeg locked onto each other, media running; all closed after."""
-    engine = await EngineSession.open(engine_url, None, "test-call")
+    """An engine session + CallMedia + SimLeg locked onto each other, media running; all closed after.
+    ``mux``: the session is a channel of the engine's /mux (as the bridge opens them), else a WebSocket."""
+    engine_mux = EngineMux(engine_url) if mux else None
+    if engine_mux is not None:
+        engine = await engine_mux.open(None, "test-call")
+    else:
+        engine = await EngineSession.open(engine_url, None, "test-call")
     media = CallMedia(settings or bridge_settings(), engine, "test-call")
     leg = SimLeg(None, audio_8k, **leg_kwargs)  # type: ignore[arg-type]
     try:
@@ -70,6 +76,8 @@ async def wired_call(
     finally:
         leg.close()
         await engine.close()
+        if engine_mux is not None:
+            assert engine_mux.mux is None  # (its only session closed it)
 
 
 @contextlib.asynccontextmanager

@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 from aiohttp import WSMsgType, web
 
-from bridge.engine_client import EngineSession
+from bridge.engine_client import EngineMux, EngineSession
 from bridge.media.call_media import CallMedia, MediaBindError
 from bridge.media.rtp import RtpPacket, build_rtp
 from bridge.media.simleg import GARBAGE_KINDS, SimLeg
+from engine.config import EngineSettings
 from engine.protocol import Ready, decode_audio, encode_audio, encode_control
+from engine.server import run_engine
 from tests.media.fixtures import bridge_settings, fake_engine, segment_correlations, wired_call
 
 
@@ -33,8 +35,9 @@ def _paced_without_drift(leg: SimLeg, skipped: int) -> bool:
     return leg.sequence_gaps == 0 and (leg.timestamp_errors == 0 or skipped > 0)
 
 
-async def test_call_end_to_end_echo(engine_url: str, speech_8k: np.ndarray) -> None:
-    async with wired_call(engine_url, speech_8k) as call:
+@pytest.mark.parametrize("mux", [False, True], ids=["websocket", "mux"])
+async def test_call_end_to_end_echo(engine_url: str, speech_8k: np.ndarray, mux: bool) -> None:
+    async with wired_call(engine_url, speech_8k, mux=mux) as call:
         await call.leg.run(len(speech_8k) / 8000 + 0.3, tail_s=0.3)
     stats = call.media.stats
     assert stats.end_reason == "stopped"
@@ -56,6 +59,7 @@ async def test_call_end_to_end_echo(engine_url: str, speech_8k: np.ndarray) -> N
     assert snap["resampler_delay_ms"] == pytest.approx(6.0, abs=0.5)
     assert call.media._sock is None  # closed
     assert snap["round_trip_end_vs_start_ms"] is not None
+    assert call.engine.close_answered  # (on a mux too: the listener was gone, the ``closed`` reached close())
 
 
 @pytest.mark.parametrize("tick_ms", [0.0, 4.0])
@@ -175,8 +179,43 @@ async def test_engine_dies_mid_call(speech_8k: np.ndarray) -> None:
     await media.stop()  # idempotent after the end
 
 
-async def test_hold_stops_rtp_and_engine_frames(engine_url: str, speech_8k: np.ndarray) -> None:
-    async with wired_call(engine_url, speech_8k) as call:
+async def test_an_engine_gone_from_under_its_mux_ends_each_call_on_it(speech_8k: np.ndarray) -> None:
+    """Two calls on one engine mux (listening, no task per frame): the engine stops; both calls end, the
+    bridge's process goes on, and their sessions close without waiting on the dead socket."""
+    engine_ctx = run_engine(EngineSettings(port=0, num_slots=2, batch_window_ms=5))
+    url = await engine_ctx.__aenter__()
+    mux = EngineMux(url)
+    calls = []
+    try:
+        for i in range(2):
+            engine = await mux.open(None, f"c{i}")
+            media = CallMedia(bridge_settings(), engine, f"c{i}")
+            leg = SimLeg(None, speech_8k)
+            leg.set_remote(await media.bind())
+            media.lock_remote(*(await leg.bind()))
+            calls.append((engine, media, leg, asyncio.create_task(media.run()),
+                          asyncio.create_task(leg.run(10.0))))
+        for _ in range(500):  # (up to 5 s) until both calls hear their echo
+            if all(media.stats.frames_from_engine > 0 for _, media, _, _, _ in calls):
+                break
+            await asyncio.sleep(0.01)
+        assert all(media.stats.frames_from_engine > 0 for _, media, _, _, _ in calls)
+    finally:
+        await engine_ctx.__aexit__(None, None, None)  # the engine shuts down under the live calls
+    for engine, media, leg, task, leg_task in calls:
+        reason = await asyncio.wait_for(task, 5.0)
+        assert reason in ("engine_closed: shutdown", "engine_gone"), reason
+        assert media._sock is None
+        leg.stop()
+        await leg_task
+        leg.close()
+        await engine.close()
+    assert mux.mux is None
+
+
+@pytest.mark.parametrize("mux", [False, True], ids=["websocket", "mux"])
+async def test_hold_stops_rtp_and_engine_frames(engine_url: str, speech_8k: np.ndarray, mux: bool) -> None:
+    async with wired_call(engine_url, speech_8k, mux=mux) as call:
         await call.leg.run(0.5)
         call.media.pause()
         await asyncio.sleep(0.05)  # let packets already in flight land

@@ -41,6 +41,31 @@ def _windows(
     return view
 
 
+class _SlidingBlock:
+    """One fast path's input in one preallocated buffer: ``keep`` samples of history, then a chunk of ``n``.
+    Its strided window view is made once, so a steady stream of same-size chunks (the call path's 20 ms and
+    80 ms) costs a copy in, the product and a copy of the history per chunk, instead of a concatenation, a
+    new view and a copy of the state (measured inside the bridge at 50 calls: these numpy calls, not the
+    sums, were most of the 44 µs a chunk took)."""
+
+    def __init__(self, history: Float32Array, n: int, rows: int, width: int, row_step: int) -> None:
+        self.keep, self.n = len(history), n
+        self.buf: Float32Array = np.empty(self.keep + n, dtype=np.float32)
+        self.buf[: self.keep] = history
+        step = self.buf.strides[0]
+        self.windows = _windows(self.buf, 0, rows, width, row_step * step, step)
+
+    def load(self, x: Float32Array) -> None:
+        self.buf[self.keep :] = x
+
+    def slide(self) -> None:
+        """The chunk's last ``keep`` samples become the history (numpy copies overlapping slices safely)."""
+        self.buf[: self.keep] = self.buf[self.n :]
+
+    def history(self) -> Float32Array:
+        return self.buf[: self.keep].copy()
+
+
 class FirResampler:
     """Streaming ``in_rate`` → ``out_rate`` for small rational ratios (int16 or float in, float32 out in
     [-1, 1] scale)."""
@@ -80,6 +105,8 @@ class FirResampler:
             self._x_state: npt.NDArray[np.float32] = np.zeros(width - 1, dtype=np.float32)
         elif self.up == 1:
             self._down_taps = np.ascontiguousarray(self._h[::-1])  # (symmetric; reversed for the record)
+        self._up_block: _SlidingBlock | None = None  # (the fast paths: made for the first chunk size)
+        self._down_block: _SlidingBlock | None = None
         self.samples_in = 0
         self.samples_out = 0
 
@@ -97,7 +124,9 @@ class FirResampler:
         if arr.ndim != 1:
             raise ValueError(f"audio must be 1-D, got shape {arr.shape}")
         x: Float32Array
-        if arr.dtype == np.int16:
+        if arr.dtype == np.float32:
+            x = arr
+        elif arr.dtype == np.int16:
             x = arr.astype(np.float32) * np.float32(1.0 / 32768.0)
         elif np.issubdtype(arr.dtype, np.floating):
             x = np.asarray(arr, dtype=np.float32)
@@ -127,19 +156,33 @@ class FirResampler:
 
     def _interpolate(self, x: Float32Array, taps: npt.NDArray[np.float32]) -> Float32Array:
         """down == 1: y[j*up + p] = sum_i h[p + i*up] * x[j - i], as (windows of x) @ (taps by phase)."""
-        width = taps.shape[0]
-        xe = np.concatenate([self._x_state, x])
-        step = xe.strides[0]
-        windows = _windows(xe, 0, len(x), width, step, step)
-        out: Float32Array = np.dot(windows, taps).ravel()  # row j = outputs j*up .. j*up + up - 1
-        self._x_state = xe[len(xe) - (width - 1) :].copy()
+        width, n = taps.shape[0], len(x)
+        block = self._up_block
+        if block is None or block.n != n:
+            history = block.history() if block is not None else self._x_state
+            block = self._up_block = _SlidingBlock(history, n, n, width, 1)
+        block.load(x)
+        out: Float32Array = np.dot(block.windows, taps).ravel()  # row j = outputs j*up .. j*up + up - 1
+        block.slide()
         self.samples_out += len(out)
         return out
 
     def _decimate(self, x: Float32Array, taps: npt.NDArray[np.float32]) -> Float32Array:
         """up == 1: only the kept outputs: y[j] = sum_k h[k] * block[phase + j*down + n_taps - 1 - k]."""
+        n_taps, n = len(taps), len(x)
+        fast = self._down_block
+        if self._phase == 0 and n and n % self.down == 0:  # (whole output samples: the call path's frames)
+            if fast is None or fast.n != n:
+                history = fast.history() if fast is not None else self._state
+                fast = self._down_block = _SlidingBlock(history, n, n // self.down, n_taps, self.down)
+            fast.load(x)
+            kept: Float32Array = np.dot(fast.windows, taps)
+            fast.slide()
+            self.samples_out += len(kept)
+            return kept
+        if fast is not None:  # (a chunk of another size: the general form takes the history over)
+            self._state, self._down_block = fast.history(), None
         block = np.concatenate([self._state, x])
-        n_taps = len(taps)
         count = len(range(self._phase, len(x), self.down))
         step = block.strides[0]
         windows = _windows(block, self._phase, count, n_taps, step * self.down, step)
@@ -152,6 +195,9 @@ class FirResampler:
     def flush(self) -> Float32Array:
         """Push the filter's tail out (end of stream) and reset."""
         tail = self.process(np.zeros(int(np.ceil(len(self._h) / self.up)) + 1, dtype=np.float32))
-        self._state[:] = 0.0
+        self._state = np.zeros_like(self._state)
+        if self._up_taps is not None:
+            self._x_state = np.zeros(self._up_taps.shape[0] - 1, dtype=np.float32)
+        self._up_block = self._down_block = None
         self._phase = 0
         return tail

@@ -53,19 +53,26 @@ def test_delay_is_fixed_and_tone_passes() -> None:
     assert 0.9 < np.max(np.abs(out35[300:])) < 1.1
 
 
+# Chunk sizes: mixed (the general forms), and steady (the fast paths' preallocated blocks) broken by sizes
+# that leave them and come back (a decimation phase that is not 0, a new chunk size).
+MIXED = [1, 7, 160, 641, 1920, 3] * 100
+STEADY_BROKEN = [1920] * 4 + [641, 1] + [1920] * 3 + [160] * 6 + [7, 2] + [480] * 3 + [1920] * 4
+
+
+@pytest.mark.parametrize("sizes", [MIXED, STEADY_BROKEN], ids=["mixed", "steady-broken"])
 @pytest.mark.parametrize(("in_rate", "out_rate"), [(8000, 24000), (24000, 8000), (16000, 24000)])
-def test_output_equals_the_plain_filter_it_stands_for(in_rate: int, out_rate: int) -> None:
+def test_output_equals_the_plain_filter_it_stands_for(in_rate: int, out_rate: int, sizes: list[int]) -> None:
     # The polyphase products compute exactly this: zero-stuff by `up`, filter with the low-pass, keep every
     # `down`-th sample, streamed in chunks of any size from a zero state.
     resampler = FirResampler(in_rate, out_rate)
     up, down, taps = resampler.up, resampler.down, resampler._h.astype(np.float64)
-    signal = np.random.default_rng(3).standard_normal(4800) * 0.2
+    signal = np.random.default_rng(3).standard_normal(sum(sizes) if sizes is STEADY_BROKEN else 4800) * 0.2
     stuffed = np.zeros(len(signal) * up)
     stuffed[::up] = signal
     reference = np.convolve(stuffed, taps)[: len(stuffed)][::down]
-    out, pos, sizes = [], 0, iter([1, 7, 160, 641, 1920, 3] * 100)
+    out, pos, chunks = [], 0, iter(sizes)
     while pos < len(signal):
-        n = next(sizes)
+        n = next(chunks)
         out.append(resampler.process(signal[pos : pos + n].astype(np.float32)))
         pos += n
     got = np.concatenate(out)

@@ -33,7 +33,7 @@ from bridge.redact import mask_url
 from engine.mux import Mux, MuxChannel
 from engine.protocol import (
     MUX_MAX_CHANNEL,
-    MUX_MAX_MESSAGE_BYTES,
+    MUX_WS_MAX_MSG_SIZE,
     AudioFrame,
     Close,
     Closed,
@@ -430,7 +430,7 @@ class EngineMux:
             http = aiohttp.ClientSession(connector=connector)
             try:
                 ws = await http.ws_connect(ws_url, autoping=True, heartbeat=None,
-                                           max_msg_size=MUX_MAX_MESSAGE_BYTES)
+                                           max_msg_size=MUX_WS_MAX_MSG_SIZE)
             except (aiohttp.ClientError, OSError) as exc:
                 await http.close()
                 raise EngineUnavailable(f"cannot connect to the engine at {shown}: {exc}") from exc

@@ -62,6 +62,9 @@ _MUX_CHANNEL = struct.Struct(">I")
 MUX_RECORD_BYTES = _MUX_CHANNEL.size + AUDIO_FRAME_BYTES
 MUX_MAX_FRAMES = 64  # frames in one multiplexed message (a longer batch is sent as several)
 MUX_MAX_MESSAGE_BYTES = _MUX_HEADER.size + MUX_MAX_FRAMES * MUX_RECORD_BYTES
+# The WebSocket limit for a mux socket: aiohttp refuses a message of max_msg_size bytes or more (a full
+# batch of MUX_MAX_FRAMES once closed the socket under every call on it).
+MUX_WS_MAX_MSG_SIZE = MUX_MAX_MESSAGE_BYTES + 4096
 MUX_MAX_CHANNEL = (1 << 31) - 1
 MAX_CONTROL_BYTES = 8192  # a persona's text prompt is the largest field
 MAX_JSON_DEPTH = 4  # {"type": "open", "persona": {...}} is depth 2

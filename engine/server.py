@@ -41,7 +41,7 @@ from engine.config import EngineConfigError, EngineSettings, config_warnings, ge
 from engine.metrics import EngineMetrics
 from engine.mux import Mux, MuxChannel
 from engine.protocol import (
-    MUX_MAX_MESSAGE_BYTES,
+    MUX_WS_MAX_MSG_SIZE,
     Close,
     Closed,
     Error,
@@ -204,7 +204,7 @@ async def session_handler(request: web.Request) -> web.WebSocketResponse:
 async def mux_handler(request: web.Request) -> web.WebSocketResponse:
     """Many sessions over one WebSocket (engine/mux.py): each channel the client opens is served as a
     session of its own, by the same code as ``/session``; the socket's end ends them all."""
-    ws = web.WebSocketResponse(max_msg_size=MUX_MAX_MESSAGE_BYTES, heartbeat=None, timeout=2.0,
+    ws = web.WebSocketResponse(max_msg_size=MUX_WS_MAX_MSG_SIZE, heartbeat=None, timeout=2.0,
                                compress=False)
     await ws.prepare(request)
     app = request.app

@@ -151,6 +151,23 @@ async def until_async(read: Callable[[], Any], want: Any) -> None:
     raise AssertionError(f"never {want!r}")
 
 
+async def test_a_round_of_more_frames_than_one_message_holds() -> None:
+    """MUX_MAX_FRAMES + 6 calls' frames in one round: two full messages' worth each way, every call served
+    (a message of exactly the largest size once closed the socket under every call)."""
+    n = MUX_MAX_FRAMES + 6
+    async with run_engine(settings(num_slots=n)) as url:
+        engine = EngineMux(url)
+        sessions = [await engine.open(call_id=f"c{i}") for i in range(n)]
+        mux = engine.mux
+        assert mux is not None
+        for seq in range(2):
+            await _echo_round(sessions, seq)
+        assert mux.messages_out == 4 and mux.frames_out == 2 * n  # 64 + 6 frames, twice
+        assert mux.frames_in == 2 * n and mux.messages_in < 2 * n  # (the engine's came batched too)
+        for s in sessions:
+            await s.close()
+
+
 async def test_a_full_house_refuses_one_channel_and_keeps_the_others() -> None:
     async with run_engine(settings(num_slots=2)) as url:
         engine = EngineMux(url)

@@ -30,7 +30,7 @@ import aiohttp
 import numpy as np
 
 from bridge.redact import mask_url
-from engine.mux import Mux, MuxChannel
+from engine.mux import Mux, MuxChannel, step_send
 from engine.protocol import (
     MUX_MAX_CHANNEL,
     MUX_WS_MAX_MSG_SIZE,
@@ -261,17 +261,11 @@ class EngineSession:
         if self.closed:
             raise EngineUnavailable(f"engine session is closed ({self._closed_reason or 'socket closed'})")
         data = encode_audio(self._next_seq, pcm)
-        step = self._ws.send_bytes(data)
         try:
-            waiting_on = step.send(None)
-        except StopIteration:
-            pass
+            self._backlog = step_send(self._ws.send_bytes(data))
         except (aiohttp.ClientError, ConnectionError, RuntimeError) as exc:
             self._closed_reason = self._closed_reason or "engine_gone"
             raise EngineUnavailable(f"engine socket failed: {exc}") from exc
-        else:
-            step.close()  # the data is written; only the drain wait is left, watched through its future
-            self._backlog = waiting_on if isinstance(waiting_on, asyncio.Future) else None
         seq = self._next_seq
         self._next_seq += 1
         self.frames_sent += 1

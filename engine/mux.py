@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import aiohttp
@@ -43,6 +43,19 @@ MAX_CHANNELS = 4096  # channels one mux may hold at once (each costs the engine 
 
 # Either end's WebSocket: aiohttp's ClientWebSocketResponse or web.WebSocketResponse.
 MuxSocket = Any
+
+
+def step_send(send: Coroutine[Any, Any, None]) -> asyncio.Future[Any] | None:
+    """Run aiohttp's uncompressed ``send_bytes`` up to its only suspension point, by which time it has
+    written to the transport: the drain wait it stopped at (the peer reads slowly), or None when it finished.
+    A failed send raises as the coroutine does. (For synchronous callers: the media clock's steps and the
+    mux's flush, which must not await.)"""
+    try:
+        waiting = send.send(None)
+    except StopIteration:
+        return None
+    send.close()  # (the data is written; the drain wait goes on without the coroutine)
+    return waiting if isinstance(waiting, asyncio.Future) else None
 
 
 class MuxClosed(ConnectionResetError):
@@ -132,7 +145,6 @@ class Mux:
         self.on_bad = on_bad
         self.max_channels = max_channels
         self.channels: dict[int, MuxChannel] = {}
-        self.on_empty: Callable[[], None] | None = None  # the last channel is gone (the client closes then)
         self._loop = asyncio.get_running_loop()
         self._pending: list[tuple[int, bytes]] = []
         self._flush_handle: asyncio.Handle | None = None
@@ -161,8 +173,6 @@ class Mux:
     def forget(self, ch: MuxChannel) -> None:
         if self.channels.get(ch.channel) is ch:
             del self.channels[ch.channel]
-            if not self.channels and self.on_empty is not None:
-                self.on_empty()
 
     # -- sending -----------------------------------------------------------------------------------------
 
@@ -195,20 +205,15 @@ class Mux:
             self.frames_out += len(batch)
 
     def _write_now(self, data: bytes) -> None:
-        """aiohttp's uncompressed ``send_bytes`` writes to the transport before its only suspension point
-        (the drain wait when the peer reads slowly): step it once; a drain wait is kept as the backlog."""
-        step = self.ws.send_bytes(data)
+        """Write now; a drain wait is kept as the backlog (see queue_audio)."""
         try:
-            waiting = step.send(None)
-        except StopIteration:
-            return
+            backlog = step_send(self.ws.send_bytes(data))
         except (aiohttp.ClientError, ConnectionError, RuntimeError) as exc:
             log.debug("engine mux: send failed: %s", exc)
             self._close_channels()
             return
-        step.close()  # (the data is written; the drain wait goes on without the coroutine)
-        if isinstance(waiting, asyncio.Future):
-            self._backlog = waiting
+        if backlog is not None:
+            self._backlog = backlog
 
     # -- receiving ---------------------------------------------------------------------------------------
 
@@ -232,8 +237,6 @@ class Mux:
         self.channels.clear()
         for ch in channels:
             ch.closed_by_mux()
-        if channels and self.on_empty is not None:
-            self.on_empty()
 
     def _bad(self, exc: ProtocolError, binary: bool) -> None:
         self.bad_messages += 1
@@ -276,4 +279,4 @@ class Mux:
         ch.feed(WSMessage(WSMsgType.TEXT, text, None))
 
 
-__all__ = ["MAX_CHANNELS", "Mux", "MuxChannel", "MuxClosed"]
+__all__ = ["MAX_CHANNELS", "Mux", "MuxChannel", "MuxClosed", "step_send"]

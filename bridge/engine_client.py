@@ -149,9 +149,7 @@ class EngineSession:
                 except (aiohttp.ClientError, OSError) as exc:
                     raise EngineUnavailable(f"cannot connect to the engine at {shown}: {exc}") from exc
                 try:
-                    opening = Open(persona=persona or PersonaParams(), call_id=call_id)
-                    await ws.send_str(encode_control(opening))
-                    ready = await cls._await_ready(ws, url)
+                    ready = await cls._handshake(ws, url, persona, call_id)
                 except BaseException:
                     await ws.close()
                     raise
@@ -166,7 +164,12 @@ class EngineSession:
         return session
 
     @staticmethod
-    async def _await_ready(ws: aiohttp.ClientWebSocketResponse | MuxChannel, url: str) -> Ready:
+    async def _handshake(
+        ws: aiohttp.ClientWebSocketResponse | MuxChannel, url: str, persona: PersonaParams | None,
+        call_id: str | None,
+    ) -> Ready:
+        """Send ``open`` on ``ws`` (a socket of its own, or a mux channel) and read the engine's ``ready``."""
+        await ws.send_str(encode_control(Open(persona=persona or PersonaParams(), call_id=call_id)))
         msg = await ws.receive()
         if msg.type != aiohttp.WSMsgType.TEXT:
             raise EngineUnavailable(
@@ -313,10 +316,6 @@ class EngineSession:
             return True
 
         def deliver(msg: aiohttp.WSMessage) -> None:
-            if self._closed_reason is not None and msg.type not in (aiohttp.WSMsgType.BINARY,
-                                                                   aiohttp.WSMsgType.TEXT):
-                on_message(Closed(reason=self._closed_reason))
-                return
             try:
                 decoded = self._message(msg)
             except EngineProtocolError as exc:
@@ -394,9 +393,7 @@ class EngineMux:
                 mux = await self._connected(shown)
                 channel = mux.open_channel(self._number(mux))
                 try:
-                    opening = Open(persona=persona or PersonaParams(), call_id=call_id)
-                    await channel.send_str(encode_control(opening))
-                    ready = await EngineSession._await_ready(channel, self.url)
+                    ready = await EngineSession._handshake(channel, self.url, persona, call_id)
                 except BaseException:
                     await channel.close()
                     await self._release()

@@ -118,8 +118,7 @@ class MuxChannel:
         """Close this channel only (the session protocol's ``close``/``closed`` are sent before this)."""
         if self._closed:
             return False
-        self._closed = True
-        self.feed(WS_CLOSED_MESSAGE)  # (a receive() waiting now ends, as on a socket that closed)
+        self.closed_by_mux()
         self.mux.forget(self)
         return True
 
@@ -129,7 +128,7 @@ class MuxChannel:
     def closed_by_mux(self) -> None:
         if not self._closed:
             self._closed = True
-            self.feed(WS_CLOSED_MESSAGE)
+            self.feed(WS_CLOSED_MESSAGE)  # (a receive() waiting now ends, as on a socket that closed)
 
 
 class Mux:
@@ -164,7 +163,7 @@ class Mux:
     # -- channels ----------------------------------------------------------------------------------------
 
     def open_channel(self, channel: int) -> MuxChannel:
-        """The client's end: a new channel with this number (unique among the open ones)."""
+        """A new channel with this number (unique among the open ones)."""
         if channel in self.channels:
             raise ValueError(f"channel {channel} is open")
         ch = self.channels[channel] = MuxChannel(self, channel)
@@ -268,15 +267,16 @@ class Mux:
             self._bad(exc, False)
             return
         ch = self.channels.get(channel)
+        on_new = None
         if ch is None:
-            if self.on_new is None or len(self.channels) >= self.max_channels:
+            on_new = self.on_new
+            if on_new is None or len(self.channels) >= self.max_channels:
                 self.dropped += 1
                 return
-            ch = self.channels[channel] = MuxChannel(self, channel)
-            ch.feed(WSMessage(WSMsgType.TEXT, text, None))
-            self.on_new(ch)
-            return
+            ch = self.open_channel(channel)
         ch.feed(WSMessage(WSMsgType.TEXT, text, None))
+        if on_new is not None:  # (a channel the peer opened: its first message is queued in it)
+            on_new(ch)
 
 
 __all__ = ["MAX_CHANNELS", "Mux", "MuxChannel", "MuxClosed", "step_send"]

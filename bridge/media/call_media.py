@@ -14,8 +14,9 @@ deadlines. With the clock ticking (``media_tick_ms``), the socket is read on the
 (:class:`~bridge.media.read_schedule.ReadSchedule`) rather than per datagram, and the kernel's arrival stamp
 stands for each datagram's arrival.
 
-``run()`` owns one TaskGroup of two tasks (engine receive, and control for hold messages) and never raises
-for anything a peer does. The timed work is not in tasks: it runs as plain media-clock callbacks, and the
+``run()`` owns one TaskGroup (control for hold messages, and engine receive on a session's own WebSocket; on
+an engine mux channel its messages are handed over by the mux's reader) and never raises for anything a peer
+does. The timed work is not in tasks: it runs as plain media-clock callbacks, and the
 reader callback and the engine receive serve whatever deadlines are due before doing their own work.
 
 Latency (all in ``MediaStats``, milliseconds):

@@ -102,7 +102,6 @@ class FirResampler:
             for p, hp in enumerate(phases):
                 by_phase[width - len(hp) :, p] = hp[::-1]
             self._up_taps = by_phase
-            self._x_state: npt.NDArray[np.float32] = np.zeros(width - 1, dtype=np.float32)
         elif self.up == 1:
             self._down_taps = np.ascontiguousarray(self._h[::-1])  # (symmetric; reversed for the record)
         self._up_block: _SlidingBlock | None = None  # (the fast paths: made for the first chunk size)
@@ -159,7 +158,7 @@ class FirResampler:
         width, n = taps.shape[0], len(x)
         block = self._up_block
         if block is None or block.n != n:
-            history = block.history() if block is not None else self._x_state
+            history = block.history() if block is not None else np.zeros(width - 1, dtype=np.float32)
             block = self._up_block = _SlidingBlock(history, n, n, width, 1)
         block.load(x)
         out: Float32Array = np.dot(block.windows, taps).ravel()  # row j = outputs j*up .. j*up + up - 1
@@ -196,8 +195,6 @@ class FirResampler:
         """Push the filter's tail out (end of stream) and reset."""
         tail = self.process(np.zeros(int(np.ceil(len(self._h) / self.up)) + 1, dtype=np.float32))
         self._state = np.zeros_like(self._state)
-        if self._up_taps is not None:
-            self._x_state = np.zeros(self._up_taps.shape[0] - 1, dtype=np.float32)
-        self._up_block = self._down_block = None
+        self._up_block = self._down_block = None  # (the next chunk starts a block from a zero history)
         self._phase = 0
         return tail

@@ -28,6 +28,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from admin_cli.procs import end_process, proc_cpu_s, proc_cpu_split_s
+from bridge import native
 from bridge.config import BridgeSettings
 from bridge.engine_client import EngineMux, EngineSession
 from bridge.media.assets import load_speech_8k
@@ -390,6 +391,8 @@ async def _bench(
     report["engine_window_ms"] = engine_window_ms
     report["media_tick_ms"] = settings.media_tick_ms
     report["engine_mux"] = settings.engine_mux
+    # "compiled" (mypyc: bridge/native.py), or "sources" (AZIZA_PURE_PYTHON=1, or installed AZIZA_NATIVE=0)
+    report["media_modules"] = "compiled" if native.compiled_modules() else "sources"
     for key in ("engine_frames_per_message", "engine_frames_per_message_in"):  # (frames to / from the engine)
         report[key] = next((r[key] for r in results if r.get(key)), None)
     report["junk_dropped"] = sum(r["junk_dropped"] for r in results)

@@ -19,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
+from bridge import native
 from bridge.ari.client import AriClient, EventStream
 from bridge.call_deps import CallDeps
 from bridge.config import ConfigError, Settings, get_settings
@@ -90,6 +91,12 @@ class BridgeService:
         await self.controller.wait_running()
         log.info("aziza-bridge up: HTTP %s, ARI %s app %s", self.http_url, mask_url(self.settings.ari.url),
                  self.settings.ari.app)
+        compiled, stale = native.compiled_modules(), native.stale_modules()
+        log.info("media path: %d of %d hot modules compiled (bridge/native.py)", len(compiled),
+                 len(native.NATIVE_MODULES))
+        if stale:
+            log.warning("compiled media modules older than their sources, running old code: %s (rebuild: "
+                        "provisioning/install.sh)", ", ".join(stale))
 
     async def _run(self) -> None:
         # One group: the controller (owning every call) and the event stream.

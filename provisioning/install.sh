@@ -49,7 +49,15 @@ if [ ${#extras[@]} -gt 0 ]; then spec=".[$(IFS=,; echo "${extras[*]}")]"; fi
 size="about 250 MB"
 [ "$ENGINE" = 1 ] && size="about 1.3 GB with CPU torch (several GB with CUDA torch)"
 step "installing $spec ($size; about 4 min on 2 cores)"
-if [ "$SYSTEM" = 1 ]; then "${PIP[@]}" "$spec"; else "${PIP[@]}" -e "$spec"; fi
+install_project() { if [ "$SYSTEM" = 1 ]; then "${PIP[@]}" "$spec"; else "${PIP[@]}" -e "$spec"; fi; }
+# The media path's hot modules are compiled by mypyc on the way (setup.py, bridge/native.py: about 30 s);
+# where that cannot be done (no C compiler, say), the same modules run from their sources, slower.
+if ! install_project; then
+  [ "${AZIZA_NATIVE:-1}" = 0 ] && exit 1
+  echo "install.sh: building the compiled media modules failed; installing without them (AZIZA_NATIVE=0)" >&2
+  export AZIZA_NATIVE=0
+  install_project
+fi
 
 if [ "$ENGINE" = 1 ]; then
   step "installing moshi 0.2.13 (without its pins)"

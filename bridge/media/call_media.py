@@ -41,6 +41,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import fields
 from typing import Any, Literal
 
 from bridge.call_deps import MediaUnavailable
@@ -564,7 +565,7 @@ class CallMedia:
         )
         out = self.stats.to_dict()
         jitter = self.inbound.jitter.stats
-        out["jitter_buffer"] = {name: getattr(jitter, name) for name in jitter.__slots__}
+        out["jitter_buffer"] = {f.name: getattr(jitter, f.name) for f in fields(jitter)}
         end_vs_start = self.ledger.round_trip_end_vs_start_ms()
         out["round_trip_end_vs_start_ms"] = None if end_vs_start is None else round(end_vs_start, 3)
         return out

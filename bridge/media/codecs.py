@@ -15,6 +15,7 @@ from __future__ import annotations
 import audioop
 from collections import deque
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -94,13 +95,13 @@ def float32_to_pcm16(audio: npt.NDArray[np.floating]) -> Int16Array:
 class LossConcealer:
     """Pitch-repetition packet-loss concealment for one stream (see module docstring)."""
 
-    HISTORY_MS = 40
-    MIN_PITCH_MS = 2.5
-    MAX_PITCH_MS = 15.0
-    FULL_LEVEL_MS = 10
-    SILENT_AFTER_MS = 60
-    OVERLAP_MS = 1.0
-    RESUME_FADE_MS = 4.0
+    HISTORY_MS: ClassVar[int] = 40
+    MIN_PITCH_MS: ClassVar[float] = 2.5
+    MAX_PITCH_MS: ClassVar[float] = 15.0
+    FULL_LEVEL_MS: ClassVar[int] = 10
+    SILENT_AFTER_MS: ClassVar[int] = 60
+    OVERLAP_MS: ClassVar[float] = 1.0
+    RESUME_FADE_MS: ClassVar[float] = 4.0
 
     def __init__(self, sample_rate: int) -> None:
         self.sample_rate = sample_rate

@@ -180,7 +180,8 @@ class FirResampler:
             self.samples_out += len(kept)
             return kept
         if fast is not None:  # (a chunk of another size: the general form takes the history over)
-            self._state, self._down_block = fast.history(), None
+            self._state = fast.history()
+            self._down_block = None
         block = np.concatenate([self._state, x])
         count = len(range(self._phase, len(x), self.down))
         step = block.strides[0]

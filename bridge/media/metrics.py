@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from array import array
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -16,7 +16,7 @@ class Histogram:
     """Milliseconds in fixed 0.05 ms buckets up to ``max_ms`` (values above land in the last bucket), so a
     call of any length costs the same memory and histograms of many calls add up exactly."""
 
-    BUCKET_MS = 0.05
+    BUCKET_MS: ClassVar[float] = 0.05
 
     def __init__(self, max_ms: float = 1000.0) -> None:
         self.max_ms = max_ms
@@ -157,12 +157,16 @@ class MediaStats:
     resampler_delay_ms: float = 0.0
     end_reason: str | None = None
 
+    def items(self) -> list[tuple[str, Any]]:
+        """(name, value) of every field (``vars()`` is not there when the module is compiled)."""
+        return [(f.name, getattr(self, f.name)) for f in fields(self)]
+
     def count_drop(self, reason: str) -> None:
         self.rtp_dropped[reason] = self.rtp_dropped.get(reason, 0) + 1
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for key, value in self.__dict__.items():
+        for key, value in self.items():
             if isinstance(value, Histogram):
                 out[key] = value.summary()
             elif isinstance(value, dict):
@@ -193,8 +197,8 @@ class LatencyLedger:
       ``WINDOW`` are kept, so that delay the call gained and never gave back shows as end minus start.
     """
 
-    WINDOW = 25  # frames: 2 s
-    _MAX_PENDING = 64  # input frames the engine never answered are forgotten beyond this
+    WINDOW: ClassVar[int] = 25  # frames: 2 s
+    _MAX_PENDING: ClassVar[int] = 64  # input frames the engine never answered are forgotten beyond this
 
     def __init__(self, stats: MediaStats) -> None:
         self.stats = stats

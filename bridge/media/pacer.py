@@ -37,7 +37,7 @@ class PacerStats:
 class Pacer:
     """The 20 ms send grid of one stream (see module docstring)."""
 
-    def __init__(self, ptime_s: float = 0.020, *, start: float, max_burst: int = 3) -> None:
+    def __init__(self, ptime_s: float, *, start: float, max_burst: int = 3) -> None:
         if ptime_s <= 0:
             raise ValueError(f"ptime_s must be > 0, got {ptime_s}")
         if max_burst < 1:

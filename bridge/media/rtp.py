@@ -88,7 +88,18 @@ class RtpPacket:
         return RTP_HEADER_SIZE + 4 * len(self.csrc) + ext + len(self.payload) + self.padding
 
 
+def _raw_construction() -> bool:
+    """Whether a packet can be made without ``__init__`` (interpreted: skips ``__post_init__``'s checks, which
+    parse_rtp's parse makes); a class compiled by mypyc refuses it, and its checks cost next to nothing."""
+    try:
+        object.__new__(RtpPacket)
+    except TypeError:
+        return False
+    return True
+
+
 _new_packet = object.__new__
+_RAW_CONSTRUCTION = _raw_construction()
 
 
 def parse_rtp(data: bytes, max_size: int = MAX_DATAGRAM) -> RtpPacket:
@@ -134,13 +145,17 @@ def parse_rtp(data: bytes, max_size: int = MAX_DATAGRAM) -> RtpPacket:
         if padding == 0 or pos + padding > size:
             raise RtpParseError("padding", f"padding count {padding} with {size - pos} bytes after header")
         end = size - padding
+    payload_type, marker, payload = b1 & 0x7F, bool(b1 & 0x80), bytes(data[pos:end])
+    if not _RAW_CONSTRUCTION:
+        return RtpPacket(payload_type, sequence, timestamp, ssrc, payload, marker, tuple(csrc), extension,
+                         extension_profile, padding)
     pkt = _new_packet(RtpPacket)  # (every field is in range by construction: no __post_init__ checks)
-    pkt.payload_type = b1 & 0x7F
+    pkt.payload_type = payload_type
     pkt.sequence = sequence
     pkt.timestamp = timestamp
     pkt.ssrc = ssrc
-    pkt.payload = bytes(data[pos:end])
-    pkt.marker = bool(b1 & 0x80)
+    pkt.payload = payload
+    pkt.marker = marker
     pkt.csrc = tuple(csrc)
     pkt.extension = extension
     pkt.extension_profile = extension_profile

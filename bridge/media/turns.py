@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -60,7 +61,7 @@ class _Turn:
 class TurnTracker:
     """See the module docstring."""
 
-    MAX_TTFB_SAMPLES = 4096  # per call: a turn every few seconds fills it in hours
+    MAX_TTFB_SAMPLES: ClassVar[int] = 4096  # per call: a turn every few seconds fills it in hours
 
     def __init__(
         self,

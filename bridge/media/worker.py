@@ -165,7 +165,7 @@ class Worker:
             try:
                 self.live()  # the call's last counts reach /metrics with its end
                 snapshot = media.snapshot()
-                histograms = {name: value.to_sparse() for name, value in vars(media.stats).items()
+                histograms = {name: value.to_sparse() for name, value in media.stats.items()
                               if isinstance(value, Histogram)}
             finally:  # whatever failed above, the bridge hears that the call's media is over
                 self.say("ended", msg.call, reason=reason, snapshot=snapshot, histograms=histograms,

@@ -48,6 +48,7 @@ OTHER_AZIZA_VARIABLES = frozenset({
     "AZIZA_CONFIG",  # this module: the TOML file
     "AZIZA_ASTERISK_TEMPLATES",  # provision asterisk: template directory
     "AZIZA_VENV", "AZIZA_DB_NAME", "AZIZA_DB_USER", "AZIZA_NO_START",  # provisioning scripts
+    "AZIZA_NATIVE", "AZIZA_PURE_PYTHON",  # compiled media modules: build them, run them (bridge/native.py)
     "AZIZA_TEST_PG_ADMIN_URL", "AZIZA_TEST_REDIS_URL", "AZIZA_TEST_FUZZ_CASES", "AZIZA_ARI_DOCS",  # tests
 })
 PortNumber = Field(ge=0, le=65535)  # 0: an ephemeral port (tests)

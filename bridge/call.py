@@ -46,6 +46,7 @@ from bridge.call_deps import (
     MediaLink,
     MediaUnavailable,
 )
+from bridge.media.metrics import media_gauges
 from bridge.media.prometheus import MEDIA_METRICS
 
 if TYPE_CHECKING:
@@ -798,7 +799,7 @@ class Call:
             "bridge_id": self.bridge_id,
             "transferred_to": self.transferred_to,
             "transfer_channel_id": self.transfer_channel_id,
-        }
+        } | (media_gauges(self.media) if self.media is not None else {})  # latency_ms, turns, ttfb_ms
 
 
 def _reraise_if_cancelling() -> None:

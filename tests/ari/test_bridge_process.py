@@ -80,10 +80,18 @@ async def test_bridge_process_serves_a_call_and_stops_cleanly_on_sigterm(
                     break
                 await asyncio.sleep(0.1)
             assert "aziza_media_calls_active 1.0" in scraped, scraped  # from whichever process runs it
-            async with aiohttp.ClientSession() as http, http.get(
-                f"http://127.0.0.1:{http_port}/calls", headers=control_headers()
-            ) as r:
-                assert [c["call_id"] for c in (await r.json())["calls"]] == [caller]
+            calls: list[dict[str, object]] = []
+            for _ in range(100):  # the call's round trip comes with its worker's next report too
+                async with aiohttp.ClientSession() as http, http.get(
+                    f"http://127.0.0.1:{http_port}/calls", headers=control_headers()
+                ) as r:
+                    calls = (await r.json())["calls"]
+                if calls and "latency_ms" in calls[0]:
+                    break
+                await asyncio.sleep(0.1)
+            assert [c["call_id"] for c in calls] == [caller]
+            latency = calls[0].get("latency_ms")  # the live round trip, as the operator's list shows it
+            assert isinstance(latency, float) and 0.0 < latency < 1000.0, calls
             async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{http_port}/talk") as r:
                 assert r.status == 200  # the browser channel is mounted on the same server
             workers = child_pids(proc.pid)

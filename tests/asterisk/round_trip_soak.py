@@ -19,6 +19,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -70,12 +71,46 @@ def _find(obj: object, key: str) -> float | None:
     return None
 
 
+def _sample(app: ap.Appliance, started: float, samples: dict[str, list[tuple[float, float]]],
+            stop: threading.Event) -> None:
+    """Every live call's current round trip (its live hash's latency_ms: the median of its last 2 s)."""
+    while not stop.wait(0.5):
+        try:
+            calls = app.live_calls()
+        except Exception:  # (a soak tool: a missed sample is a gap, not a failure)
+            continue
+        at = round(time.time() - started, 1)
+        for call in calls:
+            latency = call.get("latency_ms")
+            if isinstance(latency, int | float):
+                samples.setdefault(str(call.get("call_id")), []).append((at, float(latency)))
+
+
+def _steps(samples: dict[str, list[tuple[float, float]]]) -> dict[str, list[tuple[float, float]]]:
+    """Per call whose round trip moved by more than 5 ms: each sample where it moved by more than 5 ms from
+    the previous level (time from the soak's start, new round trip)."""
+    out = {}
+    for call, series in samples.items():
+        level = series[0][1] if series else 0.0
+        steps = []
+        for at, value in series:
+            if abs(value - level) > 5.0:
+                steps.append((at, round(value, 1)))
+                level = value
+        if steps:
+            out[call[-8:]] = [(series[0][0], round(series[0][1], 1)), *steps]
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--engine-window-ms", type=float, default=None,
                         help="the engine's batching window (default: the appliance's, 20 ms)")
+    parser.add_argument("--trace", action="store_true",
+                        help="sample every live call's round trip each 0.5 s and print, per call that moved, "
+                             "when its round trip stepped (seconds from the soak's start)")
     args = parser.parse_args()
     reason = ap.missing_prerequisite()
     if reason is not None:
@@ -93,6 +128,11 @@ def main() -> int:
             app.provision()
             app.start()
             started = time.time()
+            samples: dict[str, list[tuple[float, float]]] = {}
+            sampling = threading.Event()
+            sampler = threading.Thread(target=_sample, args=(app, started, samples, sampling), daemon=True)
+            if args.trace:
+                sampler.start()
             report_dir = Path(tmp) / "report"
             done = subprocess.run(
                 [str(ap.BIN / "aziza-admin"), "loadtest", "--via", "sip", "--quick",
@@ -101,6 +141,7 @@ def main() -> int:
                  "--sip-target", f"127.0.0.1:{app.ports['sip']}",
                  "--bridge-url", f"http://127.0.0.1:{app.ports['bridge_http']}", "--json"],
                 env=app.env, capture_output=True, text=True, timeout=args.seconds + 600, check=False)
+            sampling.set()
             summary = json.loads(done.stdout) if done.stdout.strip().startswith("{") else {}
             ap.wait_for(lambda: not app.live_calls() or None, 60, "every call over")
             rows = app.latest_records(started, did=ap.DID_MAIN)
@@ -119,7 +160,7 @@ def main() -> int:
                 "round_trip_end_vs_start_ms": sorted(round(v, 2) for v in measured),
                 "within_5_ms": sum(1 for v in measured if abs(v) <= 5.0),
                 "beyond_5_ms": moved,
-            }))
+            } | ({"steps": _steps(samples)} if args.trace else {})))
             return 0
         finally:
             app.teardown()

@@ -57,6 +57,12 @@ class EngineMetrics:
         self.bad_frames = Counter("aziza_engine_bad_frames", "Binary frames rejected", registry=r)
         self.bad_messages = Counter("aziza_engine_bad_messages", "Control messages rejected", registry=r)
         self.lag_reports = Counter("aziza_engine_lag_reports", "lag messages sent to sessions", registry=r)
+        self.round_moves = Counter(
+            "aziza_engine_round_moves", "Input frames stepped a batching window earlier or later than their "
+            "session's previous one (its round trip moves by a window), by cause: late (it came after its "
+            "round), phase (its phase crossed a boundary)", ["cause"],
+            registry=r,
+        )
         self.lagging_sessions = Gauge("aziza_engine_lagging_sessions", "Sessions behind", registry=r)
         self.input_gaps = Counter(
             "aziza_engine_input_gap_frames", "Input frame numbers that did not arrive in order, by reason "

@@ -46,6 +46,12 @@ FRAME_S = FRAME_MS / 1000.0
 DEFAULT_MAX_QUEUE_FRAMES = 4  # 320 ms of input per session before the oldest is dropped
 PHASE_WEIGHT = 1 / 8  # a frame's weight in its call's phase (when its frames come: about the last 8 frames)
 ROUND_MARGIN_S = 0.003  # a call's round starts at least this long after its frames usually come (jitter)
+# A call keeps its round while its frames usually come at least ROUND_KEEP_MIN_S before it, and until an
+# earlier round would leave ROUND_HYSTERESIS_S more than the margin: its phase must move by more than these
+# before its round trip moves by a window.
+ROUND_KEEP_MIN_S = 0.0015
+ROUND_HYSTERESIS_S = 0.002
+ROUND_MOVE_LATE, ROUND_MOVE_PHASE = "late", "phase"  # why a frame was stepped a window off its call's round
 
 
 class SlotsFull(Exception):
@@ -117,6 +123,7 @@ class _SlotState:
     lagging: bool = False
     last_lag_report: float = -math.inf
     expected: float | None = None  # when its next frame should come (its frames' phase, smoothed)
+    next_round: float | None = None  # its next frame's round if its frames keep their round (last + 80 ms)
 
 
 @dataclass(frozen=True)
@@ -172,6 +179,9 @@ class BatchPlanner:
         self.lag_report_interval_s = lag_report_interval_s
         self.max_gap_fill = max_gap_fill
         self._slots: dict[int, _SlotState] = {}
+        # Frames stepped a window earlier or later than their call's previous one: each moves that call's
+        # round trip by a window, which its bridge must follow (aziza_engine_round_moves).
+        self.round_moves = {ROUND_MOVE_LATE: 0, ROUND_MOVE_PHASE: 0}
 
     # -- sessions ----------------------------------------------------------------------------------------
 
@@ -198,6 +208,7 @@ class BatchPlanner:
         state.lagging = False
         state.next_seq = None
         state.expected = None
+        state.next_round = None
 
     def push(self, lease: SlotLease, pcm: np.ndarray, now: float, seq: int | None = None) -> PushResult:
         """Queue input frame ``seq`` (None: the next number). Frames pushed while paused are discarded (hold
@@ -275,7 +286,11 @@ class BatchPlanner:
         the time the call's frames usually come (their phase, a slow average: one frame's jitter does not
         move it). Chosen from the frame's own arrival, a call whose frames come close to a boundary, some
         just before it and some just after, waited almost nothing and a whole window by turns, and its
-        round trip jumped by a window at every turn. A frame later than its round takes the next one."""
+        round trip jumped by a window at every turn; and a call whose phase wobbled by a millisecond about
+        that threshold moved between two rounds by turns (20 calls on a real Asterisk, 60 s: up to 29
+        such moves, and calls whose round trip stepped by 20 ms for seconds at a time, each time the bridge's
+        output followed). So a call keeps its round within a hysteresis band (``ROUND_KEEP_MIN_S``,
+        ``ROUND_HYSTERESIS_S``). A frame later than its round takes the next one."""
         if self.window_s <= 0.0:
             return now  # no rounds: each frame is stepped as it comes
         expected = state.expected
@@ -285,7 +300,20 @@ class BatchPlanner:
             expected += (now - expected) * PHASE_WEIGHT
         state.expected = expected + FRAME_S
         round_at = self.round_after(expected + ROUND_MARGIN_S)
-        return round_at if round_at >= now else self.round_after(now)
+        kept = state.next_round
+        band = self.window_s + ROUND_MARGIN_S + ROUND_HYSTERESIS_S
+        if kept is not None and kept >= now and ROUND_KEEP_MIN_S <= kept - expected < band:
+            round_at = kept  # the call's round, while its phase wobbles about a boundary's threshold
+        late = round_at < now
+        if late:
+            round_at = self.round_after(now)
+        if kept is not None and abs(round_at - kept) >= self.window_s / 2:
+            # This frame waits a window more or less than the call's last one: it came after its round, or
+            # the call's phase crossed a boundary.
+            self.round_moves[ROUND_MOVE_LATE if late else ROUND_MOVE_PHASE] += 1
+        # (A late frame is one frame: the call's round stays where it was for the next.)
+        state.next_round = (kept if late and kept is not None else round_at) + FRAME_S
+        return round_at
 
     def take_batch(self, now: float) -> Batch | None:
         """Pop one frame from every ready slot (the exec mask is the key set of ``frames``)."""
@@ -496,8 +524,12 @@ class FrameScheduler:
             log.exception("end_slot(%d) failed", lease.slot)
 
     def push(self, lease: SlotLease, pcm: np.ndarray, seq: int | None = None) -> PushResult:
+        moves = dict(self.planner.round_moves)
         result = self.planner.push(lease, pcm, self._clock(), seq)
         self.metrics.frames_in.inc()
+        for cause, count in self.planner.round_moves.items():
+            if count != moves[cause]:
+                self.metrics.round_moves.labels(cause).inc(count - moves[cause])
         if result.dropped:
             self.metrics.input_dropped.inc(result.dropped)
         if result.lag_frames is not None:

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 from tests.asterisk import appliance as ap
@@ -68,6 +69,19 @@ def _find(obj: object, key: str) -> float | None:
         found = _find(value, key)
         if found is not None:
             return found
+    return None
+
+
+def _engine_counter(app: ap.Appliance, name: str) -> float | None:
+    """One counter of the engine's /metrics (None: not there, or no answer)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{app.ports['engine']}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
     return None
 
 
@@ -144,6 +158,8 @@ def main() -> int:
             sampling.set()
             summary = json.loads(done.stdout) if done.stdout.strip().startswith("{") else {}
             ap.wait_for(lambda: not app.live_calls() or None, 60, "every call over")
+            round_moves = {cause: _engine_counter(app, f'aziza_engine_round_moves_total{{cause="{cause}"}}')
+                           for cause in ("late", "phase")}
             rows = app.latest_records(started, did=ap.DID_MAIN)
             records = [app.call_record(row["id"]) for row in rows]
             per_call = [_find(record, "round_trip_end_vs_start_ms") for record in records]
@@ -160,6 +176,7 @@ def main() -> int:
                 "round_trip_end_vs_start_ms": sorted(round(v, 2) for v in measured),
                 "within_5_ms": sum(1 for v in measured if abs(v) <= 5.0),
                 "beyond_5_ms": moved,
+                "engine_round_moves": round_moves,
             } | ({"steps": _steps(samples)} if args.trace else {})))
             return 0
         finally:

@@ -4,6 +4,7 @@ driver (one worker thread) with real threads and the real echo."""
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -469,3 +470,52 @@ async def test_backend_calls_never_overlap_and_stay_on_one_thread() -> None:
         assert len(backend.threads) == 1 and threading.get_ident() not in backend.threads
     finally:
         await sched.stop()
+
+
+def test_round_moves_count_frames_stepped_a_window_off_their_calls_round() -> None:
+    # Steady frames keep their round (no move); one frame 18 ms late misses it and takes the next round (a
+    # move of that frame alone), and the next frame, on time again, is in the call's round. (A second call
+    # is open but silent: rounds do not start at once for a ready house.)
+    _, planner, (a, _silent) = planner_with(2)
+    arrivals = [n * 0.080 + 0.005 for n in range(10)]
+    arrivals[5] += 0.018  # past its round (15 ms after its usual arrival)
+    rounds = []
+    for n, at in enumerate(arrivals):
+        planner.push(a, frame(0.1), now=at, seq=n)
+        due = planner.next_step_at(at)
+        assert due is not None
+        batch = planner.take_batch(due)
+        assert batch is not None and set(batch.frames) == {a.slot}
+        rounds.append(round(due - n * 0.080, 6))
+    assert rounds == [0.020] * 5 + [0.040] + [0.020] * 4
+    assert planner.round_moves == {"late": 1, "phase": 0}  # (one late frame: its call's round stays)
+
+
+def test_a_call_whose_phase_wobbles_about_a_threshold_keeps_its_round() -> None:
+    # The frames' phase drifts slowly 1 ms either side of the threshold (a boundary less the margin), as a
+    # call's did on a real Asterisk: the call keeps one round all along; without the band it moved between
+    # two rounds by turns, a window of round trip each time.
+    _, planner, (a, _silent) = planner_with(2)
+    threshold = 2 * WINDOW - ROUND_MARGIN_S
+    waits = []
+    for n in range(400):
+        at = n * 0.080 + threshold + 0.001 * math.sin(n / 15.0)
+        planner.push(a, frame(0.1), now=at, seq=n)
+        due = planner.next_step_at(at)
+        assert due is not None and planner.take_batch(due) is not None
+        waits.append(due - at)
+    assert planner.round_moves == {"late": 0, "phase": 0}
+    assert max(waits) - min(waits) <= 0.002 + 1e-9  # the phase's own wobble, never a window
+
+
+def test_a_call_whose_phase_moved_for_good_changes_round_once() -> None:
+    # Its frames come 10 ms before a boundary, then 1 ms before it: within the margin, so the call moves to
+    # the next round, once (and stays there).
+    _, planner, (a, _silent) = planner_with(2)
+    phase = 0.010
+    for n in range(200):
+        at = n * 0.080 + phase + (0.009 if n >= 100 else 0.0)  # 9 ms later from frame 100 on, for good
+        planner.push(a, frame(0.1), now=at, seq=n)
+        due = planner.next_step_at(at)
+        assert due is not None and planner.take_batch(due) is not None
+    assert planner.round_moves == {"late": 0, "phase": 1}

@@ -8,9 +8,10 @@ Two sans-IO cores (no asyncio, the caller passes ``now``), tested with a virtual
   of ``window_s`` (a queued frame waits for the next boundary, and a call whose frames come at a fixed
   phase waits the same time all call long), and the ready set is stepped (the others are simply absent from
   the batch). A call's round is the first boundary ``ROUND_MARGIN_S`` after its frames usually come, so a
-  frame a little late still makes it, and one a little early waits for it. A round starts at once when
-  every active slot is ready. A frame on time waits at most a window and ``ROUND_MARGIN_S`` (plus a step
-  already in flight).
+  frame a little late still makes it, and one a little early waits for it; the call keeps that round until
+  its phase leaves a hysteresis band (``aziza_engine_round_moves`` counts the moves). A round starts at once
+  when every active slot is ready. A frame on time waits at most a window, ``ROUND_MARGIN_S`` and
+  ``ROUND_HYSTERESIS_S`` (plus a step already in flight).
 
 and a thin asyncio driver, :class:`FrameScheduler`, that runs the backend from ONE worker thread (a
 single-thread executor: prepare/start/step/end are serialised, never two at once) and hands outputs to each

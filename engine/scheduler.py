@@ -288,7 +288,7 @@ class BatchPlanner:
         move it). Chosen from the frame's own arrival, a call whose frames come close to a boundary, some
         just before it and some just after, waited almost nothing and a whole window by turns, and its
         round trip jumped by a window at every turn; and a call whose phase wobbled by a millisecond about
-        that threshold moved between two rounds by turns (20 calls on a real Asterisk, 60 s: up to 29
+        that threshold moved between two rounds by turns (20 calls on a real Asterisk, 60 s: up to 54
         such moves, and calls whose round trip stepped by 20 ms for seconds at a time, each time the bridge's
         output followed). So a call keeps its round within a hysteresis band (``ROUND_KEEP_MIN_S``,
         ``ROUND_HYSTERESIS_S``). A frame later than its round takes the next one."""

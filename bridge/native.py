@@ -11,7 +11,8 @@ source, readable and tested, and no hand-written C. Modules with I/O, asyncio or
   benchmarks' side-by-side runs; the same behaviour, slower).
 * A compiled module older than its source is stale (an edit not rebuilt): :func:`stale_modules` names them,
   the bridge warns at start, and the test suite fails. Rebuild with ``provisioning/install.sh`` (or
-  ``python setup.py build_ext --inplace`` in a dev checkout).
+  ``python setup.py build_ext --inplace --force`` in a dev checkout: ``--force``, because a checkout that
+  touched a source without changing it leaves the build's C as it was, and setuptools would copy nothing).
 
 This file is read by ``setup.py`` before the package is installed: it imports nothing of the project.
 """

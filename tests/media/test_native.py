@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_compiled_modules_are_not_older_than_their_sources() -> None:
     assert native.stale_modules() == [], (
         "compiled media modules are older than their sources: the tests would run old code. Rebuild: "
-        "provisioning/install.sh --dev (or .venv/bin/python setup.py build_ext --inplace)"
+        "provisioning/install.sh --dev (or .venv/bin/python setup.py build_ext --inplace --force)"
     )
 
 

@@ -37,9 +37,18 @@ def test_the_engine_never_imports_the_bridge() -> None:
     """The bridge depends on the engine's protocol; the engine depends on nothing of the bridge's."""
     import ast
 
+    def parse(path: Path) -> ast.Module:
+        # CPython 3.11 before 3.11.8 can raise a spurious "AST constructor recursion depth mismatch"
+        # SystemError in a process with other threads (python/cpython#106905; seen here once in six runs
+        # under stress-ng): the parse is tried again, and a real error raises again.
+        try:
+            return ast.parse(path.read_text(), str(path))
+        except SystemError:
+            return ast.parse(path.read_text(), str(path))
+
     offenders = []
     for path in sorted((ROOT / "engine").rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        for node in ast.walk(parse(path)):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
             offenders += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names

@@ -24,18 +24,80 @@ by the last :meth:`release`, so no descriptor outlives the calls that used it.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import heapq
 import itertools
 import logging
 import math
 import os
+import sys
 import time
 import weakref
 from collections.abc import Callable
 
-from bridge.media.timerfd import arm_timerfd, open_timerfd
-
 log = logging.getLogger(__name__)
+
+# -- Linux timerfd through ctypes: asyncio's own timers round epoll timeouts up to whole milliseconds and wake
+# 0-1.3 ms late, which alone breaks a 1 ms pacing p99; a timerfd armed on an absolute CLOCK_MONOTONIC
+# deadline (the clock time.monotonic reads) wakes the loop through epoll within tens of microseconds.
+
+_CLOCK_MONOTONIC = 1
+_TFD_NONBLOCK = 0o4000
+_TFD_CLOEXEC = 0o2000000
+_TFD_TIMER_ABSTIME = 1
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class _Itimerspec(ctypes.Structure):
+    _fields_ = [("it_interval", _Timespec), ("it_value", _Timespec)]
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        libc.timerfd_create.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.timerfd_settime.argtypes = [
+            ctypes.c_int, ctypes.c_int, ctypes.POINTER(_Itimerspec), ctypes.c_void_p,
+        ]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _load_libc()
+
+
+def open_timerfd() -> int:
+    """A non-blocking CLOCK_MONOTONIC timerfd, or -1 where there is none (not Linux); the caller closes it."""
+    if _LIBC is None:
+        return -1
+    fd = int(_LIBC.timerfd_create(_CLOCK_MONOTONIC, _TFD_NONBLOCK | _TFD_CLOEXEC))
+    return fd if fd >= 0 else -1
+
+
+_SPEC = _Itimerspec()  # reused: arm_timerfd runs on the event loop's thread only
+_SPEC_REF = ctypes.byref(_SPEC)
+_SETTIME = _LIBC.timerfd_settime if _LIBC is not None else None
+
+
+def arm_timerfd(fd: int, deadline: float) -> bool:
+    """Arm ``fd`` to expire once at ``deadline`` (time.monotonic scale); False if the kernel refused."""
+    if _SETTIME is None or fd < 0:
+        return False
+    deadline = max(deadline, 1e-6)  # an all-zero it_value would disarm the timer instead
+    sec = int(deadline)
+    value = _SPEC.it_value
+    value.tv_sec = sec
+    value.tv_nsec = int((deadline - sec) * 1e9)
+    return bool(_SETTIME(fd, _TFD_TIMER_ABSTIME, _SPEC_REF, None) == 0)
+
+
 
 # A deadline this close ahead is served now rather than arming the timer for it: with many calls, the sends
 # of those whose ticks fall within it share one wake-up (each costs an epoll round, a read and a re-arm), for
@@ -252,19 +314,13 @@ class MediaClock:
             self._fallback.cancel()
         self._fallback = self._loop.call_at(at, self._on_fallback)
 
-    def _arm_if_idle(self) -> None:
-        """Arm the timer for the earliest callback if run_due left it unarmed. (A method of its own: read
-        after a call that may change it, ``_armed_fire`` must not be taken as the None assigned before the
-        call, which is what mypy's narrowing, and so the compiled module, would do.)"""
-        if self._heap and self._armed_fire is None:
-            self._arm(self._heap[0][0])
-
     def _on_fallback(self) -> None:
         self._fallback = None
         self._armed_fire = None
         self.wakeups += 1
         self.run_due()
-        self._arm_if_idle()
+        if self._heap and self._armed_fire is None:
+            self._arm(self._heap[0][0])
 
     def _on_fire(self) -> None:
         try:
@@ -274,13 +330,13 @@ class MediaClock:
         except OSError:
             pass
         self.wakeups += 1
-        armed = self._armed_fire
-        self._armed_fire = None  # the expiry is spent: run_due re-arms for the rest
+        armed, self._armed_fire = self._armed_fire, None  # the expiry is spent: run_due re-arms for the rest
         if armed is not None:  # the timer itself served late: the loop was blocked or busy until now
             self._note_behind(self._now() - self._timer_at(armed))
         self._queue_probe()
         self.run_due()
-        self._arm_if_idle()
+        if self._heap and self._armed_fire is None:
+            self._arm(self._heap[0][0])
 
 
 __all__ = ["COALESCE_S", "ClockHandle", "MediaClock"]

@@ -132,6 +132,7 @@ class PushResult:
     dropped: int  # oldest frames dropped by this push (the session is behind)
     lag_frames: int | None  # report ``lag{behind_frames}`` to the session now, or None
     gaps: tuple[Gap, ...] = ()  # input numbers that will get no (or a silence-fed) output: tell the client
+    round_move: str | None = None  # ROUND_MOVE_LATE / ROUND_MOVE_PHASE: this frame is a window off its round
 
 
 @dataclass(frozen=True)
@@ -222,11 +223,11 @@ class BatchPlanner:
             seq = state.next_seq if state.next_seq is not None else 0
         seq %= SEQ_MOD
         gaps: list[Gap] = []
-        round_at = self._round_for(state, now)
+        round_at, move = self._round_for(state, now)
         if state.next_seq is not None:
             ahead = seq_after(seq, state.next_seq)
             if ahead < 0:
-                return PushResult(dropped=0, lag_frames=None, gaps=(Gap(seq, 1, "late"),))
+                return PushResult(dropped=0, lag_frames=None, gaps=(Gap(seq, 1, "late"),), round_move=move)
             if ahead > 0:
                 fill = ahead if ahead <= self.max_gap_fill else 0
                 gaps.append(Gap(state.next_seq, ahead, "missing", filled=fill))
@@ -247,7 +248,7 @@ class BatchPlanner:
             if now - state.last_lag_report >= self.lag_report_interval_s:
                 state.last_lag_report = now
                 lag = len(state.queue) - 1 + dropped
-        return PushResult(dropped=dropped, lag_frames=lag, gaps=tuple(gaps))
+        return PushResult(dropped=dropped, lag_frames=lag, gaps=tuple(gaps), round_move=move)
 
     # -- scheduling --------------------------------------------------------------------------------------
 
@@ -282,7 +283,7 @@ class BatchPlanner:
             return arrival
         return math.ceil(arrival / window - 1e-9) * window
 
-    def _round_for(self, state: _SlotState, now: float) -> float:
+    def _round_for(self, state: _SlotState, now: float) -> tuple[float, str | None]:
         """The round of a frame arriving at ``now``: the first boundary ``ROUND_MARGIN_S`` or more after
         the time the call's frames usually come (their phase, a slow average: one frame's jitter does not
         move it). Chosen from the frame's own arrival, a call whose frames come close to a boundary, some
@@ -291,9 +292,10 @@ class BatchPlanner:
         that threshold moved between two rounds by turns (20 calls on a real Asterisk, 60 s: up to 54
         such moves, and calls whose round trip stepped by 20 ms for seconds at a time, each time the bridge's
         output followed). So a call keeps its round within a hysteresis band (``ROUND_KEEP_MIN_S``,
-        ``ROUND_HYSTERESIS_S``). A frame later than its round takes the next one."""
+        ``ROUND_HYSTERESIS_S``). A frame later than its round takes the next one. Also returns why the frame
+        is a window off its call's round, if it is."""
         if self.window_s <= 0.0:
-            return now  # no rounds: each frame is stepped as it comes
+            return now, None  # no rounds: each frame is stepped as it comes
         expected = state.expected
         if expected is None or abs(now - expected) > FRAME_S / 2:
             expected = now  # the first frame, or after a hold or a stall: the phase starts here
@@ -308,13 +310,15 @@ class BatchPlanner:
         late = round_at < now
         if late:
             round_at = self.round_after(now)
+        move = None
         if kept is not None and abs(round_at - kept) >= self.window_s / 2:
             # This frame waits a window more or less than the call's last one: it came after its round, or
             # the call's phase crossed a boundary.
-            self.round_moves[ROUND_MOVE_LATE if late else ROUND_MOVE_PHASE] += 1
+            move = ROUND_MOVE_LATE if late else ROUND_MOVE_PHASE
+            self.round_moves[move] += 1
         # (A late frame is one frame: the call's round stays where it was for the next.)
         state.next_round = (kept if late and kept is not None else round_at) + FRAME_S
-        return round_at
+        return round_at, move
 
     def take_batch(self, now: float) -> Batch | None:
         """Pop one frame from every ready slot (the exec mask is the key set of ``frames``)."""
@@ -525,12 +529,10 @@ class FrameScheduler:
             log.exception("end_slot(%d) failed", lease.slot)
 
     def push(self, lease: SlotLease, pcm: np.ndarray, seq: int | None = None) -> PushResult:
-        moves = dict(self.planner.round_moves)
         result = self.planner.push(lease, pcm, self._clock(), seq)
         self.metrics.frames_in.inc()
-        for cause, count in self.planner.round_moves.items():
-            if count != moves[cause]:
-                self.metrics.round_moves.labels(cause).inc(count - moves[cause])
+        if result.round_move is not None:
+            self.metrics.round_moves.labels(result.round_move).inc()
         if result.dropped:
             self.metrics.input_dropped.inc(result.dropped)
         if result.lag_frames is not None:

@@ -88,17 +88,19 @@ class RtpPacket:
         return RTP_HEADER_SIZE + 4 * len(self.csrc) + ext + len(self.payload) + self.padding
 
 
+_new_packet = object.__new__
+
+
 def _raw_construction() -> bool:
     """Whether a packet can be made without ``__init__`` (interpreted: skips ``__post_init__``'s checks, which
     parse_rtp's parse makes); a class compiled by mypyc refuses it, and its checks cost next to nothing."""
     try:
-        object.__new__(RtpPacket)
+        _new_packet(RtpPacket)
     except TypeError:
         return False
     return True
 
 
-_new_packet = object.__new__
 _RAW_CONSTRUCTION = _raw_construction()
 
 

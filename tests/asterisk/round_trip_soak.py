@@ -156,6 +156,8 @@ def main() -> int:
                  "--bridge-url", f"http://127.0.0.1:{app.ports['bridge_http']}", "--json"],
                 env=app.env, capture_output=True, text=True, timeout=args.seconds + 600, check=False)
             sampling.set()
+            if args.trace:
+                sampler.join()  # (its samples are read below)
             summary = json.loads(done.stdout) if done.stdout.strip().startswith("{") else {}
             ap.wait_for(lambda: not app.live_calls() or None, 60, "every call over")
             round_moves = {cause: _engine_counter(app, f'aziza_engine_round_moves_total{{cause="{cause}"}}')

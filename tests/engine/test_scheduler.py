@@ -479,9 +479,9 @@ def test_round_moves_count_frames_stepped_a_window_off_their_calls_round() -> No
     _, planner, (a, _silent) = planner_with(2)
     arrivals = [n * 0.080 + 0.005 for n in range(10)]
     arrivals[5] += 0.018  # past its round (15 ms after its usual arrival)
-    rounds = []
+    rounds, moves = [], []
     for n, at in enumerate(arrivals):
-        planner.push(a, frame(0.1), now=at, seq=n)
+        moves.append(planner.push(a, frame(0.1), now=at, seq=n).round_move)
         due = planner.next_step_at(at)
         assert due is not None
         batch = planner.take_batch(due)
@@ -489,6 +489,7 @@ def test_round_moves_count_frames_stepped_a_window_off_their_calls_round() -> No
         rounds.append(round(due - n * 0.080, 6))
     assert rounds == [0.020] * 5 + [0.040] + [0.020] * 4
     assert planner.round_moves == {"late": 1, "phase": 0}  # (one late frame: its call's round stays)
+    assert moves == [None] * 5 + ["late"] + [None] * 4  # (what the driver counts in its metric)
 
 
 def test_a_call_whose_phase_wobbles_about_a_threshold_keeps_its_round() -> None:

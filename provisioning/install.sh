@@ -54,7 +54,7 @@ install_project() { if [ "$SYSTEM" = 1 ]; then "${PIP[@]}" "$spec"; else "${PIP[
 # where that cannot be done (no C compiler, say), the same modules run from their sources, slower.
 if ! install_project; then
   [ "${AZIZA_NATIVE:-1}" = 0 ] && exit 1
-  echo "install.sh: building the compiled media modules failed; installing without them (AZIZA_NATIVE=0)" >&2
+  echo "install.sh: the install failed; trying again without the compiled media modules (AZIZA_NATIVE=0)" >&2
   export AZIZA_NATIVE=0
   install_project
 fi

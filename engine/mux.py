@@ -55,7 +55,14 @@ def step_send(send: Coroutine[Any, Any, None]) -> asyncio.Future[Any] | None:
     except StopIteration:
         return None
     send.close()  # (the data is written; the drain wait goes on without the coroutine)
-    return waiting if isinstance(waiting, asyncio.Future) else None
+    if not isinstance(waiting, asyncio.Future):
+        return None
+    # A future yielded by ``await`` carries a "yielded, not yet taken" flag that whoever takes it resets, as
+    # asyncio's Task does. Left set, the next ``await`` of that future raises "await wasn't used with
+    # future", and aiohttp awaits the same stored drain waiter on its next send while the socket is paused:
+    # every session on a backed-up mux then failed at once, silently (seen at 200 calls).
+    waiting._asyncio_future_blocking = False
+    return waiting
 
 
 class MuxClosed(ConnectionResetError):

@@ -151,6 +151,13 @@ class _Session:
                     await self.ws.send_str(item)
         except (ConnectionError, aiohttp.ClientError, RuntimeError) as exc:
             log.debug("session %s: send failed: %s", self.id, exc)
+            self.end_reason = "send_failed"
+            # A channel of a mux that is still open closes without a word to the client (a session's own
+            # WebSocket sends its close frame): say ``closed`` on it, or the call talks to nobody and never
+            # knows. On a broken socket this send fails too, and the socket's end tells the client instead.
+            with contextlib.suppress(ConnectionError, aiohttp.ClientError, RuntimeError):
+                if not self.ws.closed:
+                    await self.ws.send_str(encode_control(Closed(reason=self.end_reason)))
         finally:
             # Free the slot first: the close handshake may wait on a client that no longer reads.
             await self._release()

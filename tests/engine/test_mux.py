@@ -14,6 +14,8 @@ import pytest
 
 from bridge.engine_client import EngineFull, EngineMux, EngineSession, EngineUnavailable, _connect_target
 from engine.config import EngineSettings
+from engine.metrics import EngineMetrics
+from engine.mux import Mux, step_send
 from engine.protocol import (
     AUDIO_FRAME_BYTES,
     FRAME_SAMPLES,
@@ -23,6 +25,8 @@ from engine.protocol import (
     Error,
     Open,
     ProtocolError,
+    Ready,
+    decode_audio,
     decode_engine_control,
     decode_mux_audio,
     decode_mux_text,
@@ -31,7 +35,7 @@ from engine.protocol import (
     encode_mux_audio,
     encode_mux_text,
 )
-from engine.server import run_engine
+from engine.server import _Session, run_engine
 
 
 def settings(**kw: Any) -> EngineSettings:
@@ -262,3 +266,121 @@ async def test_an_engine_error_on_one_channel_reaches_that_session_only() -> Non
         await _echo_round([busy_one], seq)
         await idle.close()
         await busy_one.close()
+
+
+# -- a socket that backs up ----------------------------------------------------------------------------------
+
+
+class _BackedUpSocket:
+    """aiohttp's WebSocket as a mux end sees it while the peer does not read: a send writes, then, while the
+    socket is paused, awaits the one drain waiter the protocol keeps (the same future on every send, as
+    aiohttp's ``_drain_helper`` does) until ``drained()``."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes | str] = []
+        self.closed = False
+        self.drain: asyncio.Future[None] | None = asyncio.get_running_loop().create_future()
+
+    async def send_bytes(self, data: bytes) -> None:
+        self.sent.append(data)
+        if self.drain is not None:
+            await self.drain
+
+    async def send_str(self, data: str) -> None:
+        self.sent.append(data)
+        if self.drain is not None:
+            await self.drain
+
+    def drained(self) -> None:
+        drain, self.drain = self.drain, None
+        assert drain is not None
+        drain.set_result(None)
+
+    def frames(self) -> list[tuple[int, int]]:
+        """(channel, frame number) of every audio frame written, in order."""
+        return [(channel, decode_audio(frame).seq) for data in self.sent if isinstance(data, bytes)
+                for channel, frame in decode_mux_audio(data)]
+
+
+async def test_a_drain_wait_taken_by_step_send_can_be_awaited_again() -> None:
+    """aiohttp awaits its stored drain waiter again on the next send while the socket is paused: the future
+    step_send hands back must still be awaitable (it raised "await wasn't used with future")."""
+    drained: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def send() -> None:
+        await drained
+
+    assert step_send(send()) is drained
+    again = asyncio.create_task(send())
+    await asyncio.sleep(0)
+    assert not again.done()
+    drained.set_result(None)
+    await again
+
+
+async def test_the_engines_sessions_wait_out_a_backed_up_mux_and_go_on() -> None:
+    """The engine's end: a session's writer sends on its channel while the socket drains (the bridge was
+    busy). It waits, and every frame goes out in order once the socket drains (every session on the mux
+    ended as "disconnect" instead, at 200 calls on a loaded bridge)."""
+    ws = _BackedUpSocket()
+    mux = Mux(ws)
+    channels = [mux.open_channel(n) for n in (1, 2)]
+    for ch in channels:
+        await ch.send_bytes(encode_audio(0, pcm(0)))
+    await asyncio.sleep(0)  # this round's message is written, and the socket backs up
+    assert ws.frames() == [(1, 0), (2, 0)]
+    sends = [asyncio.create_task(ch.send_bytes(encode_audio(1, pcm(1)))) for ch in channels]
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert not any(task.done() for task in sends)  # waiting for the drain, not failed
+    assert not any(ch.closed for ch in channels)
+    ws.drained()
+    await asyncio.gather(*sends)
+    await channels[0].send_bytes(encode_audio(2, pcm(2)))
+    await asyncio.sleep(0)
+    assert ws.frames() == [(1, 0), (2, 0), (1, 1), (2, 1), (1, 2)]
+
+
+async def test_a_call_on_a_backed_up_mux_loses_frames_not_its_session() -> None:
+    """The bridge's end: while the mux's socket drains, a call's frames are refused (counted as dropped by
+    the call) and its session stays; afterwards frames flow again, numbered without a hole."""
+    ws = _BackedUpSocket()
+    mux = Mux(ws)
+    session = EngineSession(None, mux.open_channel(1), Ready(session_id="s", slot=0, generation=1))
+    assert session.send_frame_nowait(pcm(0)) == 0
+    await asyncio.sleep(0)  # written; the socket backs up
+    assert session.send_frame_nowait(pcm(1)) == 1  # queued behind the drain; the session now waits on it
+    await asyncio.sleep(0)
+    assert session.send_frame_nowait(pcm(2)) is None  # refused while the socket drains
+    assert not session.closed
+    ws.drained()
+    await asyncio.sleep(0)
+    assert session.send_frame_nowait(pcm(3)) == 2
+    await asyncio.sleep(0)
+    assert ws.frames() == [(1, 0), (1, 1), (1, 2)]
+
+
+async def test_a_session_whose_send_fails_says_closed_on_a_mux_that_lives() -> None:
+    """A channel closes without a word on the wire: a session whose send fails for a reason of its own, on a
+    mux that lives on, tells its client ``closed`` (else the call would go on talking to nobody)."""
+    ws = _BackedUpSocket()
+    ws.drained()
+    mux = Mux(ws)
+    channel = mux.open_channel(7)
+
+    async def broken_send(data: bytes, compress: int | None = None) -> None:
+        raise RuntimeError("a send that failed")
+
+    channel.send_bytes = broken_send  # type: ignore[method-assign]
+    released: list[bool] = []
+
+    async def release() -> None:
+        released.append(True)
+
+    session = _Session(channel, EngineMetrics(1), release)
+    session.outbox.put_nowait(encode_audio(0, pcm(0)))
+    await session.writer()
+    assert released and channel.closed
+    assert session.end_reason == "send_failed"
+    assert [decode_mux_text(t) for t in ws.sent if isinstance(t, str)] == [
+        (7, encode_control(Closed(reason="send_failed")))]

@@ -27,7 +27,7 @@ import click
 import numpy as np
 from pydantic import ValidationError
 
-from admin_cli.procs import end_process, proc_cpu_s, proc_cpu_split_s
+from admin_cli.procs import end_process, host_cpu_percent, host_cpu_ticks, proc_cpu_s, proc_cpu_split_s
 from bridge import native
 from bridge.config import BridgeSettings
 from bridge.engine_client import EngineMux, EngineSession
@@ -368,11 +368,11 @@ async def _bench(
             share.start()
         children = {"engine": engine_proc.pid, "legs": legs_proc.pid}
         child_cpu0 = {name: (proc_cpu_s(pid) or 0.0) for name, pid in children.items()}
-        wall0 = time.monotonic()
+        wall0, host0 = time.monotonic(), host_cpu_ticks()
         legs_proc.stdin.write(b"go\n")
         await legs_proc.stdin.drain()
         await _read_json_line(legs_proc.stdout)  # every leg has stopped sending: the callers hang up
-        wall = time.monotonic() - wall0
+        wall, host = time.monotonic() - wall0, host_cpu_percent(host0, host_cpu_ticks())
         child_cpu = {name: (proc_cpu_s(pid) or 0.0) - child_cpu0[name] for name, pid in children.items()}
         # All at once, as a hang-up would: calls left running while the legs write their report would measure
         # the bridge beside a legs process busy with that, not beside callers.
@@ -387,6 +387,10 @@ async def _bench(
         if sock_dir is not None:
             sock_dir.cleanup()
     report = _bench_report(calls, seconds, loss, jitter_ms, aligned, workers, results, legs, wall, child_cpu)
+    # The whole machine over the run (100 = one core): steal is a virtual machine's CPU time taken by its
+    # host; with it high, pacing measures the hypervisor, so compare runs only at like steal.
+    report["host_steal_percent"] = host["steal"] if host else None
+    report["host_idle_percent"] = host["idle"] if host else None
     report["junk_pps_per_call"] = junk_pps
     report["engine_window_ms"] = engine_window_ms
     report["media_tick_ms"] = settings.media_tick_ms
@@ -539,7 +543,8 @@ def bench_media(
         f"CPU (100 = one core): bridge {result['cpu_percent']} % ({result['workers']} process(es), "
         f"{result['cpu_percent_per_call']} % a call), engine "
         f"{result['engine_cpu_percent']} %, legs {result['legs_cpu_percent']} %; load average "
-        f"{result['load_average_1m']}"
+        f"{result['load_average_1m']}; host: steal {result['host_steal_percent']} %, idle "
+        f"{result['host_idle_percent']} %"
     )
 
 

@@ -45,6 +45,33 @@ def proc_cpu_split_s(pid: int) -> tuple[float, float] | None:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
+def host_cpu_ticks() -> dict[str, int] | None:
+    """The machine's CPU time so far by kind, in clock ticks over all CPUs (/proc/stat's ``cpu`` line); None
+    where /proc does not say."""
+    try:
+        first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    if not first or first[0] != "cpu":
+        return None
+    names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+    return {name: int(value) for name, value in zip(names, first[1:], strict=False)}
+
+
+def host_cpu_percent(before: dict[str, int] | None, after: dict[str, int] | None) -> dict[str, float] | None:
+    """Between two :func:`host_cpu_ticks` readings: each kind's share of the time, 100 = one core. ``steal``
+    is the time a virtual machine's CPUs were runnable but the hypervisor ran something else: while it is
+    high, a process is stopped for milliseconds whatever its own load, and pacing shows it."""
+    if before is None or after is None:
+        return None
+    spent = {name: after[name] - before.get(name, 0) for name in after}
+    total = sum(spent.values())
+    if total <= 0:
+        return None
+    cpus = os.cpu_count() or 1
+    return {name: round(100.0 * cpus * ticks / total, 1) for name, ticks in spent.items()}
+
+
 async def end_process(proc: asyncio.subprocess.Process | None, grace_s: float = 5.0) -> None:
     """SIGTERM, then SIGKILL after ``grace_s``; reaped either way (no zombie, no pipe left open)."""
     if proc is None or proc.returncode is not None:

@@ -24,6 +24,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from admin_cli.procs import host_cpu_percent, host_cpu_ticks
 from tests.asterisk import appliance as ap
 
 
@@ -148,6 +149,7 @@ def main() -> int:
             if args.trace:
                 sampler.start()
             report_dir = Path(tmp) / "report"
+            host0 = host_cpu_ticks()
             done = subprocess.run(
                 [str(ap.BIN / "aziza-admin"), "loadtest", "--via", "sip", "--quick",
                  "--calls", str(args.calls), "--seconds", str(args.seconds), "--report", str(report_dir),
@@ -155,6 +157,7 @@ def main() -> int:
                  "--sip-target", f"127.0.0.1:{app.ports['sip']}",
                  "--bridge-url", f"http://127.0.0.1:{app.ports['bridge_http']}", "--json"],
                 env=app.env, capture_output=True, text=True, timeout=args.seconds + 600, check=False)
+            host = host_cpu_percent(host0, host_cpu_ticks())
             sampling.set()
             if args.trace:
                 sampler.join()  # (its samples are read below)
@@ -179,6 +182,8 @@ def main() -> int:
                 "within_5_ms": sum(1 for v in measured if abs(v) <= 5.0),
                 "beyond_5_ms": moved,
                 "engine_round_moves": round_moves,
+                # (the machine over the calls, 100 = one core: a virtual machine's time taken by its host)
+                "host_steal_percent": host["steal"] if host else None,
             } | ({"steps": _steps(samples)} if args.trace else {})))
             return 0
         finally:

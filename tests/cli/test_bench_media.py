@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from admin_cli.procs import host_cpu_percent, host_cpu_ticks
+
 KEYS = {"calls_carried", "cpu_percent", "cpu_percent_per_call", "added_latency_p99_ms",
         "pacing_jitter_p99_ms", "output_expanded", "output_shrunk", "round_trip_end_vs_start_ms_max",
-        "workers", "rtp_in"}
+        "workers", "rtp_in", "host_steal_percent", "host_idle_percent"}
 
 
 @pytest.mark.parametrize(("workers", "window_ms"), [(1, 0), (2, 0), (1, 20)])
@@ -29,3 +31,19 @@ def test_bench_media_carries_every_call(workers: int, window_ms: int) -> None:
     assert report["engine_window_ms"] == window_ms  # (with a window, the echo engine steps in rounds)
     assert report["rtp_in"] > 3 * 40  # 1.5 s of 20 ms packets per call reached the bridge
     assert report["lost_frames"] == 0
+
+
+def test_host_cpu_shares_come_from_two_readings_of_proc_stat(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The machine's CPU by kind between two readings, 100 = one core: on a 2-CPU virtual machine whose host
+    took a fifth of the time, steal reads 40."""
+    monkeypatch.setattr("admin_cli.procs.os.cpu_count", lambda: 2)
+    before = {"user": 100, "nice": 0, "system": 50, "idle": 1000, "iowait": 0, "irq": 0, "softirq": 0,
+              "steal": 10}
+    after = dict(before, user=400, system=150, idle=1400, steal=210)  # 1000 ticks: 300, 100, 400, 200
+    shares = host_cpu_percent(before, after)
+    assert shares is not None
+    assert shares["steal"] == 40.0 and shares["user"] == 60.0 and shares["idle"] == 80.0
+    assert shares["system"] == 20.0
+    assert host_cpu_percent(before, before) is None and host_cpu_percent(None, after) is None
+    reading = host_cpu_ticks()  # (this machine's own: every kind there, as counts)
+    assert reading is None or {"user", "idle", "steal"} <= reading.keys()

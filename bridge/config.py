@@ -112,6 +112,10 @@ class BridgeSettings(_MaskedRepr):
     http_port: int = Field(default=8089, ge=0, le=65535)
     # Seconds of silence (no RTP) after which a call is considered dead media.
     media_timeout_s: float = Field(default=30.0, gt=0)
+    # Seconds of the caller's audio (counted in 80 ms frames sent, so a hold, which sends none, is not
+    # counted) that the engine may take without answering one frame: then the call's media ends as
+    # engine_stalled, rather than the caller hearing silence for the rest of the call.
+    engine_answer_timeout_s: float = Field(default=5.0, gt=0)
     # The control API's bearer token (root:aziza 0640, written by the installer; aziza-admin reads it too).
     control_token_file: Path = Path(DEFAULT_CONTROL_TOKEN_FILE)
     # Host names (besides loopback and http_host) the HTTP side answers to; others get 421.

@@ -179,6 +179,38 @@ async def test_engine_dies_mid_call(speech_8k: np.ndarray) -> None:
     await media.stop()  # idempotent after the end
 
 
+async def test_an_engine_that_stops_answering_ends_the_call_as_stalled(speech_8k: np.ndarray) -> None:
+    """The engine's socket lives but it answers no more frames: after engine_answer_timeout_s of the caller's
+    audio (counted in frames sent, so the machine's load cannot move the verdict) the media ends as
+    engine_stalled, instead of the caller hearing silence to the end of the call."""
+    taken: list[int] = []
+
+    async def answers_three_then_listens(ws: web.WebSocketResponse) -> None:
+        await ws.receive()  # open
+        await ws.send_str(encode_control(Ready("s", 0, 1)))
+        async for msg in ws:
+            if msg.type == WSMsgType.BINARY:
+                taken.append(1)
+                if len(taken) <= 3:
+                    await ws.send_bytes(msg.data)
+
+    async with fake_engine(answers_three_then_listens) as url:
+        engine = await EngineSession.open(url)
+        media = CallMedia(bridge_settings(engine_answer_timeout_s=0.4), engine, "c")  # 5 frames
+        async with SimLeg(None, speech_8k) as leg:
+            leg.set_remote(await media.bind())
+            media.lock_remote(*leg.local_address)
+            task = asyncio.create_task(media.run())
+            leg_task = asyncio.create_task(leg.run(30.0))
+            reason = await asyncio.wait_for(task, 20.0)
+            leg.stop()
+            await leg_task
+        await engine.close()
+    assert reason == "engine_stalled: no answer to 5 frames"
+    assert media.stats.frames_from_engine == 3
+    assert media.stats.frames_to_engine >= 3 + 5  # (more when an answer came after the next frame left)
+
+
 async def test_an_engine_gone_from_under_its_mux_ends_each_call_on_it(speech_8k: np.ndarray) -> None:
     """Two calls on one engine mux (listening, no task per frame): the engine stops; both calls end, the
     bridge's process goes on, and their sessions close without waiting on the dead socket."""

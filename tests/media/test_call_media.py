@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from aiohttp import WSMsgType, web
 
+from bridge.config import BridgeSettings
 from bridge.engine_client import EngineMux, EngineSession
 from bridge.media.call_media import CallMedia, MediaBindError
 from bridge.media.rtp import RtpPacket, build_rtp
@@ -152,6 +153,25 @@ async def test_ssrc_change_mid_call_resets_and_continues(engine_url: str, speech
     assert stats.rtp_in == call.leg.packets_sent
 
 
+async def _call_until_it_ends(
+    url: str, speech_8k: np.ndarray, settings: BridgeSettings, leg_s: float, within_s: float
+) -> tuple[str, CallMedia]:
+    """A call on the engine at ``url`` whose caller talks for ``leg_s``; its media's end reason (it must end
+    by itself within ``within_s``) and the media."""
+    engine = await EngineSession.open(url)
+    media = CallMedia(settings, engine, "c")
+    async with SimLeg(None, speech_8k) as leg:
+        leg.set_remote(await media.bind())
+        media.lock_remote(*leg.local_address)
+        task = asyncio.create_task(media.run())
+        leg_task = asyncio.create_task(leg.run(leg_s))
+        reason = await asyncio.wait_for(task, within_s)
+        leg.stop()
+        await leg_task
+    await engine.close()
+    return reason, media
+
+
 async def test_engine_dies_mid_call(speech_8k: np.ndarray) -> None:
     async def dies_after_three_frames(ws: web.WebSocketResponse) -> None:
         await ws.receive()  # open
@@ -163,17 +183,7 @@ async def test_engine_dies_mid_call(speech_8k: np.ndarray) -> None:
         await ws.close()  # the "engine" goes away without a ``closed`` message
 
     async with fake_engine(dies_after_three_frames) as url:
-        engine = await EngineSession.open(url)
-        media = CallMedia(bridge_settings(), engine, "c")
-        async with SimLeg(None, speech_8k) as leg:
-            leg.set_remote(await media.bind())
-            media.lock_remote(*leg.local_address)
-            task = asyncio.create_task(media.run())
-            leg_task = asyncio.create_task(leg.run(3.0))
-            reason = await asyncio.wait_for(task, 5.0)
-            leg.stop()
-            await leg_task
-        await engine.close()
+        reason, media = await _call_until_it_ends(url, speech_8k, bridge_settings(), 3.0, 5.0)
     assert reason.startswith("engine_gone")
     assert media._sock is None
     await media.stop()  # idempotent after the end
@@ -194,18 +204,9 @@ async def test_an_engine_that_stops_answering_ends_the_call_as_stalled(speech_8k
                 if len(taken) <= 3:
                     await ws.send_bytes(msg.data)
 
+    settings = bridge_settings(engine_answer_timeout_s=0.4)  # 5 frames
     async with fake_engine(answers_three_then_listens) as url:
-        engine = await EngineSession.open(url)
-        media = CallMedia(bridge_settings(engine_answer_timeout_s=0.4), engine, "c")  # 5 frames
-        async with SimLeg(None, speech_8k) as leg:
-            leg.set_remote(await media.bind())
-            media.lock_remote(*leg.local_address)
-            task = asyncio.create_task(media.run())
-            leg_task = asyncio.create_task(leg.run(30.0))
-            reason = await asyncio.wait_for(task, 20.0)
-            leg.stop()
-            await leg_task
-        await engine.close()
+        reason, media = await _call_until_it_ends(url, speech_8k, settings, 30.0, 20.0)
     assert reason == "engine_stalled: no answer to 5 frames"
     assert media.stats.frames_from_engine == 3
     assert media.stats.frames_to_engine >= 3 + 5  # (more when an answer came after the next frame left)

@@ -372,7 +372,8 @@ async def _bench(
         legs_proc.stdin.write(b"go\n")
         await legs_proc.stdin.drain()
         await _read_json_line(legs_proc.stdout)  # every leg has stopped sending: the callers hang up
-        wall, host = time.monotonic() - wall0, host_cpu_percent(host0, host_cpu_ticks())
+        wall = time.monotonic() - wall0
+        host = host_cpu_percent(host0, host_cpu_ticks(), wall)
         child_cpu = {name: (proc_cpu_s(pid) or 0.0) - child_cpu0[name] for name, pid in children.items()}
         # All at once, as a hang-up would: calls left running while the legs write their report would measure
         # the bridge beside a legs process busy with that, not beside callers.

@@ -149,7 +149,7 @@ def main() -> int:
             if args.trace:
                 sampler.start()
             report_dir = Path(tmp) / "report"
-            host0 = host_cpu_ticks()
+            host0, host_at = host_cpu_ticks(), time.monotonic()
             done = subprocess.run(
                 [str(ap.BIN / "aziza-admin"), "loadtest", "--via", "sip", "--quick",
                  "--calls", str(args.calls), "--seconds", str(args.seconds), "--report", str(report_dir),
@@ -157,7 +157,7 @@ def main() -> int:
                  "--sip-target", f"127.0.0.1:{app.ports['sip']}",
                  "--bridge-url", f"http://127.0.0.1:{app.ports['bridge_http']}", "--json"],
                 env=app.env, capture_output=True, text=True, timeout=args.seconds + 600, check=False)
-            host = host_cpu_percent(host0, host_cpu_ticks())
+            host = host_cpu_percent(host0, host_cpu_ticks(), time.monotonic() - host_at)
             sampling.set()
             if args.trace:
                 sampler.join()  # (its samples are read below)

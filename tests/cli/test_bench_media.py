@@ -34,16 +34,16 @@ def test_bench_media_carries_every_call(workers: int, window_ms: int) -> None:
 
 
 def test_host_cpu_shares_come_from_two_readings_of_proc_stat(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The machine's CPU by kind between two readings, 100 = one core: on a 2-CPU virtual machine whose host
-    took a fifth of the time, steal reads 40."""
-    monkeypatch.setattr("admin_cli.procs.os.cpu_count", lambda: 2)
+    """The machine's CPU by kind between two readings, as shares of the wall time between them (100 = one
+    core): at 100 ticks a second, 200 ticks of steal in 5 s read 40."""
+    monkeypatch.setattr("admin_cli.procs.os.sysconf", lambda name: 100)
     before = {"user": 100, "nice": 0, "system": 50, "idle": 1000, "iowait": 0, "irq": 0, "softirq": 0,
               "steal": 10}
-    after = dict(before, user=400, system=150, idle=1400, steal=210)  # 1000 ticks: 300, 100, 400, 200
-    shares = host_cpu_percent(before, after)
+    after = dict(before, user=400, system=150, idle=1400, steal=210)
+    shares = host_cpu_percent(before, after, 5.0)
     assert shares is not None
     assert shares["steal"] == 40.0 and shares["user"] == 60.0 and shares["idle"] == 80.0
     assert shares["system"] == 20.0
-    assert host_cpu_percent(before, before) is None and host_cpu_percent(None, after) is None
+    assert host_cpu_percent(before, after, 0.0) is None and host_cpu_percent(None, after, 5.0) is None
     reading = host_cpu_ticks()  # (this machine's own: every kind there, as counts)
     assert reading is None or {"user", "idle", "steal"} <= reading.keys()

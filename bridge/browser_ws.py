@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -49,7 +50,17 @@ from bridge.http_guard import check_origin, talk_origins
 from bridge.media.prometheus import MEDIA_METRICS
 from bridge.safe_json import BadJson, parse_json_object
 from bridge.talk_token import BadTalkToken, TalkGrant, verify
-from engine.protocol import FRAME_SAMPLES, SAMPLE_RATE, AudioFrame, Closed, Error, Lag, PersonaParams, Text
+from engine.protocol import (
+    FRAME_MS,
+    FRAME_SAMPLES,
+    SAMPLE_RATE,
+    AudioFrame,
+    Closed,
+    Error,
+    Lag,
+    PersonaParams,
+    Text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +135,13 @@ class _Refused(Exception):
 
 @dataclass
 class _TalkStats:
+    # Frames sent without an answer that end the talk as engine_stalled (bridge.engine_answer_timeout_s,
+    # counted as a phone call's CallMedia counts them).
+    unanswered_limit: int
     frames_in: int = 0
     frames_out: int = 0
     texts: list[str] = field(default_factory=list)
+    unanswered: int = 0  # frames sent since the engine last answered one
 
 
 async def _browser_to_engine(
@@ -144,6 +159,10 @@ async def _browser_to_engine(
             for frame in frames:
                 await engine.send_frame(frame)
                 stats.frames_in += 1
+                stats.unanswered += 1
+                if stats.unanswered >= stats.unanswered_limit:
+                    await ws.send_json(_error("engine_stalled", "the engine stopped answering"))
+                    return "engine_stalled"
         elif msg.type == aiohttp.WSMsgType.TEXT:
             try:
                 obj = parse_json_object(msg.data, max_bytes=MAX_CONTROL_JSON)
@@ -174,6 +193,7 @@ async def _browser_to_engine(
 async def _engine_to_browser(ws: web.WebSocketResponse, engine: EngineSession, stats: _TalkStats) -> str:
     async for msg in engine.messages():
         if isinstance(msg, AudioFrame):
+            stats.unanswered = 0
             await ws.send_bytes(msg.pcm.astype("<i2").tobytes())
             stats.frames_out += 1
         elif isinstance(msg, Text):
@@ -203,7 +223,8 @@ def browser_routes(settings: Settings, deps: TalkDeps) -> list[web.RouteDef]:
         await ws.prepare(request)
         call_id = f"browser-{uuid.uuid4().hex[:16]}"
         try:
-            await _talk(ws, request.query.get("token", ""), call_id, engine_url, deps)
+            await _talk(ws, request.query.get("token", ""), call_id, engine_url, deps,
+                        math.ceil(b.engine_answer_timeout_s * 1000.0 / FRAME_MS))
         except Exception as exc:  # a talk never takes the bridge down
             log.warning("browser talk %s ended with %s: %s", call_id, type(exc).__name__, exc)
         finally:
@@ -236,7 +257,9 @@ async def _admit(token: str, deps: TalkDeps) -> tuple[TalkGrant, PersonaParams]:
     return grant, persona
 
 
-async def _talk(ws: web.WebSocketResponse, token: str, call_id: str, engine_url: str, deps: TalkDeps) -> None:
+async def _talk(
+    ws: web.WebSocketResponse, token: str, call_id: str, engine_url: str, deps: TalkDeps, answer_limit: int
+) -> None:
     try:
         grant, persona = await _admit(token, deps)
     except _Refused as refused:
@@ -254,7 +277,7 @@ async def _talk(ws: web.WebSocketResponse, token: str, call_id: str, engine_url:
                 deps.sink.refused(info, refused.record)
             await ws.send_json(_error(refused.code, refused.message))
             return
-        await _run_talk(ws, engine, info, persona, deps.sink)
+        await _run_talk(ws, engine, info, persona, deps.sink, answer_limit)
     finally:
         deps.live_links.discard(grant.nonce)
         if engine is not None:
@@ -295,13 +318,14 @@ async def _take_slot(
 
 
 async def _run_talk(
-    ws: web.WebSocketResponse, engine: EngineSession, info: CallInfo, persona: PersonaParams, sink: CallSink
+    ws: web.WebSocketResponse, engine: EngineSession, info: CallInfo, persona: PersonaParams, sink: CallSink,
+    answer_limit: int,
 ) -> None:
     sink.started(info)
     MEDIA_METRICS.browser_talk_started()
     MEDIA_METRICS.session_started(persona.name, persona.language, "browser")
     started = time.monotonic()
-    stats = _TalkStats()
+    stats = _TalkStats(unanswered_limit=answer_limit)
     cause = "error"
     try:
         await ws.send_json({"type": "ready", "persona": persona.name, "sample_rate": SAMPLE_RATE,

@@ -114,7 +114,7 @@ class BridgeSettings(_MaskedRepr):
     media_timeout_s: float = Field(default=30.0, gt=0)
     # Seconds of the caller's audio (counted in 80 ms frames sent, so a hold, which sends none, is not
     # counted) that the engine may take without answering one frame: then the call's media ends as
-    # engine_stalled, rather than the caller hearing silence for the rest of the call.
+    # engine_stalled (a browser talk too), rather than the caller hearing silence for the rest of the call.
     engine_answer_timeout_s: float = Field(default=5.0, gt=0)
     # The control API's bearer token (root:aziza 0640, written by the installer; aziza-admin reads it too).
     control_token_file: Path = Path(DEFAULT_CONTROL_TOKEN_FILE)

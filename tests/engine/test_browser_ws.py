@@ -23,10 +23,11 @@ from bridge.talk_token import sign, talk_key
 from engine.backend import PersonaParams, StepOutput
 from engine.config import EngineSettings
 from engine.echo import EchoBackend
-from engine.protocol import FRAME_SAMPLES
+from engine.protocol import FRAME_SAMPLES, Ready, encode_control
 from engine.server import run_engine
 from tests.ari.standins import MemorySink, SlotCapacity
 from tests.http_server import serve_on_loopback
+from tests.media.fixtures import fake_engine
 
 TOKEN = "test-control-token-" + "x" * 32
 KEY = talk_key(TOKEN)
@@ -49,9 +50,10 @@ def talk_deps(
 
 
 @asynccontextmanager
-async def bridge_http(engine_url: str, deps: TalkDeps | None = None) -> AsyncIterator[str]:
-    """The browser routes behind the bridge's own guard (Host check), on a loopback port."""
-    settings = Settings(bridge=BridgeSettings(engine_url=engine_url))
+async def bridge_http(engine_url: str, deps: TalkDeps | None = None, **bridge: Any) -> AsyncIterator[str]:
+    """The browser routes behind the bridge's own guard (Host check), on a loopback port; ``bridge``: more
+    bridge settings."""
+    settings = Settings(bridge=BridgeSettings(engine_url=engine_url, **bridge))
     app = web.Application(middlewares=[guard_middleware(
         allowed_hosts("127.0.0.1", None, []), TokenSource(Path("/nonexistent")), BROWSER_PATHS)])
     app.add_routes(browser_routes(settings, deps or talk_deps()))
@@ -171,6 +173,38 @@ async def test_browser_audio_round_trips_through_the_engine(http: aiohttp.Client
         assert await engine_busy(http, engine_url) == 1
         await ws.close()
         await until_busy(http, engine_url, 0)  # browser gone -> engine session closed
+
+
+async def test_an_engine_that_stops_answering_ends_the_talk_as_stalled(http: aiohttp.ClientSession) -> None:
+    """The engine's socket lives but it answers no more frames: after engine_answer_timeout_s of the
+    browser's audio (counted in frames sent) the browser is told and the talk ends as engine_stalled."""
+
+    async def answers_three_then_listens(ws: web.WebSocketResponse) -> None:
+        await ws.receive()  # open
+        await ws.send_str(encode_control(Ready("s", 0, 1)))
+        answered = 0
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.BINARY and answered < 3:
+                answered += 1
+                await ws.send_bytes(msg.data)
+
+    deps = talk_deps()
+    async with fake_engine(answers_three_then_listens) as engine_url, \
+            bridge_http(engine_url, deps, engine_answer_timeout_s=0.4) as base:  # 5 frames
+        ws, ready = await talk(http, base)
+        assert ready["type"] == "ready"
+        frame = np.zeros(FRAME_SAMPLES, dtype=np.int16).tobytes()
+        for _ in range(3):  # each answered before the next goes
+            await ws.send_bytes(frame)
+            msg = await ws.receive(timeout=5)
+            assert msg.type == aiohttp.WSMsgType.BINARY
+        for _ in range(5):
+            await ws.send_bytes(frame)
+        assert await recv_json(ws) == {"type": "error", "code": "engine_stalled",
+                                       "message": "the engine stopped answering"}
+        await expect_close(ws)
+    ((cause, summary, _),) = deps.sink.ended_calls.values()  # type: ignore[attr-defined]
+    assert cause == "engine_stalled" and summary["frames_in"] == 8 and summary["frames_out"] == 3
 
 
 class TalkerBackend(EchoBackend):

@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -45,13 +44,12 @@ from aiohttp import web
 
 from bridge.call_deps import CallInfo, CallSink, CapacityGate
 from bridge.config import Settings
-from bridge.engine_client import EngineError, EngineFull, EngineRefused, EngineSession
+from bridge.engine_client import EngineError, EngineFull, EngineRefused, EngineSession, answer_limit_frames
 from bridge.http_guard import check_origin, talk_origins
 from bridge.media.prometheus import MEDIA_METRICS
 from bridge.safe_json import BadJson, parse_json_object
 from bridge.talk_token import BadTalkToken, TalkGrant, verify
 from engine.protocol import (
-    FRAME_MS,
     FRAME_SAMPLES,
     SAMPLE_RATE,
     AudioFrame,
@@ -135,13 +133,11 @@ class _Refused(Exception):
 
 @dataclass
 class _TalkStats:
-    # Frames sent without an answer that end the talk as engine_stalled (bridge.engine_answer_timeout_s,
-    # counted as a phone call's CallMedia counts them).
+    # The engine session's ``unanswered`` frames that end the talk as engine_stalled (as a phone call's).
     unanswered_limit: int
     frames_in: int = 0
     frames_out: int = 0
     texts: list[str] = field(default_factory=list)
-    unanswered: int = 0  # frames sent since the engine last answered one
 
 
 async def _browser_to_engine(
@@ -159,8 +155,7 @@ async def _browser_to_engine(
             for frame in frames:
                 await engine.send_frame(frame)
                 stats.frames_in += 1
-                stats.unanswered += 1
-                if stats.unanswered >= stats.unanswered_limit:
+                if engine.unanswered >= stats.unanswered_limit:
                     await ws.send_json(_error("engine_stalled", "the engine stopped answering"))
                     return "engine_stalled"
         elif msg.type == aiohttp.WSMsgType.TEXT:
@@ -193,7 +188,6 @@ async def _browser_to_engine(
 async def _engine_to_browser(ws: web.WebSocketResponse, engine: EngineSession, stats: _TalkStats) -> str:
     async for msg in engine.messages():
         if isinstance(msg, AudioFrame):
-            stats.unanswered = 0
             await ws.send_bytes(msg.pcm.astype("<i2").tobytes())
             stats.frames_out += 1
         elif isinstance(msg, Text):
@@ -224,7 +218,7 @@ def browser_routes(settings: Settings, deps: TalkDeps) -> list[web.RouteDef]:
         call_id = f"browser-{uuid.uuid4().hex[:16]}"
         try:
             await _talk(ws, request.query.get("token", ""), call_id, engine_url, deps,
-                        math.ceil(b.engine_answer_timeout_s * 1000.0 / FRAME_MS))
+                        answer_limit_frames(b.engine_answer_timeout_s))
         except Exception as exc:  # a talk never takes the bridge down
             log.warning("browser talk %s ended with %s: %s", call_id, type(exc).__name__, exc)
         finally:

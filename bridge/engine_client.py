@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import Any
@@ -32,6 +33,7 @@ import numpy as np
 from bridge.redact import mask_url
 from engine.mux import Mux, MuxChannel, step_send
 from engine.protocol import (
+    FRAME_MS,
     MUX_MAX_CHANNEL,
     MUX_WS_MAX_MSG_SIZE,
     AudioFrame,
@@ -57,6 +59,13 @@ from engine.protocol import (
 log = logging.getLogger(__name__)
 
 EngineMessage = AudioFrame | Text | Gap | Lag | Closed | Error
+
+def answer_limit_frames(timeout_s: float) -> int:
+    """``bridge.engine_answer_timeout_s`` as frames sent: a session whose ``unanswered`` reaches it has
+    stopped answering (counted in frames, so a hold, which sends none, is not counted and load cannot move
+    the verdict)."""
+    return math.ceil(timeout_s * 1000.0 / FRAME_MS)
+
 
 # How long close() waits for the engine's ``closed`` before dropping the socket anyway.
 _CLOSE_GRACE_S = 1.0
@@ -125,6 +134,10 @@ class EngineSession:
         self._backlog: asyncio.Future[Any] | None = None  # flow-control wait of a send_frame_nowait
         self.frames_sent = 0
         self.frames_received = 0
+        # Frames sent since the engine last answered one (a resume starts it again: the frames sent before a
+        # hold were consumed by the pause, unanswered). A session the engine has stopped serving, its socket
+        # alive, would otherwise leave the caller in silence with nothing logged.
+        self.unanswered = 0
         self.close_answered = False  # close() read the engine's ``closed`` (not its grace running out)
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -244,6 +257,7 @@ class EngineSession:
         seq = self._next_seq
         self._next_seq += 1
         self.frames_sent += 1
+        self.unanswered += 1
         return seq
 
     def send_frame_nowait(self, pcm: np.ndarray) -> int | None:
@@ -272,6 +286,7 @@ class EngineSession:
         seq = self._next_seq
         self._next_seq += 1
         self.frames_sent += 1
+        self.unanswered += 1
         return seq
 
     async def send_event(self, name: str, value: str = "") -> None:
@@ -281,6 +296,7 @@ class EngineSession:
         await self._send(encode_control(Pause()))
 
     async def resume(self) -> None:
+        self.unanswered = 0
         await self._send(encode_control(Resume()))
 
     async def _send(self, data: str | bytes) -> None:
@@ -333,6 +349,7 @@ class EngineSession:
             except ProtocolError as exc:
                 raise EngineProtocolError(exc.message) from None
             self.frames_received += 1
+            self.unanswered = 0
             return frame
         if msg.type == aiohttp.WSMsgType.TEXT:
             try:

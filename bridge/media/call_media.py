@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
 import socket
 import struct
@@ -47,7 +46,13 @@ from typing import Any, Literal
 
 from bridge.call_deps import MediaUnavailable
 from bridge.config import BridgeSettings
-from bridge.engine_client import EngineError, EngineMessage, EngineProtocolError, EngineSession
+from bridge.engine_client import (
+    EngineError,
+    EngineMessage,
+    EngineProtocolError,
+    EngineSession,
+    answer_limit_frames,
+)
 from bridge.media.inbound import FLOOD_READS, InboundFormat, InboundPath
 from bridge.media.media_clock import ClockHandle, MediaClock
 from bridge.media.metrics import LatencyLedger, MediaStats
@@ -56,7 +61,7 @@ from bridge.media.prometheus import MEDIA_METRICS
 from bridge.media.read_schedule import ReadSchedule
 from bridge.media.rtp import MAX_DATAGRAM, PT_SLIN16
 from bridge.media.turns import is_voiced
-from engine.protocol import FRAME_MS, AudioFrame, Closed, Error, Lag, Text
+from engine.protocol import AudioFrame, Closed, Error, Lag, Text
 
 log = logging.getLogger(__name__)
 
@@ -133,10 +138,7 @@ class CallMedia:
         self._finished = asyncio.Event()
         self._running = False
         self._control: asyncio.Queue[Literal["pause", "resume"]] = asyncio.Queue()
-        # Frames sent since the engine last answered one: a session the engine has stopped serving (its
-        # socket alive) would otherwise leave the caller in silence with nothing logged.
-        self._unanswered = 0
-        self._unanswered_limit = math.ceil(settings.engine_answer_timeout_s * 1000.0 / FRAME_MS)
+        self._unanswered_limit = answer_limit_frames(settings.engine_answer_timeout_s)
 
     @property
     def remote(self) -> tuple[str, int] | None:
@@ -327,9 +329,8 @@ class CallMedia:
                 self.stats.frames_to_engine_dropped += 1
                 continue
             self.stats.frames_to_engine += 1
-            self._unanswered += 1
-            if self._unanswered >= self._unanswered_limit:
-                self._end(f"engine_stalled: no answer to {self._unanswered} frames")
+            if self.engine.unanswered >= self._unanswered_limit:
+                self._end(f"engine_stalled: no answer to {self.engine.unanswered} frames")
                 return
             self.ledger.sent(seq, time.monotonic() - frame.completed_at, frame.first_arrival,
                              voiced=is_voiced(frame.pcm), last_arrival=frame.last_arrival)
@@ -394,7 +395,6 @@ class CallMedia:
             self._end(f"engine_protocol_error: {msg}")
 
     def _on_engine_frame(self, frame: AudioFrame) -> None:
-        self._unanswered = 0
         now = time.monotonic()
         packets = self._frame_to_packets.convert(frame.pcm)
         self.ledger.output_level(frame.seq, packets.voiced)
@@ -474,7 +474,6 @@ class CallMedia:
         if not self.inbound.held:
             return
         now = time.monotonic()
-        self._unanswered = 0  # (answers to the frames sent before the hold were not owed)
         self.inbound.resume(now)
         self.timeline.resume(now)
         self._arm_input(now)

@@ -77,3 +77,27 @@ async def test_closed_session_raises_unavailable(engine_url: str) -> None:
     await session.close()
     with pytest.raises(EngineUnavailable):
         session.send_frame_nowait(np.zeros(1920, dtype=np.int16))
+
+
+async def test_unanswered_frames_count_from_the_last_answer_and_a_resume(engine_url: str) -> None:
+    """What engine_stalled is judged on: frames sent since the engine last answered one. An answer starts
+    the count again, and so does a resume (the frames sent before a hold were consumed by the pause)."""
+    session = await EngineSession.open(engine_url, None, "unanswered")
+    try:
+        frame = np.zeros(1920, dtype=np.int16)
+        for _ in range(3):
+            session.send_frame_nowait(frame)
+        assert session.unanswered == 3
+        async with asyncio.timeout(5):
+            for _ in range(3):
+                while not isinstance(await session.receive(), AudioFrame):
+                    pass
+        assert session.unanswered == 0
+        await session.pause()
+        await session.send_frame(frame)
+        session.send_frame_nowait(frame)
+        assert session.unanswered == 2
+        await session.resume()
+        assert session.unanswered == 0
+    finally:
+        await session.close()

@@ -12,7 +12,9 @@ socket, sends what the cores return, and asks the process-wide
 :class:`~bridge.media.media_clock.MediaClock` (one timerfd for every call) to call them back at their
 deadlines. With the clock ticking (``media_tick_ms``), the socket is read on the stream's phase
 (:class:`~bridge.media.read_schedule.ReadSchedule`) rather than per datagram, and the kernel's arrival stamp
-stands for each datagram's arrival.
+stands for each datagram's arrival; with stamps, once per 80 ms frame, when the packet that completes it is
+due (``InboundPath.frame_arrival_at``): the ones before it wait in the socket, since a frame is decoded when
+its last slot is played anyway.
 
 ``run()`` owns one TaskGroup (control for hold messages, and engine receive on a session's own WebSocket; on
 an engine mux channel its messages are handed over by the mux's reader) and never raises for anything a peer
@@ -26,8 +28,8 @@ Latency (all in ``MediaStats``, milliseconds):
 * ``latency_out_ms`` — an engine frame received → its first 20 ms RTP packet leaves (resampling, encoding,
   the wait for the pacer's tick);
 * ``added_latency_ms`` — their sum for the same frame sequence number: what the bridge adds, excluding the
-  80 ms framing and the jitter-buffer wait, which is ``jitter_delay_ms`` (packet arrival → pop). The
-  resamplers' algorithmic delay is ``resampler_delay_ms``.
+  80 ms framing and the jitter-buffer wait, which is ``jitter_delay_ms`` (a frame's last packet: arrival →
+  pop). The resamplers' algorithmic delay is ``resampler_delay_ms``.
 
 The engine session is the caller's: CallMedia uses it, the caller closes it.
 """
@@ -134,6 +136,8 @@ class CallMedia:
         self._out_handle: ClockHandle | None = None
         self._out_armed: float | None = None
         self._reads: ReadSchedule | None = None  # with the clock ticking: when the socket is read
+        self._newest_arrival: float | None = None  # the newest accepted datagram's arrival
+        self._defer_reads = False  # a stamped read just found packets: the next read is the next frame's
         self._ended = asyncio.Event()
         self._finished = asyncio.Event()
         self._running = False
@@ -236,7 +240,7 @@ class CallMedia:
             # The stream has a phase now: read it on the clock's ticks, not per datagram.
             self._read_per_datagram(False)
             self._read_datagrams(_RECV_BATCH)
-            reads.on_packets(time.monotonic(), polled_read=False)
+            reads.on_packets(time.monotonic(), polled_read=False, arrival=self._stamp_of_newest())
         self._guarded(self._input_due)  # a slot may be ready now: play it without a wake-up
 
     def _read_when_due(self, now: float) -> None:
@@ -247,7 +251,7 @@ class CallMedia:
         if clock.fire_at(reads.next_read_at) > now:
             return
         if self._read_datagrams(_RECV_BATCH):
-            reads.on_packets(now, polled_read=True)
+            reads.on_packets(now, polled_read=True, arrival=self._stamp_of_newest())
             return
         reads.on_empty(now)
         if not reads.polled:  # the stream stopped: wait for its next datagram
@@ -270,6 +274,7 @@ class CallMedia:
         # One reading of both clocks for the batch: the datagrams' arrivals are their kernel stamps moved onto
         # the monotonic scale (two clock calls per datagram were a tenth of a read's Python work).
         mono, real = time.monotonic(), time.time()
+        newest_wait = -1.0
         for _ in range(limit):
             anc: list[tuple[int, int, bytes]] = _NO_ANCILLARY
             try:
@@ -294,14 +299,28 @@ class CallMedia:
                 wait = real - _stamp_s(anc)
                 if 0.0 <= wait < _MAX_SOCKET_WAIT_S:
                     arrival -= wait
-                    self.stats.socket_wait_ms.add(wait * 1000.0)
-            got = inbound.on_datagram(bytes(view[:size]), addr, arrival) or got
+                    newest_wait = wait
+            if inbound.on_datagram(bytes(view[:size]), addr, arrival):
+                got = True
+                self._newest_arrival = arrival
+        if newest_wait >= 0.0:
+            # How late the read came for the newest datagram (the ones before it wait on purpose: see
+            # read_schedule.py; a frame is decoded when its last packet is).
+            self.stats.socket_wait_ms.add(newest_wait * 1000.0)
         if not self._connected and inbound.remote is not None:
             self._connect()  # (learned from the first datagram)
         if inbound.flooded and self._reading:
             self._read_per_datagram(False)  # the junk budget is spent: poll the socket instead
             self._arm_input(inbound.flood_poll_at(time.monotonic()))
         return got
+
+    def _stamp_of_newest(self) -> float | None:
+        """The newest accepted datagram's arrival, where the kernel stamps them (else None); from then on
+        the reads are once per frame (ReadSchedule.expect)."""
+        if not self._stamped or self._newest_arrival is None:
+            return None
+        self._defer_reads = True
+        return self._newest_arrival
 
     def _on_input_due(self) -> None:
         self._in_handle = self._in_armed = None
@@ -337,7 +356,14 @@ class CallMedia:
         if inbound.timed_out:
             self._end("media_timeout")
             return
-        deadline = inbound.deadline
+        framed = reads is not None and self._stamped and reads.polled
+        if framed and self._defer_reads and reads is not None:
+            # The packets before the one that completes the next frame need no read of their own.
+            frame_at = inbound.frame_arrival_at()
+            if frame_at is not None:
+                reads.expect(frame_at)
+        self._defer_reads = False
+        deadline = inbound.frame_deadline() if framed else inbound.deadline
         if inbound.flooded:
             poll_at = inbound.flood_poll_at(time.monotonic())
             deadline = poll_at if deadline is None else min(deadline, poll_at)

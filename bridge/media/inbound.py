@@ -58,6 +58,7 @@ FLOOD_CATCH_S = 0.001  # ...and it is also read this long after the stream's nex
 MAX_CANDIDATES = 4  # SSRCs held as possible streams at once (junk with random SSRCs cycles through them)
 REPHASE_WINDOW = 50  # played packets (1 s) that must all have waited before the grid moves earlier...
 REPHASE_MIN_S = 0.002  # ...by at least this much each (less is not worth a move)
+SLOT_OUT_SAMPLES = int(ENGINE_RATE * PTIME_S)  # one slot at the engine's rate
 
 InboundFormat = Literal["ulaw", "slin16"]
 Float32Array = npt.NDArray[np.float32]
@@ -236,6 +237,30 @@ class InboundPath:
         deadline = self._anchor + self._slot * PTIME_S + self._jitter_wait_s
         return now >= deadline and not self.jitter.next_ready()
 
+    def slots_to_frame(self) -> int:
+        """The slots still to play before the next frame is complete (1 to a frame's worth)."""
+        missing = self._frames.block - self._frames.pending - self._pending_out
+        return max(1, -(-missing // SLOT_OUT_SAMPLES))
+
+    def frame_arrival_at(self) -> float | None:
+        """When the packet that completes the next frame is due on the grid (None with no stream, or held)."""
+        if self._anchor is None or self.held:
+            return None
+        return self._anchor + (self._slot + self.slots_to_frame() - 1) * PTIME_S
+
+    def frame_deadline(self) -> float | None:
+        """When the I/O layer must look next if it reads its socket once per frame: a frame's first slots are
+        only decoded when its last one is played, so with nothing queued their packets can wait, unread, for
+        the one that completes the frame, and the look is that slot's concealment deadline (the reads are the
+        I/O layer's, at the stream's phase). With packets queued (the next one missing) or no stream, it is
+        :attr:`deadline`, as for a socket read per datagram."""
+        deadline = self.deadline
+        if self._anchor is None or self.held or self.timed_out or deadline is None or self.jitter.depth:
+            return deadline
+        ahead = min(self.slots_to_frame(), self.jitter.max_packets)
+        last_slot = self._anchor + (self._slot + ahead - 1) * PTIME_S + self._jitter_wait_s
+        return max(deadline, min(last_slot, self.last_packet_at + self.media_timeout_s))
+
     def poll(self, now: float) -> list[InputFrame]:
         """Play every slot that is due at ``now``; the frames completed for the engine. Sets
         :attr:`deadline` (the next look) and, when no packet came for ``media_timeout_s``, ``timed_out``."""
@@ -300,9 +325,9 @@ class InboundPath:
             return
         stats = self.stats
         stats.slots_played += 1
-        stats.jitter_depths[depth_bucket(self.jitter.depth)] += 1
         pcm: npt.NDArray[np.int16] | None = None
         arrival = now
+        waited: float | None = None  # (a packet's, from its arrival to this pop)
         if playout.payload is not None and playout.payload_type is not None:
             codec = self._codec(playout.payload_type)
             if codec is not None:
@@ -311,8 +336,8 @@ class InboundPath:
                 except CodecError:
                     stats.decode_errors += 1
             if playout.buffered_s is not None:
-                stats.jitter_delay_ms.add(playout.buffered_s * 1000.0)
-                arrival = now - playout.buffered_s
+                waited = playout.buffered_s
+                arrival = now - waited
         if pcm is None:
             stats.slots_concealed += 1
             codec = self._last_codec or self._codec(self._default_pt())
@@ -325,6 +350,11 @@ class InboundPath:
         self._pending_out += len(pcm) * resampler.up // resampler.down
         if self._frames.pending + self._pending_out < self._frames.block:
             return
+        # What the jitter buffer adds to the frame: its last packet's wait, and what is queued behind it (the
+        # earlier slots' waits are the framing's: read once per frame, they are popped together).
+        stats.jitter_depths[depth_bucket(self.jitter.depth)] += 1
+        if waited is not None:
+            stats.jitter_delay_ms.add(waited * 1000.0)
         chunk = self._pending[0] if len(self._pending) == 1 else np.concatenate(self._pending)
         first_arrival = self._pending_first_arrival
         last_arrival = arrival

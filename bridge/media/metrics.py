@@ -146,12 +146,12 @@ class MediaStats:
     added_latency_ms: Histogram = field(default_factory=Histogram)
     jitter_delay_ms: Histogram = field(default_factory=Histogram)
     send_lateness_ms: Histogram = field(default_factory=Histogram)
-    socket_wait_ms: Histogram = field(default_factory=Histogram)  # datagram arrival → read (polled reads)
+    socket_wait_ms: Histogram = field(default_factory=Histogram)  # arrival → read, the newest of each read
     # caller turns and their time to first byte (bridge/media/turns.py)
     turns: TurnStats = field(default_factory=TurnStats)
     # inbound junk: datagrams dropped (any reason but "held") and the times the budget ran out
     junk_floods: int = 0
-    # jitter-buffer depth when each slot was played, counted in DEPTH_BUCKETS (the last: beyond them)
+    # jitter-buffer depth when each frame's last slot was played, counted in DEPTH_BUCKETS (the last: beyond)
     jitter_depths: array[int] = field(default_factory=lambda: array("q", bytes(8 * (len(DEPTH_BUCKETS) + 1))))
     # algorithmic delay of the two resamplers (what soxr holds back), reported, not timed
     resampler_delay_ms: float = 0.0

@@ -195,11 +195,12 @@ class MediaMetrics(Collector):
                          "How late output packets left their 20 ms grid (the bridge's own lateness)",
                          [s.send_lateness_ms for s in every], PACING_BUCKETS_S)
         yield _histogram("aziza_media_socket_wait_seconds",
-                         "How long inbound RTP waited in its socket (read on the media tick)",
+                         "How long inbound RTP waited in its socket (the newest datagram of each read)",
                          [s.socket_wait_ms for s in every], PACING_BUCKETS_S)
         cumulative = np.cumsum(depths)
         yield HistogramMetricFamily(
-            "aziza_media_jitter_buffer_depth_packets", "Packets the jitter buffer held as a slot was played",
+            "aziza_media_jitter_buffer_depth_packets",
+            "Packets the jitter buffer held as a frame's last slot was played",
             buckets=[*((str(b), int(c)) for b, c in zip(DEPTH_BUCKETS, cumulative, strict=False)),
                      ("+Inf", int(cumulative[-1]))],
             sum_value=float(np.dot(depths[:-1], DEPTH_BUCKETS)) + float(depths[-1]) * (DEPTH_BUCKETS[-1] + 1),

@@ -15,9 +15,14 @@ that tick share the wake-up:
   phase (jitter), ``LATE_STREAK`` of them in a row do (the stream's phase moved later); after ``GIVE_UP_S``
   without a packet the call goes back to waiting.
 
-A packet then waits in the socket at most a tick (on time). The schedule keeps to read times; the I/O layer
-gives the input path each datagram's arrival from the kernel's stamp where it has one (CallMedia), and asks
-:attr:`next_read_at` and :attr:`polled`.
+Where the kernel stamps arrivals, the reads are once per 80 ms frame (:meth:`expect`), when the packet that
+completes it is due on the input path's grid: the packets before it wait in the socket, stamped, at no cost
+to the frame, whose audio leaves when its last packet is played anyway; a call then wakes 12.5 times a second
+for its input instead of 50. That packet waits in the socket at most a tick when it is on time, and a read
+that finds it late is repeated each tick, as above.
+
+The schedule keeps to read times; the I/O layer gives the input path each datagram's arrival from the
+kernel's stamp where it has one (CallMedia), and asks :attr:`next_read_at` and :attr:`polled`.
 """
 
 from __future__ import annotations
@@ -53,8 +58,18 @@ class ReadSchedule:
         """The tick a read at ``now`` was served for (the clock serves a tick at it or just after)."""
         return math.floor(now / self.tick_s + 1e-6) * self.tick_s
 
-    def on_packets(self, now: float, *, polled_read: bool) -> None:
-        """Packets were read at ``now``: by a polled read (served at a tick), or as they came (readiness)."""
+    def on_packets(self, now: float, *, polled_read: bool, arrival: float | None = None) -> None:
+        """Packets were read at ``now``: by a polled read (served at a tick), or as they came (readiness).
+        ``arrival``: the newest one's arrival, where the kernel stamps them: the tick after it is the
+        stream's phase, exactly (no probing: the stamp says when it came, however late it was read)."""
+        if arrival is not None:
+            self.polled_reads += int(polled_read)
+            self._late = 0
+            self._probe = False
+            self.polled = True
+            self._expected = math.ceil(arrival / self.tick_s - 1e-6) * self.tick_s + self.ptime_s
+            self.next_read_at = self._expected
+            return
         half = self.tick_s / 2
         if not polled_read:
             phase = math.ceil(now / self.tick_s - 1e-6) * self.tick_s  # (the first tick after the arrival)
@@ -81,6 +96,15 @@ class ReadSchedule:
         if self._probe:
             self._phased = 0
         self.next_read_at = self._expected - (self.tick_s if self._probe else 0.0)
+
+    def expect(self, at: float) -> None:
+        """After :meth:`on_packets`: the next read is at ``at``, the input path's expected arrival of the
+        packet that completes the next frame (the input decodes a frame's packets together when its last one
+        comes, so reading the ones before it earlier buys nothing but wake-ups)."""
+        if self.polled:
+            self._expected = at
+            self._probe = False
+            self.next_read_at = at
 
     def on_empty(self, now: float) -> None:
         """A polled read at ``now`` found nothing: read again next tick, or give up on the phase."""

@@ -3,6 +3,7 @@ stream) in, engine frames out. Exact verdicts; nothing depends on the machine's 
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ from bridge.media.assets import load_speech_8k
 from bridge.media.codecs import ulaw_encode
 from bridge.media.inbound import FLOOD_CATCH_S, FLOOD_POLL_S, FLOOD_READS, JUNK_BURST, InboundPath, InputFrame
 from bridge.media.metrics import MediaStats
+from bridge.media.read_schedule import ReadSchedule
 from bridge.media.rtp import PT_PCMU, RtpPacket, RtpSender, build_rtp
 
 SOURCE = ("10.0.0.1", 4000)
@@ -116,9 +118,9 @@ def test_a_clean_stream_makes_a_frame_per_four_packets_with_no_wait() -> None:
     stats = path.stats
     assert stats.rtp_in == 100 and stats.slots_concealed == 0
     assert len(frames) == 25
-    # Every packet popped as it came, but the first: it waited for the second to show it is a stream.
-    assert stats.jitter_delay_ms.count == 100 and stats.jitter_delay_ms.percentile(98) <= 0.05
-    assert stats.jitter_delay_ms.max_seen_ms == pytest.approx(20.0, abs=0.01)
+    # Every packet popped as it came (the first waited for the second, to show it is a stream): the jitter
+    # delay, one per frame (its last packet's wait: what the buffer adds to the frame), is nothing.
+    assert stats.jitter_delay_ms.count == 25 and stats.jitter_delay_ms.max_seen_ms <= 0.05
     for n, frame in enumerate(frames):
         assert frame.pcm.shape == (1920,) and frame.pcm.dtype == np.float32
         # A frame is complete the moment the packet of its last slot arrives.
@@ -333,3 +335,116 @@ def test_a_packet_queued_ahead_of_its_slot_is_played_at_its_early_time() -> None
     assert path.stats.slots_concealed == 0
     assert frames[2].completed_at == pytest.approx(T0 + 10 * 0.020 + 0.0003, abs=1e-9)
     assert frames[3].completed_at == pytest.approx(T0 + 15 * 0.020 + 0.0003, abs=1e-9)  # packet 15, on time
+
+
+TICK = 0.004
+
+
+def _tick_after(t: float) -> float:
+    return math.ceil(t / TICK - 1e-9) * TICK
+
+
+def run_framed(datagrams: list[Datagram], until: float) -> tuple[InboundPath, list[InputFrame], list[float]]:
+    """Read the socket as CallMedia does on a ticking media clock with kernel-stamped arrivals: by readiness
+    until the stream has a phase, then once per frame at the phase of the packet that completes it
+    (ReadSchedule.expect), waking at the path's frame deadline otherwise. Returns the path, its frames and
+    the times it woke up."""
+    path = InboundPath(MediaStats(), now=T0, media_timeout_s=5.0)
+    path.remote = SOURCE
+    reads = ReadSchedule(TICK)
+    queue = sorted(datagrams, key=lambda d: d.at)
+    pos, now = 0, T0
+    frames: list[InputFrame] = []
+    wakes: list[float] = []
+
+    def read(at: float) -> float | None:
+        nonlocal pos
+        newest = None
+        while pos < len(queue) and queue[pos].at <= at:
+            d = queue[pos]
+            pos += 1
+            if path.on_datagram(d.data, d.addr, d.at):  # (the kernel's stamp stands for the arrival)
+                newest = d.at
+        return newest
+
+    while True:
+        deadline = (path.frame_deadline() if reads.polled else path.deadline) or float("inf")
+        if reads.polled:
+            assert reads.next_read_at is not None
+            t = _tick_after(min(reads.next_read_at, deadline))
+        else:
+            arrival = queue[pos].at if pos < len(queue) else float("inf")
+            t = min(arrival, _tick_after(deadline))
+        if t > T0 + until:
+            break
+        now = max(now, t)
+        wakes.append(now)
+        newest: float | None = None
+        if not reads.polled:
+            newest = read(now)
+            if newest is not None:
+                reads.on_packets(now, polled_read=False, arrival=newest)
+        elif reads.next_read_at is not None and _tick_after(reads.next_read_at) <= now:
+            newest = read(now)
+            if newest is not None:
+                reads.on_packets(now, polled_read=True, arrival=newest)
+            else:
+                reads.on_empty(now)
+        if path.conceal_due(now):
+            read(now)
+        frames.extend(path.poll(now))
+        frame_at = path.frame_arrival_at()
+        if newest is not None and frame_at is not None:
+            reads.expect(frame_at)
+        if path.timed_out:
+            break
+    return path, frames, wakes
+
+
+@pytest.mark.parametrize("stream", ["clean", "lost", "jittered"])
+def test_reading_once_per_frame_gives_the_engine_the_same_frames_within_a_tick(stream: str) -> None:
+    rng = random.Random(4)
+    if stream == "clean":
+        datagrams = real_stream(200)
+    elif stream == "lost":
+        datagrams = real_stream(200, lose=frozenset({42, 101, 102, 150}))
+    else:  # every packet up to 12 ms late (within the 40 ms jitter wait: nothing is concealed)
+        datagrams = [Datagram(d.at + rng.uniform(0.0, 0.012), d.data) for d in real_stream(200)]
+    reference_path, reference = run_path(datagrams, until=4.1)
+    path, frames, wakes = run_framed(datagrams, until=4.1)
+    flowing = [t for t in wakes if t <= datagrams[-1].at + TICK]  # (after the stream, reads look for it)
+    assert len(frames) == len(reference) == 50
+    assert path.stats.slots_concealed == reference_path.stats.slots_concealed
+    for got, want in zip(frames, reference, strict=True):
+        assert np.array_equal(got.pcm, want.pcm)  # the same audio, in the same frames
+        # ...each complete when the tick after its last packet serves it (the reference reads each packet
+        # the moment it comes)
+        assert 0.0 <= got.completed_at - want.completed_at <= TICK + 1e-9
+    # One wake-up per frame (and the stream's first two packets), not one per packet. A read that finds the
+    # frame's last packet not there yet looks again each tick; so does one that finds a packet missing, for
+    # the 40 ms it may still come in (reordered), and a late packet is played as soon as it is read.
+    allowed = {"clean": 50 + 3, "lost": 50 + 3 + 4 * 10, "jittered": 50 * 3}[stream]
+    assert len(flowing) <= allowed
+
+
+def test_the_frame_deadline_waits_for_the_frames_last_slot_only_with_nothing_queued() -> None:
+    path = InboundPath(MediaStats(), now=T0, media_timeout_s=5.0)
+    path.remote = SOURCE
+    stream = real_stream(12, lose=frozenset({9}))
+    for d in stream[:8]:  # two whole frames, popped as their packets come
+        path.on_datagram(d.data, d.addr, d.at)
+        path.poll(d.at)
+    now = stream[7].at
+    assert path.slots_to_frame() == 4 and path.jitter.depth == 0
+    # The next frame's four packets can wait unread: the look is its last slot's concealment deadline.
+    assert path.frame_deadline() == pytest.approx(T0 + 11 * 0.020 + 0.0003 + 0.040, abs=1e-9)
+    assert path.deadline == pytest.approx(T0 + 8 * 0.020 + 0.0003 + 0.040, abs=1e-9)
+    # Packet 8 read, packet 9 lost, 10 queued: the missing slot's own deadline, as per datagram.
+    for d in stream[8:10]:
+        path.on_datagram(d.data, d.addr, d.at)
+    path.poll(stream[9].at)
+    assert path.jitter.depth == 1 and path.slots_to_frame() == 3
+    assert path.frame_deadline() == path.deadline
+    path.pause()
+    path.poll(now)
+    assert path.frame_deadline() == path.deadline

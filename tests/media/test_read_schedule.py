@@ -116,3 +116,17 @@ def test_a_stopped_stream_goes_back_to_readiness_and_its_return_is_read_at_once(
 def test_tick_must_be_positive() -> None:
     with pytest.raises(ValueError):
         ReadSchedule(0.0)
+
+
+def test_a_stamped_read_sets_the_phase_from_the_arrival_and_the_input_can_move_the_next_read() -> None:
+    schedule = ReadSchedule(TICK)
+    schedule.expect(1.0)  # (nothing before the stream has a phase)
+    assert schedule.next_read_at is None
+    # Read 7 ms after it came (a busy loop): the stamp, not the read, is the phase.
+    schedule.on_packets(0.0213 + 0.007, polled_read=True, arrival=0.0213)
+    assert schedule.polled and schedule.next_read_at == pytest.approx(_tick_after(0.0213) + PTIME)
+    # The input needs the packet three slots later first: one read for the frame, not three.
+    schedule.expect(0.0813)
+    assert schedule.next_read_at == 0.0813
+    schedule.on_empty(0.084)  # not there yet: the next tick, as for a read per packet
+    assert schedule.next_read_at == pytest.approx(0.088)

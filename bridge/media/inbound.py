@@ -59,6 +59,7 @@ MAX_CANDIDATES = 4  # SSRCs held as possible streams at once (junk with random S
 REPHASE_WINDOW = 50  # played packets (1 s) that must all have waited before the grid moves earlier...
 REPHASE_MIN_S = 0.002  # ...by at least this much each (less is not worth a move)
 SLOT_OUT_SAMPLES = int(ENGINE_RATE * PTIME_S)  # one slot at the engine's rate
+_NO_LEAD = float("-inf")
 
 InboundFormat = Literal["ulaw", "slin16"]
 Float32Array = npt.NDArray[np.float32]
@@ -117,6 +118,8 @@ class InboundPath:
         self._wait_min = float("inf")  # this window's least wait of a played packet for its slot (s)
         self._late_max = float("-inf")  # ...and the latest arrival relative to its slot's nominal time
         self._window_played = 0
+        self._lead_s = 0.0  # how far ahead of their slots' nominal times the last frame's packets came (max)
+        self._lead_next = _NO_LEAD  # ...the frame being filled's so far
         self.held = False
         self.timed_out = False
         self.deadline: float | None = now  # when poll() must run next
@@ -196,6 +199,7 @@ class InboundPath:
         if self._anchor is None:
             self._anchor = now
             self._slot = 0
+            self._lead_s = 0.0
             self._reset_waits()
         self.jitter.push(pkt, now)
 
@@ -246,7 +250,13 @@ class InboundPath:
         """When the packet that completes the next frame is due on the grid (None with no stream, or held)."""
         if self._anchor is None or self.held:
             return None
-        return self._anchor + (self._slot + self.slots_to_frame() - 1) * PTIME_S
+        # (Packets play up to a ptime ahead of their slot: after an underrun the stream is a slot later on the
+        # grid and its packets come a ptime before their slots. The packets played last say how far ahead:
+        # this frame's so far, else the last frame's.)
+        lead = self._lead_s
+        if self._lead_next != _NO_LEAD:
+            lead = max(0.0, min(self._lead_next, PTIME_S))
+        return self._anchor + (self._slot + self.slots_to_frame() - 1) * PTIME_S - lead
 
     def frame_deadline(self) -> float | None:
         """When the I/O layer must look next if it reads its socket once per frame: a frame's first slots are
@@ -283,11 +293,14 @@ class InboundPath:
             if now - deadline > STALL_SLOTS * PTIME_S:
                 self._anchor = None if jitter.depth == 0 else now
                 self._slot = 0
+                self._lead_s = 0.0
                 self._reset_waits()
                 continue
             early = nominal - PTIME_S
             if now >= deadline or (now >= early and jitter.next_ready()):
                 playout = jitter.pop(now)
+                if playout.kind == "packet" and playout.buffered_s is not None:
+                    self._lead_next = max(self._lead_next, nominal - (now - playout.buffered_s))
                 self._play_slot(playout, now, frames)
                 self._slot += 1
                 self._track_waits(playout, nominal, now)
@@ -315,6 +328,7 @@ class InboundPath:
         self._reset_waits()
         if shift >= REPHASE_MIN_S and self._anchor is not None:
             self._anchor -= shift
+            self._lead_s -= shift
             self.stats.rtp_in_rephased += 1
 
     def _reset_waits(self) -> None:
@@ -350,6 +364,10 @@ class InboundPath:
         self._pending_out += len(pcm) * resampler.up // resampler.down
         if self._frames.pending + self._pending_out < self._frames.block:
             return
+        if self._lead_next != _NO_LEAD:  # (a frame of concealment alone says nothing of the stream's phase)
+            # (Never later than the grid: a frame whose packets were late says nothing of the next one's.)
+            self._lead_s = max(0.0, min(self._lead_next, PTIME_S))
+        self._lead_next = _NO_LEAD
         # What the jitter buffer adds to the frame: its last packet's wait, and what is queued behind it (the
         # earlier slots' waits are the framing's: read once per frame, they are popped together).
         stats.jitter_depths[depth_bucket(self.jitter.depth)] += 1

@@ -196,7 +196,7 @@ _COUNTERS = (
     "frames_to_engine", "frames_from_engine", "engine_frames_lost", "rtp_out", "rtp_out_silence",
     "rtp_out_skipped", "rtp_out_late_dropped", "rtp_out_expanded", "rtp_out_shrunk", "rtp_out_kept",
     "rtp_out_waited", "rtp_out_wait_expired", "rtp_out_resyncs", "margins_unobserved", "junk_floods",
-    "rtp_in", "rtp_in_rephased",
+    "rtp_in", "rtp_in_rephased", "rtp_in_won_back",
 )
 
 
@@ -469,6 +469,8 @@ def _bench_report(
         "output_packets": count["rtp_out"],
         # Times a call's input grid moved earlier because every packet waited (delay given back, inbound.py).
         "input_rephased": count["rtp_in_rephased"],
+        # Input slots won back: a quiet packet cut after an underrun had put the stream a slot behind.
+        "input_won_back": count["rtp_in_won_back"],
         "pacer_skipped": count["rtp_out_skipped"],
         # Each call's round trip inside the bridge (first packet of a frame in -> its answer's first packet
         # out), median of its last 2 s minus its first 2 s: delay gained and never given back.

@@ -27,12 +27,19 @@ at :attr:`InboundPath.deadline` (a slot whose packet never came is concealed the
   ``REPHASE_WINDOW`` played packets with no underrun, when every one of them waited at least
   ``REPHASE_MIN_S``, the grid moves earlier by the least wait (never past the latest packet's nominal
   time): the same audio goes to the engine that much sooner, and nothing is dropped or concealed.
+  Each slot concealed for a packet that then came (an underrun, a wait for a reordered packet) puts the
+  stream's audio a slot behind its arrival, whether or not its packets wait (up to a ptime they are played
+  early, and the delay is then in the frames: each complete a packet early, with the audio of a slot
+  before); the engine's answer follows it a slot late to the end of the call. So while the stream is behind
+  (:meth:`InboundPath.slots_behind`), a quiet packet due next is cut (``BEHIND_QUIET_RMS``), or after
+  ``BEHIND_WAIT_S`` behind the next one, and its slot takes the packet after it: ``rtp_in_won_back``.
 * **Frames.** Slots are decoded (or concealed) and resampled to 24 kHz once per 80 ms frame (a quarter of
   the numpy calls, the same samples: the FIR is streaming).
 """
 
 from __future__ import annotations
 
+import audioop
 from dataclasses import dataclass
 from typing import Literal
 
@@ -60,6 +67,8 @@ REPHASE_WINDOW = 50  # played packets (1 s) that must all have waited before the
 REPHASE_MIN_S = 0.002  # ...by at least this much each (less is not worth a move)
 SLOT_OUT_SAMPLES = int(ENGINE_RATE * PTIME_S)  # one slot at the engine's rate
 _NO_LEAD = float("-inf")
+BEHIND_QUIET_RMS = 580  # 16-bit RMS (about -35 dBFS, as the output's): a packet this quiet is cut unheard...
+BEHIND_WAIT_S = 0.5  # ...and after this long behind with none, the next one is cut anyway
 
 InboundFormat = Literal["ulaw", "slin16"]
 Float32Array = npt.NDArray[np.float32]
@@ -120,6 +129,8 @@ class InboundPath:
         self._window_played = 0
         self._lead_s = 0.0  # how far ahead of their slots' nominal times the last frame's packets came (max)
         self._lead_next = _NO_LEAD  # ...the frame being filled's so far
+        self._behind_base = 0  # _raw_behind() when the stream's timing last started
+        self._behind_since: float | None = None  # the stream is a slot behind (since when)
         self.held = False
         self.timed_out = False
         self.deadline: float | None = now  # when poll() must run next
@@ -200,6 +211,7 @@ class InboundPath:
             self._anchor = now
             self._slot = 0
             self._lead_s = 0.0
+            self._new_timing()
             self._reset_waits()
         self.jitter.push(pkt, now)
 
@@ -294,10 +306,13 @@ class InboundPath:
                 self._anchor = None if jitter.depth == 0 else now
                 self._slot = 0
                 self._lead_s = 0.0
+                self._new_timing()
                 self._reset_waits()
                 continue
             early = nominal - PTIME_S
             if now >= deadline or (now >= early and jitter.next_ready()):
+                if self.slots_behind() > 0 and jitter.next_ready() and self._win_back_slot(now):
+                    continue  # (the slot takes the packet after it, when it comes)
                 playout = jitter.pop(now)
                 if playout.kind == "packet" and playout.buffered_s is not None:
                     self._lead_next = max(self._lead_next, nominal - (now - playout.buffered_s))
@@ -311,6 +326,44 @@ class InboundPath:
             look = early if now < early and jitter.next_ready() else deadline
             self.deadline = min(look, last + self.media_timeout_s)
             return frames
+
+    def _raw_behind(self) -> int:
+        js = self.jitter.stats
+        return js.concealed - js.lost - js.latency_dropped - js.overflow_dropped
+
+    def _new_timing(self) -> None:
+        self._behind_base = self._raw_behind()
+        self._behind_since = None
+
+    def slots_behind(self) -> int:
+        """Slots the stream plays later than it came, since its timing started: one for each slot concealed
+        for a packet that came after all (an underrun, a wait for a reordered packet), less each won back.
+        (A lost packet's slot is concealed in its place: no slot more.)"""
+        return self._raw_behind() - self._behind_base
+
+    def _win_back_slot(self, now: float) -> bool:
+        """See "Delay comes back" in the module docstring: cut the packet due next if it is quiet (or the
+        stream has been behind for BEHIND_WAIT_S); True if it was."""
+        if self._behind_since is None:
+            self._behind_since = now
+        pkt = self.jitter.next_packet()
+        if pkt is None:
+            return False
+        if now - self._behind_since < BEHIND_WAIT_S:
+            codec = self._codec(pkt.payload_type)
+            if codec is None:
+                return False
+            try:
+                pcm = codec.decode(pkt.payload)
+            except CodecError:
+                return False
+            if audioop.rms(pcm.tobytes(), 2) >= BEHIND_QUIET_RMS:
+                return False
+        if not self.jitter.skip_next():
+            return False
+        self.stats.rtp_in_won_back += 1
+        self._behind_since = None if self.slots_behind() <= 0 else now
+        return True
 
     def _track_waits(self, playout: Playout, nominal: float, now: float) -> None:
         """See "Delay comes back" in the module docstring."""

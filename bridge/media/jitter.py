@@ -149,6 +149,22 @@ class JitterBuffer:
         """Whether the packet :meth:`pop` would play next is already buffered (pop would not conceal)."""
         return self._next in self._buffer
 
+    def next_packet(self) -> RtpPacket | None:
+        """The packet :meth:`pop` would play next, if it is buffered."""
+        entry = self._buffer.get(self._next)
+        return entry[0] if entry is not None else None
+
+    def skip_next(self) -> bool:
+        """Drop the packet :meth:`pop` would play next (the stream is a slot behind and the caller wins the
+        slot back: counted in ``latency_dropped``); False if it is not buffered."""
+        if self._next not in self._buffer:
+            return False
+        pkt, _ = self._buffer.pop(self._next)
+        self._advance_past(self._next, pkt)
+        self.stats.latency_dropped += 1
+        self._update_depth()
+        return True
+
     @property
     def started(self) -> bool:
         return self._ssrc is not None

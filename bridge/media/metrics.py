@@ -113,6 +113,7 @@ class MediaStats:
     # inbound RTP
     rtp_in: int = 0  # datagrams accepted into the jitter buffer
     rtp_in_rephased: int = 0  # times the input grid moved earlier because every packet waited (inbound.py)
+    rtp_in_won_back: int = 0  # input slots won back: a quiet packet cut while the stream was behind
     # reason -> count: foreign_source, not_locked, payload_type, held and the RTP parse reasons
     rtp_dropped: dict[str, int] = field(default_factory=dict)
     ssrc_changes: int = 0

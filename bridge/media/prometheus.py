@@ -42,6 +42,7 @@ _COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("aziza_media_rtp_out_packets", "rtp_out", "RTP packets sent to callers"),
     ("aziza_media_slots_concealed", "slots_concealed", "Inbound 20 ms slots concealed (loss, late)"),
     ("aziza_media_input_rephased", "rtp_in_rephased", "Input grid moved earlier: every packet had waited"),
+    ("aziza_media_input_slots_won_back", "rtp_in_won_back", "Input slots won back after an underrun"),
     ("aziza_media_output_late_cuts", "rtp_out_late_dropped", "Engine audio packets cut: their slot went"),
     ("aziza_media_output_slots_inserted", "rtp_out_expanded", "Output slots inserted for late frames"),
     ("aziza_media_output_slots_won_back", "rtp_out_shrunk", "Output slots taken out again (quiet first)"),

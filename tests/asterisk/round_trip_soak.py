@@ -51,7 +51,8 @@ def _widen(app: ap.Appliance, calls: int) -> None:
     config.write_text(text)
 
 
-_MOVES = ("rtp_in_rephased", "slots_concealed", "underruns", "rtp_out_expanded", "rtp_out_shrunk",
+_MOVES = ("rtp_in_rephased", "rtp_in_won_back",
+          "slots_concealed", "underruns", "rtp_out_expanded", "rtp_out_shrunk",
           "rtp_out_kept", "rtp_out_resyncs", "rtp_out_waited", "margins_unobserved", "engine_frames_lost")
 
 

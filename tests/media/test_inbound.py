@@ -276,15 +276,24 @@ def _stalls_with_jitter() -> list[Datagram]:
 
 
 def test_delay_left_by_underruns_comes_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Each stall conceals slots and moves the stream later on the grid: every packet then waits 17-40 ms for
-    # its slot. The grid moves earlier by the least wait once a second of packets all waited.
+    # Each stall conceals slots and puts the stream later on the grid: the slots are won back (a quiet packet
+    # cut, or after 0.5 s the next one), and a frame waits no more than the jitter within a few frames.
+    path, frames = run_path(_stalls_with_jitter(), until=7.99)  # (the stream's end would conceal slots)
+    waits = _slot_waits_ms(frames)
+    assert path.stats.rtp_in_won_back == path.jitter.stats.concealed and path.slots_behind() == 0
+    assert max(waits[26:50]) < 4.0 and max(waits[54:]) < 4.0  # (the stalls: frames 25 and 50)
+
+    # Without the win-back, the grid moves earlier by the least wait once a second of packets all waited.
+    monkeypatch.setattr("bridge.media.inbound.BEHIND_QUIET_RMS", 0)
+    monkeypatch.setattr("bridge.media.inbound.BEHIND_WAIT_S", 10.0**9)
     path, frames = run_path(_stalls_with_jitter(), until=8.1)
     waits = _slot_waits_ms(frames)
+    assert path.stats.rtp_in_won_back == 0
     assert max(waits[20:25]) < 1.0 and min(waits[27:47]) > 15.0  # the first stall's delay...
     assert path.stats.rtp_in_rephased >= 2
     assert max(waits[-25:]) < 4.0  # ...and the second's are gone: the last 2 s wait no more than the jitter
 
-    monkeypatch.setattr("bridge.media.inbound.REPHASE_WINDOW", 10**9)  # without the re-phasing:
+    monkeypatch.setattr("bridge.media.inbound.REPHASE_WINDOW", 10**9)  # without either:
     path, frames = run_path(_stalls_with_jitter(), until=8.1)
     assert path.stats.rtp_in_rephased == 0
     assert min(_slot_waits_ms(frames)[-25:]) > 15.0  # every frame waits most of a slot, to the end
@@ -427,7 +436,7 @@ def test_reading_once_per_frame_gives_the_engine_the_same_frames_within_a_tick(s
     # One wake-up per frame (and the stream's first two packets), not one per packet. A read that finds the
     # frame's last packet not there yet looks again each tick; so does one that finds a packet missing, for
     # the 40 ms it may still come in (reordered), and a late packet is played as soon as it is read.
-    allowed = {"clean": 50 + 3, "lost": 50 + 3 + 4 * 10, "jittered": 50 * 3, "underrun": 50 + 3 + 12}[stream]
+    allowed = {"clean": 50 + 3, "lost": 50 + 3 + 4 * 10, "jittered": 50 * 3, "underrun": 50 + 3 + 20}[stream]
     assert len(flowing) <= allowed
 
 
@@ -452,3 +461,40 @@ def test_the_frame_deadline_waits_for_the_frames_last_slot_only_with_nothing_que
     path.pause()
     path.poll(now)
     assert path.frame_deadline() == path.deadline
+
+
+def _tone_stream(
+    count: int, *, quiet: frozenset[int] = frozenset(), late: dict[int, float]
+) -> list[Datagram]:
+    """A loud 400 Hz tone (packets in ``quiet`` silent), packet k ``late[k]`` seconds late."""
+    sender = RtpSender(PT_PCMU, ssrc=0x2222, initial_sequence=7, initial_timestamp=0)
+    t = np.arange(160) / 8000.0
+    loud = ulaw_encode((np.sin(2 * np.pi * 400 * t) * 12000).astype(np.int16))
+    silent = ulaw_encode(np.zeros(160, dtype=np.int16))
+    return [Datagram(T0 + k * 0.020 + 0.0003 + late.get(k, 0.0),
+                     sender.next_packet(silent if k in quiet else loud, 160)) for k in range(count)]
+
+
+def _frame_lateness_ms(frames: list[InputFrame]) -> list[float]:
+    """Each frame's completion against the clean stream's (frame n complete when packet 4n + 3 comes)."""
+    clean = [T0 + (4 * n + 3) * 0.020 + 0.0003 for n in range(len(frames))]
+    return [round((f.completed_at - at) * 1000.0, 3) for f, at in zip(frames, clean, strict=True)]
+
+
+@pytest.mark.parametrize("quiet_at", [60, None], ids=["quiet-packet", "no-quiet-packet"])
+def test_a_slot_an_underrun_put_the_stream_behind_is_won_back(quiet_at: int | None) -> None:
+    # Packet 42 comes 50 ms late: slot 42 is concealed while the jitter buffer waits for it, and from then on
+    # packet k plays in slot k + 1, its frame complete a packet early: the caller's audio reaches the engine
+    # a slot later than it came.
+    datagrams = _tone_stream(200, quiet=frozenset({quiet_at} if quiet_at else set()), late={42: 0.050})
+    path, frames = run_path(datagrams, until=4.0)
+    assert path.jitter.stats.concealed == 1 and path.jitter.stats.lost == 0
+    assert path.stats.rtp_in_won_back == 1 and path.slots_behind() == 0
+    lateness = _frame_lateness_ms(frames)
+    assert lateness[:10] == [0.0] * 10
+    assert lateness[10] == 30.0 and lateness[11:15] == [-20.0] * 4  # (the wait; then a packet early)
+    # Won back: the silent packet 60 (frame 15), else the next one after 0.5 s behind (in frame 17); the
+    # frames after that are the clean stream's again, to the packet (nothing lost but the cut slot).
+    settled = 15 if quiet_at else 17
+    assert lateness[settled:49] == [0.0] * (49 - settled)
+    assert len(frames) >= 49

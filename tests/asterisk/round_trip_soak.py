@@ -52,7 +52,7 @@ def _widen(app: ap.Appliance, calls: int) -> None:
 
 
 _MOVES = ("rtp_in_rephased", "rtp_in_won_back",
-          "slots_concealed", "underruns", "rtp_out_expanded", "rtp_out_shrunk",
+          "slots_concealed", "underruns", "lost", "late", "rtp_out_expanded", "rtp_out_shrunk",
           "rtp_out_kept", "rtp_out_resyncs", "rtp_out_waited", "margins_unobserved", "engine_frames_lost")
 
 
@@ -174,6 +174,10 @@ def main() -> int:
             moved = [{key: _find(record, key) for key in _MOVES} | {"round_trip_end_vs_start_ms": value}
                      for record, value in zip(records, per_call, strict=True)
                      if value is not None and abs(value) > 5.0]
+            # ...and the same counts summed over the calls that ended within 5 ms (what they rode out).
+            steady = [record for record, value in zip(records, per_call, strict=True)
+                      if value is not None and abs(value) <= 5.0]
+            steady_moves = {key: sum(_find(record, key) or 0.0 for record in steady) for key in _MOVES}
             print(json.dumps({
                 "calls": args.calls, "seconds": args.seconds,
                 "engine_window_ms": args.engine_window_ms if args.engine_window_ms is not None else "default",
@@ -182,6 +186,7 @@ def main() -> int:
                 "round_trip_end_vs_start_ms": sorted(round(v, 2) for v in measured),
                 "within_5_ms": sum(1 for v in measured if abs(v) <= 5.0),
                 "beyond_5_ms": moved,
+                "within_5_ms_moves": steady_moves,
                 "engine_round_moves": round_moves,
                 # (the machine over the calls, 100 = one core: a virtual machine's time taken by its host)
                 "host_steal_percent": host["steal"] if host else None,

@@ -238,6 +238,11 @@ class InboundCodec:
             return alaw_decode(payload)
         return slin16_decode(payload)
 
+    def rms(self, payload: bytes) -> int:
+        """One payload's 16-bit RMS level, decoded aside: the concealment's history is not touched (raises
+        :class:`CodecError` on a malformed one)."""
+        return int(audioop.rms(self._decode_raw(payload).tobytes(), 2))
+
     def decode(self, payload: bytes) -> Int16Array:
         """Decode one payload (raises :class:`CodecError` on a malformed one; state is then unchanged)."""
         return self._plc.observe(self._decode_raw(payload))

@@ -39,7 +39,6 @@ at :attr:`InboundPath.deadline` (a slot whose packet never came is concealed the
 
 from __future__ import annotations
 
-import audioop
 from dataclasses import dataclass
 from typing import Literal
 
@@ -354,10 +353,9 @@ class InboundPath:
             if codec is None:
                 return False
             try:
-                pcm = codec.decode(pkt.payload)
+                if codec.rms(pkt.payload) >= BEHIND_QUIET_RMS:  # (the packet may yet play: decoded aside)
+                    return False
             except CodecError:
-                return False
-            if audioop.rms(pcm.tobytes(), 2) >= BEHIND_QUIET_RMS:
                 return False
         if not self.jitter.skip_next():
             return False

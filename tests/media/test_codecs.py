@@ -22,6 +22,7 @@ from bridge.media.codecs import (
     ulaw_decode,
     ulaw_encode,
 )
+from bridge.media.rtp import PT_PCMU
 
 
 def test_ulaw_known_values() -> None:
@@ -119,3 +120,12 @@ def test_bad_payload_leaves_codec_usable() -> None:
     with pytest.raises(CodecError):
         codec.decode(b"\x00")
     assert codec.decode(b"\x00\x01").tolist() == [1]
+
+
+def test_a_payloads_level_is_read_without_touching_the_concealment() -> None:
+    loud = ulaw_encode((np.sin(np.arange(160) / 3.0) * 12000).astype(np.int16))
+    measured, plain = codec_for_payload_type(PT_PCMU), codec_for_payload_type(PT_PCMU)
+    measured.decode(loud)
+    plain.decode(loud)
+    assert measured.rms(loud) > 5000 and measured.rms(bytes([0xFF]) * 160) == 0
+    assert np.array_equal(measured.conceal(), plain.conceal())  # (as if never measured)

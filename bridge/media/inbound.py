@@ -31,7 +31,7 @@ at :attr:`InboundPath.deadline` (a slot whose packet never came is concealed the
   stream's audio a slot behind its arrival, whether or not its packets wait (up to a ptime they are played
   early, and the delay is then in the frames: each complete a packet early, with the audio of a slot
   before); the engine's answer follows it a slot late to the end of the call. So while the stream is behind
-  (:meth:`InboundPath.slots_behind`), a quiet packet due next is cut (``BEHIND_QUIET_RMS``), or after
+  (:meth:`InboundPath.slots_behind`), a quiet packet due next is cut (``turns.QUIET_RMS``), or after
   ``BEHIND_WAIT_S`` behind the next one, and its slot takes the packet after it: ``rtp_in_won_back``.
 * **Frames.** Slots are decoded (or concealed) and resampled to 24 kHz once per 80 ms frame (a quarter of
   the numpy calls, the same samples: the FIR is streaming).
@@ -51,6 +51,7 @@ from bridge.media.framing import FrameAccumulator
 from bridge.media.jitter import JitterBuffer, Playout
 from bridge.media.metrics import MediaStats, depth_bucket
 from bridge.media.rtp import PT_PCMA, PT_PCMU, PT_SLIN16, RtpPacket, RtpParseError, parse_rtp
+from bridge.media.turns import QUIET_RMS
 
 PTIME_S = 0.020
 ENGINE_RATE = 24000
@@ -66,8 +67,7 @@ REPHASE_WINDOW = 50  # played packets (1 s) that must all have waited before the
 REPHASE_MIN_S = 0.002  # ...by at least this much each (less is not worth a move)
 SLOT_OUT_SAMPLES = int(ENGINE_RATE * PTIME_S)  # one slot at the engine's rate
 _NO_LEAD = float("-inf")
-BEHIND_QUIET_RMS = 580  # 16-bit RMS (about -35 dBFS, as the output's): a packet this quiet is cut unheard...
-BEHIND_WAIT_S = 0.5  # ...and after this long behind with none, the next one is cut anyway
+BEHIND_WAIT_S = 0.5  # behind this long with no packet below QUIET_RMS due: the next one is cut anyway
 
 InboundFormat = Literal["ulaw", "slin16"]
 Float32Array = npt.NDArray[np.float32]
@@ -264,10 +264,14 @@ class InboundPath:
         # (Packets play up to a ptime ahead of their slot: after an underrun the stream is a slot later on the
         # grid and its packets come a ptime before their slots. The packets played last say how far ahead:
         # this frame's so far, else the last frame's.)
-        lead = self._lead_s
-        if self._lead_next != _NO_LEAD:
-            lead = max(0.0, min(self._lead_next, PTIME_S))
+        lead = self._lead_s if self._lead_next == _NO_LEAD else self._frame_lead()
         return self._anchor + (self._slot + self.slots_to_frame() - 1) * PTIME_S - lead
+
+    def _frame_lead(self) -> float:
+        """How far ahead of their slots the frame being filled's packets came, within [0, a ptime]: never
+        later than the grid (a late packet says nothing of the next one's phase), never more than the slot
+        a packet may be played ahead of."""
+        return max(0.0, min(self._lead_next, PTIME_S))
 
     def frame_deadline(self) -> float | None:
         """When the I/O layer must look next if it reads its socket once per frame: a frame's first slots are
@@ -353,7 +357,7 @@ class InboundPath:
             if codec is None:
                 return False
             try:
-                if codec.rms(pkt.payload) >= BEHIND_QUIET_RMS:  # (the packet may yet play: decoded aside)
+                if codec.rms(pkt.payload) >= QUIET_RMS:  # (the packet may yet play: decoded aside)
                     return False
             except CodecError:
                 return False
@@ -416,8 +420,7 @@ class InboundPath:
         if self._frames.pending + self._pending_out < self._frames.block:
             return
         if self._lead_next != _NO_LEAD:  # (a frame of concealment alone says nothing of the stream's phase)
-            # (Never later than the grid: a frame whose packets were late says nothing of the next one's.)
-            self._lead_s = max(0.0, min(self._lead_next, PTIME_S))
+            self._lead_s = self._frame_lead()
         self._lead_next = _NO_LEAD
         # What the jitter buffer adds to the frame: its last packet's wait, and what is queued behind it (the
         # earlier slots' waits are the framing's: read once per frame, they are popped together).

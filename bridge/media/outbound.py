@@ -47,7 +47,7 @@ from bridge.media.metrics import LatencyLedger, MediaStats
 from bridge.media.pacer import Pacer, SlotBuffer
 from bridge.media.playout_phase import PlayoutPhase
 from bridge.media.rtp import PT_PCMU, RtpSender
-from bridge.media.turns import is_voiced
+from bridge.media.turns import QUIET_RMS, is_voiced
 
 PTIME_S = 0.020
 OUT_SAMPLES = 160  # 20 ms of 8 kHz µ-law
@@ -60,7 +60,6 @@ HOLDS_BURST = 2  # ...two at a time at most
 FLOWING_S = 0.200  # frames count as due only while they keep coming (not before the first, not after a pause)
 OUTPUT_HORIZON_PACKETS = 16  # 320 ms: an engine frame further ahead than that re-anchors the output
 EXPAND_MAX_SLOTS = 2  # a frame up to this many slots late plays whole, later; beyond (a stall) it is cut
-QUIET_RMS = 580  # 16-bit RMS (about -35 dBFS): a slot this quiet can be taken out of the timeline unheard
 SHRINK_WAIT_S = 0.5  # no quiet slot for this long: take out the quietest one there is
 REINSERT_KEEP_S = 2.0  # a frame late again this soon after a slot was won back: keep the new slot instead
 GRID_RANGE_S = 0.010  # the grid slews within ± this of its anchor; larger phase moves are made in whole slots

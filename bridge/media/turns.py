@@ -30,6 +30,9 @@ import numpy.typing as npt
 #: Voiced threshold on an 80 ms frame's RMS (24 kHz, full scale 1.0), input and output alike: -40 dBFS, well
 #: above a line's idle noise, below speech.
 VOICED_RMS = 0.01
+#: Quiet threshold on a 20 ms slot's 16-bit RMS (about -35 dBFS): a slot this quiet may be cut unheard to
+#: win back delay, the input's packets (``inbound.py``) and the output's slots (``outbound.py``) alike.
+QUIET_RMS = 580
 
 
 def is_voiced(samples: npt.NDArray[np.float32], full_scale: float = 1.0) -> bool:

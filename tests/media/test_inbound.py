@@ -284,7 +284,7 @@ def test_delay_left_by_underruns_comes_back(monkeypatch: pytest.MonkeyPatch) -> 
     assert max(waits[26:50]) < 4.0 and max(waits[54:]) < 4.0  # (the stalls: frames 25 and 50)
 
     # Without the win-back, the grid moves earlier by the least wait once a second of packets all waited.
-    monkeypatch.setattr("bridge.media.inbound.BEHIND_QUIET_RMS", 0)
+    monkeypatch.setattr("bridge.media.inbound.QUIET_RMS", 0)
     monkeypatch.setattr("bridge.media.inbound.BEHIND_WAIT_S", 10.0**9)
     path, frames = run_path(_stalls_with_jitter(), until=8.1)
     waits = _slot_waits_ms(frames)

@@ -38,7 +38,7 @@ from bridge.media.call_media import CallMedia
 from bridge.media.metrics import Histogram, merge_histograms
 from bridge.media.simleg import SimLeg
 from bridge.media.workers import MediaWorkerPool, WorkerEngine, WorkerMedia
-from bridge.startup import freeze_startup_heap
+from bridge.startup import freeze_startup_heap, media_scheduling, process_scheduling
 from engine.config import EngineSettings
 from engine.protocol import PersonaParams
 
@@ -64,8 +64,12 @@ async def _engine(url: str | None, slots: int) -> AsyncIterator[str]:
             yield engine_url
 
 
-def _bridge_settings(media_tick_ms: float | None = None, engine_mux: bool | None = None) -> BridgeSettings:
+def _bridge_settings(
+    media_tick_ms: float | None = None, engine_mux: bool | None = None, realtime_priority: int | None = None,
+) -> BridgeSettings:
     fields: dict[str, object] = {"rtp_port_min": 40000, "rtp_port_max": 49999}
+    if realtime_priority is not None:
+        fields["media_realtime_priority"] = realtime_priority
     if media_tick_ms is not None:
         fields["media_tick_ms"] = media_tick_ms
     if engine_mux is not None:
@@ -226,6 +230,9 @@ class _BridgeShare:
         for media, port in zip(self.medias, leg_ports, strict=True):
             media.lock_remote("127.0.0.1", port)
 
+    def media_pids(self) -> list[int]:
+        return [os.getpid()]
+
     def start(self) -> None:
         freeze_startup_heap()
         self.runs = [asyncio.create_task(m.run()) for m in self.medias]
@@ -293,6 +300,9 @@ class _PoolShare:
     def lock(self, leg_ports: list[int]) -> None:
         for media, port in zip(self.medias, leg_ports, strict=True):
             media.lock_remote("127.0.0.1", port)
+
+    def media_pids(self) -> list[int]:
+        return [w.pid for w in self.pool.workers if w.pid is not None]
 
     def _cpu(self) -> dict[int, tuple[float, float]]:
         return {pid: proc_cpu_split_s(pid) or (0.0, 0.0)
@@ -368,6 +378,7 @@ async def _bench(
         for share in shares:
             share.start()
         children = {"engine": engine_proc.pid, "legs": legs_proc.pid}
+        scheduling = sorted({process_scheduling(pid) for share in shares for pid in share.media_pids()})
         child_cpu0 = {name: (proc_cpu_s(pid) or 0.0) for name, pid in children.items()}
         wall0, host0 = time.monotonic(), host_cpu_ticks()
         legs_proc.stdin.write(b"go\n")
@@ -396,6 +407,7 @@ async def _bench(
     report["junk_pps_per_call"] = junk_pps
     report["engine_window_ms"] = engine_window_ms
     report["media_tick_ms"] = settings.media_tick_ms
+    report["media_scheduling"] = ",".join(scheduling)  # the media processes': "rr:5" (SCHED_RR), or "normal"
     report["engine_mux"] = settings.engine_mux
     # "compiled" (mypyc: bridge/native.py), or "sources" (AZIZA_PURE_PYTHON=1, or installed AZIZA_NATIVE=0)
     report["media_modules"] = "compiled" if native.compiled_modules() else "sources"
@@ -514,17 +526,22 @@ def _bench_report(
 @click.option("--engine-mux/--no-engine-mux", default=None,
               help="Engine sessions as channels of one WebSocket (bridge.engine_mux; default: the setting's, "
               "on) or a WebSocket each.")
+@click.option("--realtime-priority", type=click.IntRange(0, 99), default=None,
+              help="SCHED_RR priority of the media processes (bridge.media_realtime_priority; default: the "
+              "setting's, 5); 0: normal scheduling. The engine and the callers run normally either way.")
 @click.option("--json", "as_json", is_flag=True)
 def bench_media(
     calls: int, seconds: float, loss: float, jitter_ms: float, aligned: bool, workers: int, junk_pps: float,
     engine_link: str, engine_window_ms: float, media_tick_ms: float | None, engine_mux: bool | None,
-    as_json: bool,
+    realtime_priority: int | None, as_json: bool,
 ) -> None:
     """N simultaneous simulated calls through the bridge (one process, or --workers) and the echo engine."""
     try:
-        settings = _bridge_settings(media_tick_ms, engine_mux)
+        settings = _bridge_settings(media_tick_ms, engine_mux, realtime_priority)
     except ValidationError as exc:
         raise click.BadParameter(str(exc.errors()[0]["msg"]), param_hint="--tick-ms") from exc
+    if workers <= 1:  # the calls' media runs in this process, as in a bridge with no media workers (the
+        media_scheduling(settings.media_realtime_priority)  # engine and legs, started later, run normally)
     result = asyncio.run(_bench(calls, seconds, loss, jitter_ms, aligned, workers, junk_pps, engine_link,
                                 engine_window_ms, settings))
     result["engine_link"] = engine_link
@@ -548,7 +565,7 @@ def bench_media(
         f"{result['cpu_percent_per_call']} % a call), engine "
         f"{result['engine_cpu_percent']} %, legs {result['legs_cpu_percent']} %; load average "
         f"{result['load_average_1m']}; host: steal {result['host_steal_percent']} %, idle "
-        f"{result['host_idle_percent']} %"
+        f"{result['host_idle_percent']} %; media processes' scheduling {result['media_scheduling']}"
     )
 
 

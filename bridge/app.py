@@ -27,7 +27,7 @@ from bridge.control_api import HealthProbe, control_routes, guard_middleware
 from bridge.controller import CallController
 from bridge.http_guard import BROWSER_PATHS, TokenSource, allowed_hosts
 from bridge.redact import mask_url
-from bridge.startup import freeze_startup_heap
+from bridge.startup import freeze_startup_heap, media_scheduling
 from bridge.version import package_version
 
 log = logging.getLogger("aziza.bridge")
@@ -136,6 +136,8 @@ async def serve(settings: Settings) -> None:
         settings, wired.deps, health_probe=wired.health_probe, extra_routes=wired.routes
     ):
         freeze_startup_heap()  # started (pools, ARI, servers): collections must not walk all that mid-call
+        if not settings.bridge.media_workers:  # (this process carries the calls' media; else its workers do)
+            log.info("media scheduling: %s", media_scheduling(settings.bridge.media_realtime_priority))
         await stop.wait()
         log.info("aziza-bridge stopping")
 

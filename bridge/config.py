@@ -97,6 +97,11 @@ class BridgeSettings(_MaskedRepr):
     # N processes, each call on the one with the fewest, so the media path uses N cores. 0: in the bridge
     # process itself (one core; fine for a few dozen calls). The installer writes one per core.
     media_workers: int = Field(default=0, ge=0, le=64)
+    # SCHED_RR priority of the processes that carry calls' media (each media worker, or the bridge itself with
+    # media_workers = 0), as Asterisk's -p (priority 10) does: beside busy processes the kernel otherwise runs
+    # the media loop's timer wake-ups late. 0: normal scheduling. Needs root, CAP_SYS_NICE or RLIMIT_RTPRIO
+    # at least this (the unit's LimitRTPRIO=10); refused, the media runs normally and a warning says so.
+    media_realtime_priority: int = Field(default=5, ge=0, le=99)
     # Engine sessions as channels of one WebSocket per engine and process (the engine's /mux, engine/mux.py):
     # the frames of a tick's calls go in one message each way. false: a WebSocket per session (/session).
     engine_mux: bool = True

@@ -28,7 +28,7 @@ from bridge.media.call_media import CallMedia, MediaBindError
 from bridge.media.metrics import Histogram, media_gauges
 from bridge.media.prometheus import MEDIA_METRICS
 from bridge.media.worker_wire import MAX_LINE, Message, WireError, decode, encode
-from bridge.startup import freeze_startup_heap
+from bridge.startup import freeze_startup_heap, media_scheduling
 from engine.protocol import PersonaParams
 
 log = logging.getLogger("aziza.media.worker")
@@ -239,6 +239,7 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
     logging.getLogger().setLevel(str(hello.fields.get("log_level", "INFO")))
     worker = Worker(settings, writer)
     freeze_startup_heap()
+    log.info("media scheduling: %s", media_scheduling(settings.media_realtime_priority))
     async with worker.pool.running():
         live = asyncio.create_task(_live_loop(worker))
         try:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from bridge.config import BridgeSettings
+
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ("aziza.target", "aziza-engine.service", "aziza-bridge.service", "aziza-engine@.service")
 
@@ -75,6 +77,10 @@ def test_units_run_as_aziza_with_hardening_and_dependencies() -> None:
     assert "PrivateDevices" not in _unit("aziza-engine.service")["Service"]  # the GPU must stay reachable
     bridge = _unit("aziza-bridge.service")["Unit"]
     assert "redis-server.service" in bridge["Requires"]
+    # The media loop's SCHED_RR (bridge.media_realtime_priority) is allowed to the unprivileged user.
+    bridge_service = _unit("aziza-bridge.service")["Service"]
+    assert bridge_service["RestrictRealtime"] == "no"
+    assert int(bridge_service["LimitRTPRIO"]) >= BridgeSettings().media_realtime_priority > 0
     assert "postgresql.service" in bridge["After"] and "redis-server.service" in bridge["After"]
 
 

@@ -19,10 +19,10 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
-def media_scheduling(priority: int) -> str:
-    """Run this thread (a media process's event loop) under ``SCHED_RR`` at ``priority`` (1–99; 0 leaves the
-    scheduling as it is), as Asterisk's ``-p`` does for its own; returns what it runs under: ``"rr:5"``, or
-    ``"normal"`` (off, or refused: a warning says why).
+def media_scheduling(priority: int, pid: int = 0) -> str:
+    """Run this thread (a media process's event loop), or process ``pid``'s main thread, under ``SCHED_RR``
+    at ``priority`` (1–99; 0 leaves the scheduling as it is), as Asterisk's ``-p`` does for its own; returns
+    what it runs under: ``"rr:5"``, or ``"normal"`` (off, or refused: a warning says why).
 
     Why: on a box shared with other busy processes (the engine, Asterisk, the benchmark's callers), the media
     loop's timer wakes it on time but the kernel runs it only when the task on its CPU yields; measured with
@@ -35,10 +35,11 @@ def media_scheduling(priority: int) -> str:
     if priority <= 0:
         return "normal"
     try:
-        os.sched_setscheduler(0, os.SCHED_RR | os.SCHED_RESET_ON_FORK, os.sched_param(priority))
+        os.sched_setscheduler(pid, os.SCHED_RR | os.SCHED_RESET_ON_FORK, os.sched_param(priority))
     except (AttributeError, OSError) as exc:  # (not Linux; EPERM: no privilege, or RLIMIT_RTPRIO below it)
-        log.warning("media scheduling: SCHED_RR priority %d refused (%s): the media runs at normal priority, "
-                    "and its pacing may suffer beside busy processes (docs/configuration.md)", priority, exc)
+        log.warning("media scheduling: SCHED_RR priority %d refused (%s): %s runs at normal priority, and "
+                    "its timing may suffer beside busy processes (docs/configuration.md)", priority, exc,
+                    f"process {pid}" if pid else "the media")
         return "normal"
     return f"rr:{priority}"
 

@@ -14,7 +14,8 @@ from admin_cli.procs import host_cpu_percent, host_cpu_ticks
 
 KEYS = {"calls_carried", "cpu_percent", "cpu_percent_per_call", "added_latency_p99_ms",
         "pacing_jitter_p99_ms", "output_expanded", "output_shrunk", "round_trip_end_vs_start_ms_max",
-        "workers", "rtp_in", "host_steal_percent", "host_idle_percent", "media_scheduling"}
+        "workers", "rtp_in", "host_steal_percent", "host_idle_percent", "media_scheduling",
+        "engine_scheduling"}
 
 
 @pytest.mark.parametrize(("workers", "window_ms"), [(1, 0), (2, 0), (1, 20)])
@@ -22,7 +23,7 @@ def test_bench_media_carries_every_call(workers: int, window_ms: int) -> None:
     run = subprocess.run(
         [str(Path(sys.executable).parent / "aziza-admin"), "bench", "media", "--calls", "3",
          "--seconds", "1.5", "--workers", str(workers), "--engine-window-ms", str(window_ms), "--json",
-         *(["--realtime-priority", "0"] if workers > 1 else [])],
+         *(["--realtime-priority", "0", "--engine-realtime-priority", "0"] if workers > 1 else [])],
         capture_output=True, text=True, timeout=120,
     )
     assert run.returncode == 0, run.stderr[-2000:]
@@ -33,7 +34,7 @@ def test_bench_media_carries_every_call(workers: int, window_ms: int) -> None:
     assert report["rtp_in"] > 3 * 40  # 1.5 s of 20 ms packets per call reached the bridge
     assert report["lost_frames"] == 0
     if workers > 1:  # (its workers were told priority 0; elsewhere the default's, granted or not)
-        assert report["media_scheduling"] == "normal"
+        assert report["media_scheduling"] == report["engine_scheduling"] == "normal"
 
 
 def test_host_cpu_shares_come_from_two_readings_of_proc_stat(monkeypatch: pytest.MonkeyPatch) -> None:

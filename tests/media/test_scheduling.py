@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 
@@ -51,3 +52,16 @@ def test_priority_zero_leaves_the_scheduling_alone(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(startup.os, "sched_setscheduler", forbidden)
     assert startup.media_scheduling(0) == "normal"
+
+
+def test_another_process_is_given_its_scheduling_by_pid() -> None:
+    """(The benchmark's echo engine: a child whose scheduling its parent sets.)"""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        got = startup.media_scheduling(2, child.pid)
+        assert got in ("rr:2", "normal") and got == startup.process_scheduling(child.pid)
+        assert startup.process_scheduling(os.getpid()) == "normal"  # (this process is left as it was)
+    finally:
+        child.kill()
+        child.wait()
+    assert startup.process_scheduling(child.pid) == "unknown"  # (gone)

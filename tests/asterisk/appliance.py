@@ -36,6 +36,7 @@ import psycopg
 import redis
 from psycopg import sql
 
+from bridge.startup import media_scheduling
 from tests.conftest import PG_ADMIN_URL, REDIS_URL, _with_dbname
 
 REPO = Path(__file__).resolve().parents[2]
@@ -153,7 +154,8 @@ class Asterisk:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         out = open(self.log_dir / "console.log", "ab")
         self.proc = subprocess.Popen(
-            [self.binary, "-C", str(self.etc / "asterisk.conf"), "-f", "-n"],
+            # -p: real-time (SCHED_RR 10), as the appliance's unit runs it (provisioning/asterisk-build.sh)
+            [self.binary, "-C", str(self.etc / "asterisk.conf"), "-f", "-n", "-p"],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         out.close()
         self.starts += 1
@@ -205,6 +207,7 @@ class Service:
     env: dict[str, str]
     log: Path
     proc: subprocess.Popen[bytes] | None = None
+    realtime_priority: int = 0  # SCHED_RR for it (bridge/startup.py); 0: as it sets its own
 
     def start(self) -> None:
         out = open(self.log, "ab")
@@ -212,6 +215,8 @@ class Service:
                                      stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         out.close()
+        if self.realtime_priority:
+            media_scheduling(self.realtime_priority, self.proc.pid)
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -316,7 +321,9 @@ rtp_port_max = {p['ast_rtp_max']}
         self.env.update({"AZIZA_CONFIG": str(config), "PYTHONUNBUFFERED": "1"})
         self.engine = Service("aziza-engine", ["--backend", "echo", "--host", "127.0.0.1", "--port",
                                                str(p["engine"]), "--slots", str(SLOTS + 2)],
-                              self.env, self.root / "engine.log")
+                              # The echo engine stands for a GPU engine with cores of its own: real-time just
+                              # below the media, as bench media runs it (its late rounds moved calls' phase).
+                              self.env, self.root / "engine.log", realtime_priority=4)
         self.bridge = Service("aziza-bridge", [], self.env, self.root / "bridge.log")
 
     def provision(self) -> None:

@@ -41,10 +41,21 @@ class Histogram:
         if ms > self.max_seen_ms:
             self.max_seen_ms = ms
 
+    def used_buckets(self) -> int:
+        """How many leading buckets can hold counts (the rest are zero): the scrape and merge paths add only
+        those, not all 20,001 (at 65 calls, three histograms each made one scrape 2.5 ms of additions, a
+        stall of the media loop every second in a media worker)."""
+        if not self.count:
+            return 0
+        return min(int(self.max_seen_ms / self.BUCKET_MS) + 1, len(self._counts))
+
     def merge(self, other: Histogram) -> None:
         if len(other._counts) != len(self._counts):
             raise ValueError("histograms with different ranges cannot be merged")
-        self._counts = array("q", (np.asarray(self._counts) + np.asarray(other._counts)).tolist())
+        used = other.used_buckets()
+        if used:  # (in place, through the array's buffer)
+            mine = np.frombuffer(self._counts, dtype=np.int64)
+            mine[:used] += np.frombuffer(other._counts, dtype=np.int64)[:used]
         self.count += other.count
         self.total_ms += other.total_ms
         self.max_seen_ms = max(self.max_seen_ms, other.max_seen_ms)

@@ -220,10 +220,13 @@ def _histogram(
     name: str, help_text: str, hists: list[Histogram], bounds_s: tuple[float, ...]
 ) -> HistogramMetricFamily:
     """Many fixed-bucket millisecond Histograms as one Prometheus histogram with ``bounds_s``."""
-    counts = np.zeros(len(hists[0].raw_counts), dtype=np.int64)
+    # Only the buckets that can hold counts (up to each histogram's largest value) are added.
+    counts = np.zeros(max(1, *(h.used_buckets() for h in hists)), dtype=np.int64)
     total_ms = 0.0
     for h in hists:
-        counts += h.raw_counts
+        used = h.used_buckets()
+        if used:
+            counts[:used] += h.raw_counts[:used]
         total_ms += h.total_ms
     cumulative = np.cumsum(counts)
     buckets: list[tuple[str, float]] = []

@@ -222,3 +222,39 @@ async def test_requests_about_unknown_calls_are_refused_not_fatal() -> None:
         with pytest.raises(MediaWorkerError):  # still serving: the bridge ends it, by closing its stdin
             await worker.request("bind", "nobody")
         assert worker.alive
+
+
+class _Lines:
+    """A stand-in for the worker's stdout writer: the lines it was given."""
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data: bytes) -> None:
+        self.lines.append(data)
+
+
+async def test_reports_leave_between_ticks_and_ends_share_one_live_report() -> None:
+    from bridge.media.worker import Worker
+
+    writer = _Lines()
+    worker = Worker(bridge_settings(media_tick_ms=4.0), writer)  # type: ignore[arg-type]
+    assert worker.between_ticks(10.0) == pytest.approx(10.001)  # a quarter into the 4 ms tick
+    assert worker.between_ticks(10.0015) == pytest.approx(10.005)  # (past it: the next tick's)
+    assert worker.between_ticks(10.001) == pytest.approx(10.001)
+    untimed = Worker(bridge_settings(media_tick_ms=0.0), _Lines())  # type: ignore[arg-type]
+    assert untimed.between_ticks(10.0013) == 10.0013
+
+    worker._report_end("c1", {"reason": "stopped"})
+    worker._report_end("c2", {"reason": "media_timeout"})
+    assert writer.lines == []  # not at once: between two ticks
+    flush = worker._ends_flush
+    assert flush is not None and flush.when() % 0.004 == pytest.approx(0.001, abs=1e-9)
+    await wait_for(lambda: bool(writer.lines))
+    assert [decode(line).op for line in writer.lines] == ["live", "ended", "ended"]  # one live, before both
+    assert [decode(line).call for line in writer.lines[1:]] == ["c1", "c2"]
+    worker.flush_ends()  # nothing pending: nothing more said
+    assert len(writer.lines) == 3

@@ -126,3 +126,32 @@ def test_histogram_percentiles_and_merge() -> None:
     assert Histogram().percentile(99) == 0.0
     with pytest.raises(ValueError):
         a.merge(Histogram(max_ms=10))
+
+
+def test_histogram_buckets_in_use_bound_merges_and_scrapes_exactly() -> None:
+    """Merge and the Prometheus scrape add only each histogram's buckets up to its largest value: the same
+    counts as adding every bucket, the overflow bucket included."""
+    import numpy as np
+
+    from bridge.media.metrics import Histogram
+    from bridge.media.prometheus import LATENCY_BUCKETS_S, _histogram
+
+    empty, small, edge, over = Histogram(), Histogram(), Histogram(), Histogram()
+    for ms in (0.0, 0.049, 0.05, 3.0, 4.999):
+        small.add(ms)
+    edge.add(15.0)  # on a Prometheus bound
+    over.add(2.0)
+    over.add(5000.0)  # the overflow bucket
+    assert (empty.used_buckets(), small.used_buckets(), edge.used_buckets()) == (0, 100, 301)
+    assert over.used_buckets() == len(over.raw_counts)
+    naive = sum(np.asarray(h.raw_counts) for h in (empty, small, edge, over))
+    merged = Histogram()
+    for h in (empty, small, edge, over):
+        merged.merge(h)
+    assert np.array_equal(merged.raw_counts, naive) and merged.count == 8
+    family = _histogram("x_seconds", "x", [empty, small, edge, over], LATENCY_BUCKETS_S)
+    cumulative = np.cumsum(naive)
+    expected = [int(cumulative[round(b * 1000 / Histogram.BUCKET_MS) - 1]) for b in LATENCY_BUCKETS_S]
+    got = [s.value for s in family.samples if s.name == "x_seconds_bucket"]
+    assert got == [*expected, 8]
+    assert _histogram("y_seconds", "y", [empty, small], LATENCY_BUCKETS_S).samples[0].value == 3  # ≤ 1 ms

@@ -305,8 +305,7 @@ class _PoolShare:
         return [w.pid for w in self.pool.workers if w.pid is not None]
 
     def _cpu(self) -> dict[int, tuple[float, float]]:
-        return {pid: proc_cpu_split_s(pid) or (0.0, 0.0)
-                for pid in (w.pid for w in self.pool.workers) if pid is not None}
+        return {pid: proc_cpu_split_s(pid) or (0.0, 0.0) for pid in self.media_pids()}
 
     def start(self) -> None:
         self.runs = [asyncio.create_task(m.run()) for m in self.medias]

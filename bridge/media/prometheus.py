@@ -221,10 +221,10 @@ def _histogram(
 ) -> HistogramMetricFamily:
     """Many fixed-bucket millisecond Histograms as one Prometheus histogram with ``bounds_s``."""
     # Only the buckets that can hold counts (up to each histogram's largest value) are added.
-    counts = np.zeros(max(1, *(h.used_buckets() for h in hists)), dtype=np.int64)
+    in_use = [h.used_buckets() for h in hists]
+    counts = np.zeros(max(1, *in_use), dtype=np.int64)
     total_ms = 0.0
-    for h in hists:
-        used = h.used_buckets()
+    for h, used in zip(hists, in_use, strict=True):
         if used:
             counts[:used] += h.raw_counts[:used]
         total_ms += h.total_ms

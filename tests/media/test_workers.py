@@ -258,3 +258,21 @@ async def test_reports_leave_between_ticks_and_ends_share_one_live_report() -> N
     assert [decode(line).call for line in writer.lines[1:]] == ["c1", "c2"]
     worker.flush_ends()  # nothing pending: nothing more said
     assert len(writer.lines) == 3
+
+
+async def test_a_failing_live_report_still_ends_every_pending_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bridge.media.worker import Worker
+
+    writer = _Lines()
+    worker = Worker(bridge_settings(media_tick_ms=4.0), writer)  # type: ignore[arg-type]
+
+    def broken_live() -> None:
+        raise RuntimeError("metrics broke")
+
+    monkeypatch.setattr(worker, "live", broken_live)
+    worker._report_end("c1", {"reason": "stopped"})
+    worker._report_end("c2", {"reason": "stopped"})
+    worker.flush_ends()  # (at once, as close_all does: the timer is cancelled)
+    assert worker._ends_flush is None
+    said = [decode(line) for line in writer.lines]
+    assert [(msg.op, msg.call) for msg in said] == [("ended", "c1"), ("ended", "c2")]
